@@ -1,0 +1,1 @@
+"""Training and launch recipes, installed as the package `genkit._configs`."""

@@ -1,0 +1,254 @@
+"""The `genkit` command: each subcommand parses flags, calls one library function, prints the result.
+
+torch, diffusers and transformers are imported inside the commands, so `genkit --help`
+answers at once. User mistakes (`GenkitError`) print as one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from genkit.errors import GenkitError
+
+SCHEDULER_HELP = "ddim, euler, euler-a, dpm++, unipc, ddpm, or default (the model's own)"
+
+
+class GenkitGroup(click.Group):
+    """Turns GenkitError into `Error: <message>` and exit code 2, with no traceback."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except GenkitError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _quiet_libraries() -> None:
+    """Library chatter (deprecations, loading bars) off: stderr keeps genkit's own progress and errors."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="diffusers")
+    for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(key, "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+
+
+@click.group(cls=GenkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="genkit")
+def main():
+    """genkit: text-to-image generation and LoRA fine-tuning on diffusers models.
+
+    With no --model, genkit uses genkit-mini, a 32x32 shapes model that runs offline on a CPU.
+    """
+
+
+def model_options(f):
+    f = click.option("--allow-pickle", is_flag=True, help="Allow .bin/.ckpt pickle weights (they can run code).")(f)
+    f = click.option("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")(f)
+    f = click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")(f)
+    f = click.option("--attention", default="auto", show_default=True,
+                     help="auto, xformers, sdpa, sliced or math.")(f)
+    f = click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
+                     help="Preset name, diffusers folder or hub id (env GENKIT_MODEL; default genkit-mini).")(f)
+    return f
+
+
+@main.command()
+@click.argument("prompts", nargs=-1)
+@click.option("--prompts-file", "-f", type=click.Path(dir_okay=False), help="Text (one per line) or .jsonl file.")
+@click.option("--num-images", "-n", "num_images_per_prompt", default=1, show_default=True, help="Images per prompt.")
+@click.option("--batch-size", "-b", default=8, show_default=True, help="Images per forward pass.")
+@click.option("--seed", "-s", type=int, default=None, help="Base seed; image i gets seed + i (default: random).")
+@click.option("--steps", "num_inference_steps", type=int, default=None, help="Denoising steps (model default).")
+@click.option("--guidance", "guidance_scale", type=float, default=None, help="Classifier-free guidance scale.")
+@click.option("--negative", "negative_prompt", default="", help="Negative prompt.")
+@click.option("--width", "-W", type=int, default=None)
+@click.option("--height", "-H", type=int, default=None)
+@click.option("--scheduler", default=None, help=SCHEDULER_HELP)
+@model_options
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA folder or file; repeatable.")
+@click.option("--vae-slicing", is_flag=True, help="Decode one image at a time (SD-family models).")
+@click.option("--vae-tiling", is_flag=True, help="Decode in tiles, for large sizes (SD-family models).")
+@click.option("--cpu-offload", is_flag=True, help="Keep models on the CPU until used (CUDA only).")
+@click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(), help="Output folder.")
+@click.option("--grid", is_flag=True, help="Also write grid.png with every image of the run.")
+@click.option("--overwrite", is_flag=True, help="Regenerate images that already exist in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image instead of paths.")
+def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, **options):
+    """Generate images for PROMPTS (or --prompts-file) into --out."""
+    from genkit.prompts import from_strings, read_prompts_file
+    from genkit.run import GenerateRequest, run_generate
+
+    if prompts and prompts_file:
+        raise GenkitError("give prompts as arguments or with --prompts-file, not both")
+    specs = read_prompts_file(prompts_file) if prompts_file else from_strings(prompts)
+    if not specs:
+        raise GenkitError('no prompts given (try: genkit generate "a red circle on the left")')
+    _quiet_libraries()
+    request = GenerateRequest(prompts=specs, out=out, overwrite=overwrite, grid=grid, progress=not quiet, **options)
+    for record in run_generate(request):
+        click.echo(json.dumps(record, ensure_ascii=False) if as_json else str(Path(out) / record["file"]))
+
+
+@main.command()
+@click.argument("image", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "-o", default=None, type=click.Path(), help="Folder for the new image (default: beside it).")
+@click.option("--model", "-m", default=None, help="Use this model instead of the recorded one.")
+@click.option("--device", default=None)
+@click.option("--check/--no-check", default=True, show_default=True, help="Compare pixels with the original.")
+def replay(image, out, model, device, check):
+    """Regenerate IMAGE from the genkit record stored in it."""
+    from genkit.run import replay_image
+
+    _quiet_libraries()
+    path, identical = replay_image(image, out=out, model=model, device=device)
+    click.echo(str(path))
+    if check:
+        click.echo("identical to the original" if identical else "differs from the original", err=True)
+
+
+@main.command()
+def info():
+    """Device, library versions and attention backends."""
+    import platform
+
+    import torch
+
+    from genkit import attention, presets
+    from genkit.generate import versions
+    from genkit.loader import pick_device
+
+    device = pick_device(None)
+    lines = {"device": device, "python": platform.python_version(), **versions()}
+    if device.startswith("cuda"):
+        lines["gpu"] = torch.cuda.get_device_name(0)
+    lines["cpu threads"] = str(torch.get_num_threads())
+    lines["bf16 on CPU"] = "yes" if "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags() else "no"
+    for backend, state in attention.available(device).items():
+        lines[f"attention {backend}"] = state
+    lines["presets"] = ", ".join(presets.names())
+    lines["GENKIT_HOME"] = str(presets.genkit_home())
+    width = max(map(len, lines))
+    for key, value in lines.items():
+        click.echo(f"{key:<{width}}  {value}")
+
+
+def _cpu_flags() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+
+
+@main.command()
+def models():
+    """List the pipeline presets."""
+    from genkit import presets
+
+    for name in presets.names():
+        preset = presets.get(name)
+        click.echo(f"{name:<14} {preset.kind:<9} {preset.source}  {preset.description}")
+
+
+@main.group()
+def train():
+    """Train genkit-mini's decoder (base) or a LoRA adapter (lora)."""
+
+
+@train.command("base")
+@click.option("--config", "-c", default="genkit-mini", show_default=True,
+              help="Recipe TOML file, or the name of a shipped recipe (genkit-mini, genkit-mini-tiny).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=100.")
+@click.option("--out", "-o", default="runs/genkit-mini", show_default=True, type=click.Path())
+@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in --out.")
+@click.option("--quiet", "-q", is_flag=True)
+def train_base_command(config, overrides, out, resume, quiet):
+    """Train genkit-mini's decoder from scratch on the shapes world."""
+    from genkit.train.base import load_recipe, train_base
+
+    _quiet_libraries()
+    folder = train_base(load_recipe(_recipe_path(config), overrides), out, resume=resume, progress=not quiet)
+    click.echo(str(folder))
+
+
+def _recipe_path(config: str) -> Path:
+    """A path as given, else a recipe shipped in the package (configs/<name>.toml)."""
+    from importlib import resources
+
+    path = Path(config)
+    if path.is_file():
+        return path
+    shipped = resources.files("genkit._configs").joinpath(f"{config.removesuffix('.toml')}.toml")
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (try configs/genkit-mini.toml)")
+
+
+@main.command("eval")
+@model_options
+@click.option("--seed", default=0, show_default=True, help="Seed of the prompt set.")
+@click.option("--seen", default=200, show_default=True, help="Prompts with colour-shape pairs seen in training.")
+@click.option("--held-out", default=100, show_default=True, help="Prompts with the held-out pairs.")
+@click.option("--unseen-phrasing", default=100, show_default=True, help="Prompts in phrasings never trained on.")
+@click.option("--two-object", default=200, show_default=True, help="Two-object prompts.")
+@click.option("--steps", "num_inference_steps", type=int, default=None)
+@click.option("--guidance", "guidance_scale", type=float, default=None)
+@click.option("--scheduler", default=None, help=SCHEDULER_HELP)
+@click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]")
+@click.option("--batch-size", default=50, show_default=True)
+@click.option("--out", "-o", default="eval", show_default=True, type=click.Path(), help="Folder for the grid and report.")
+@click.option("--quiet", "-q", is_flag=True)
+def eval_command(out, quiet, **options):
+    """Judge how well a shapes model follows prompts; print the table, write a grid."""
+    from genkit.run import run_eval
+
+    _quiet_libraries()
+    table, paths = run_eval(out=out, progress=not quiet, **options)
+    click.echo(table)
+    for path in paths:
+        click.echo(str(path))
+
+
+@main.group()
+def data():
+    """Inspect training data."""
+
+
+@data.command("check")
+@click.argument("data_dir", type=click.Path())
+@click.option("--instance-prompt", default=None, help="Caption for images without one (DreamBooth style).")
+@click.option("--model", "-m", envvar="GENKIT_MODEL", default=None, help="Count tokens with this model's tokenizer.")
+def data_check(data_dir, instance_prompt, model):
+    """Print what LoRA training would see in DATA_DIR."""
+    from genkit.data.imagefolder import check_dataset, format_report
+
+    _quiet_libraries()
+    tokenizer = None
+    if model is not None:
+        import genkit
+
+        tokenizer = genkit.load(model, device="cpu").pipe.tokenizer
+    report = check_dataset(data_dir, instance_prompt=instance_prompt, tokenizer=tokenizer)
+    click.echo(format_report(report))
+    if not report.ok:
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

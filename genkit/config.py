@@ -1,0 +1,65 @@
+"""Recipes as TOML: read with tomllib into dataclasses, with `--set section.key=value` overrides.
+
+Unknown sections or keys are errors, so a typo in a recipe never trains silently with a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from pathlib import Path
+
+from genkit.errors import GenkitError
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise GenkitError(f"config file not found: {path} (pass an existing .toml file)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise GenkitError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Apply `section.key=value` strings; values are parsed as TOML literals, else kept as strings."""
+    for item in overrides or ():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GenkitError(f"--set expects section.key=value, got {item!r}")
+        try:
+            parsed = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            parsed = value
+        *sections, leaf = key.strip().split(".")
+        node = raw
+        for section in sections:
+            node = node.setdefault(section, {})
+        node[leaf] = parsed
+    return raw
+
+
+def build(cls, raw: dict, where: str = ""):
+    """Build dataclass `cls` from a dict, recursing into dataclass-typed fields; unknown keys raise."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise GenkitError(f"unknown key {where}{unknown[0]} in config (valid: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in raw.items():
+        default = fields[name].default_factory if fields[name].default_factory is not dataclasses.MISSING else None
+        sub = type(default()) if default is not None else None
+        if sub is not None and dataclasses.is_dataclass(sub) and isinstance(value, dict):
+            value = build(sub, value, f"{where}{name}.")
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise GenkitError(f"invalid config: {exc}") from None
+
+
+def to_dict(config) -> dict:
+    return dataclasses.asdict(config)

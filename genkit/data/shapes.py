@@ -1,0 +1,245 @@
+"""The shapes world: procedural scenes and their captions, genkit-mini's training data.
+
+A scene is one or two flat-coloured shapes on a plain light background. Every scene is
+drawn from a seed, so the same seed always gives the same pixels and the same caption.
+
+Two colour-shape pairs (`HELD_OUT_PAIRS`) never appear in training scenes: asking the
+model for them measures whether it composes colour and shape rather than memorising
+pairs. A few caption phrasings (`HELD_OUT_TEMPLATES`) are kept for evaluation only.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, field
+
+from PIL import Image, ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLORS = {  # name -> RGB drawn (training jitters it a little)
+    "red": (220, 30, 30),
+    "orange": (245, 140, 20),
+    "yellow": (235, 205, 25),
+    "green": (40, 165, 60),
+    "blue": (40, 80, 220),
+    "purple": (140, 50, 185),
+}
+POSITIONS = {  # name -> centre as a fraction of (width, height)
+    "left": (0.25, 0.5),
+    "right": (0.75, 0.5),
+    "top": (0.5, 0.25),
+    "bottom": (0.5, 0.75),
+    "center": (0.5, 0.5),
+}
+SIZES = {"small": 0.11, "large": 0.18}  # name -> radius as a fraction of the width
+TWO_OBJECT_RADIUS = (0.12, 0.16)  # radius range when two objects share the canvas
+RELATIONS = ("left of", "right of", "above", "below", "and")
+HELD_OUT_PAIRS = frozenset({("green", "triangle"), ("purple", "square")})
+
+POSITION_PHRASES = {
+    "left": ("on the left", "at the left", "to the left", "on the left side"),
+    "right": ("on the right", "at the right", "to the right", "on the right side"),
+    "top": ("at the top", "on the top", "near the top", "at the top side"),
+    "bottom": ("at the bottom", "near the bottom", "on the bottom", "at the bottom side"),
+    "center": ("in the center", "in the middle", "at the center", "in the centre"),
+}
+RELATION_PHRASES = {
+    "left of": ("to the left of", "left of"),
+    "right of": ("to the right of", "right of"),
+    "above": ("above", "over"),
+    "below": ("below", "under", "beneath"),
+}
+
+# Single-object phrasings. {size} and {pos} may be empty; `_tidy` removes the gaps.
+TRAIN_TEMPLATES = (
+    "a {size} {color} {shape} {pos}",
+    "{color} {shape}, {pos}",
+    "{Pos} there is a {size} {color} {shape}",
+    "a {shape}, {color}, {pos}",
+    "a {size} {color} {shape} positioned {pos}",
+    "{size} {shape} in {color} {pos}",
+    "an image of a {size} {color} {shape} {pos}",
+    "{color} {size} {shape} {pos}",
+    "a picture showing a {color} {shape} {pos}",
+)
+HELD_OUT_TEMPLATES = (
+    "draw one {size} {color} {shape} {pos}",
+    "{Pos}: a {color} {shape}",
+    "i would like a {color} {shape} {pos}, please",
+    "a single {shape} coloured {color} {pos}",
+)
+TWO_OBJECT_TEMPLATES = {  # relation -> phrasings with {a}, {b}, {rel}
+    "and": ("a {a} and a {b}", "{a} and {b}", "a {a} next to a {b}"),
+    "spatial": ("a {a} {rel} a {b}", "{a} {rel} {b}", "there is a {a} {rel} a {b}"),
+}
+SIDE_BY_SIDE = {  # relation -> (position of a, position of b) in "on the left and on the right" captions
+    "left of": ("left", "right"),
+    "right of": ("right", "left"),
+    "above": ("top", "bottom"),
+    "below": ("bottom", "top"),
+}
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    """One drawn shape: what it is and where it sits, in fractions of the canvas."""
+
+    shape: str
+    color: str
+    x: float  # centre, fraction of width
+    y: float  # centre, fraction of height
+    radius: float  # fraction of width
+    position: str | None = None  # named position, when the scene placed it at one
+    size: str | None = None  # named size, single-object scenes only
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]
+    caption: str
+    relation: str | None = None  # two-object scenes: how objects[0] relates to objects[1]
+    background: tuple[int, int, int] = (238, 238, 236)
+    stated: frozenset = field(default_factory=frozenset)  # attributes the caption names
+
+
+def _tidy(text: str) -> str:
+    text = re.sub(r"\s+", " ", text).strip()
+    text = re.sub(r"\s+([,:])", r"\1", text)
+    text = re.sub(r"[,:]\s*$", "", text)
+    text = re.sub(r"^[,:]\s*", "", text)
+    text = re.sub(r"\b([aA]) (?=[aeiou])", r"\1n ", text)  # "a orange" -> "an orange"
+    return text.strip()
+
+
+def single_caption(color, shape, *, position=None, size=None, template=None, rng=None) -> str:
+    """Caption for one object; position and size are left out when None."""
+    rng = rng or random.Random(0)
+    template = template if template is not None else rng.choice(TRAIN_TEMPLATES)
+    pos = rng.choice(POSITION_PHRASES[position]) if position else ""
+    text = template.format(size=size or "", color=color, shape=shape, pos=pos, Pos=pos)
+    return _tidy(text)
+
+
+def two_object_caption(a, b, relation, *, rng=None, template=None) -> str:
+    """Caption for two objects; `a` and `b` are (colour, shape) pairs."""
+    rng = rng or random.Random(0)
+    a_text, b_text = f"{a[0]} {a[1]}", f"{b[0]} {b[1]}"
+    if relation == "and":
+        template = template or rng.choice(TWO_OBJECT_TEMPLATES["and"])
+        return _tidy(template.format(a=a_text, b=b_text))
+    if template is None and rng.random() < 0.3:  # "a red circle on the left and a blue square on the right"
+        pa, pb = SIDE_BY_SIDE[relation]
+        return _tidy(
+            f"a {a_text} {rng.choice(POSITION_PHRASES[pa])} and a {b_text} {rng.choice(POSITION_PHRASES[pb])}"
+        )
+    template = template or rng.choice(TWO_OBJECT_TEMPLATES["spatial"])
+    return _tidy(template.format(a=a_text, b=b_text, rel=rng.choice(RELATION_PHRASES[relation])))
+
+
+def allowed_pairs(include_held_out: bool = False) -> list[tuple[str, str]]:
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    return pairs if include_held_out else [p for p in pairs if p not in HELD_OUT_PAIRS]
+
+
+def single_object_scene(
+    rng: random.Random,
+    *,
+    color=None,
+    shape=None,
+    position=None,
+    size=None,
+    state_position=None,
+    state_size=None,
+    template=None,
+    include_held_out=False,
+) -> Scene:
+    """A one-object scene. Unset attributes are drawn from `rng`; unstated ones are still drawn."""
+    if color is None or shape is None:
+        pairs = [p for p in allowed_pairs(include_held_out) if (color in (None, p[0]) and shape in (None, p[1]))]
+        color, shape = rng.choice(pairs)
+    position = position or rng.choice(list(POSITIONS))
+    size = size or rng.choice(list(SIZES))
+    state_position = rng.random() < 0.8 if state_position is None else state_position
+    state_size = rng.random() < 0.5 if state_size is None else state_size
+    cx, cy = POSITIONS[position]
+    obj = ShapeObject(
+        shape=shape,
+        color=color,
+        x=cx + rng.uniform(-0.04, 0.04),
+        y=cy + rng.uniform(-0.04, 0.04),
+        radius=SIZES[size] * rng.uniform(0.92, 1.08),
+        position=position,
+        size=size,
+    )
+    caption = single_caption(
+        color, shape, position=position if state_position else None, size=size if state_size else None,
+        template=template, rng=rng,
+    )
+    state_size = state_size and re.search(rf"\b{size}\b", caption) is not None  # some phrasings have no size slot
+    stated = {"color", "shape"} | ({"position"} if state_position else set()) | ({"size"} if state_size else set())
+    return Scene(objects=(obj,), caption=caption, background=_background(rng), stated=frozenset(stated))
+
+
+def two_object_scene(rng: random.Random, *, a=None, b=None, relation=None, include_held_out=False, template=None) -> Scene:
+    """Two non-overlapping objects and a caption naming both and, mostly, how they relate."""
+    pairs = allowed_pairs(include_held_out)
+    a = a or rng.choice(pairs)
+    b = b or rng.choice([p for p in pairs if p != a])
+    relation = relation or rng.choice(RELATIONS)
+    layout = relation if relation != "and" else rng.choice(RELATIONS[:4])
+    # centres far enough apart that two objects of the largest radius never touch
+    near, far = rng.uniform(0.2, 0.3), rng.uniform(0.7, 0.8)
+    across = (rng.uniform(0.38, 0.62), rng.uniform(0.38, 0.62))
+    first, second = (near, far) if layout in ("left of", "above") else (far, near)
+    if layout in ("left of", "right of"):
+        centres = ((first, across[0]), (second, across[1]))
+    else:
+        centres = ((across[0], first), (across[1], second))
+    objects = tuple(
+        ShapeObject(shape=s, color=c, x=x, y=y, radius=rng.uniform(*TWO_OBJECT_RADIUS))
+        for (c, s), (x, y) in zip((a, b), centres)
+    )
+    caption = two_object_caption(a, b, relation, rng=rng, template=template)
+    return Scene(objects=objects, caption=caption, relation=relation, background=_background(rng),
+                 stated=frozenset({"color", "shape", "relation"}))
+
+
+def random_scene(seed: int, *, two_object_fraction: float = 0.5, include_held_out: bool = False) -> Scene:
+    """The training distribution: deterministic for a seed."""
+    rng = random.Random(seed)
+    if rng.random() < two_object_fraction:
+        return two_object_scene(rng, include_held_out=include_held_out)
+    return single_object_scene(rng, include_held_out=include_held_out)
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    base = rng.randint(228, 246)
+    return tuple(min(255, base + rng.randint(-3, 3)) for _ in range(3))
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    if shape == "square":
+        h = r * 0.886  # same area as the circle of radius r
+        return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
+    if shape == "triangle":
+        t = r * 1.2  # circumradius; the bounding box is centred on (cx, cy)
+        return [(cx, cy - 0.75 * t), (cx + t * 0.866, cy + 0.75 * t), (cx - t * 0.866, cy + 0.75 * t)]
+    return None
+
+
+def render(scene: Scene, size: int = 32, *, supersample: int = 4, color_jitter: int = 0, seed: int = 0) -> Image.Image:
+    """Draw a scene as an RGB image of `size`×`size`, antialiased by supersampling."""
+    rng = random.Random(seed)
+    big = size * supersample
+    image = Image.new("RGB", (big, big), scene.background)
+    draw = ImageDraw.Draw(image)
+    for obj in scene.objects:
+        rgb = tuple(max(0, min(255, v + rng.randint(-color_jitter, color_jitter))) for v in COLORS[obj.color])
+        cx, cy, r = obj.x * big, obj.y * big, obj.radius * big
+        points = _polygon(obj.shape, cx, cy, r)
+        if points is None:
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
+        else:
+            draw.polygon(points, fill=rgb)
+    return image.resize((size, size), Image.Resampling.BOX)

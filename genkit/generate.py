@@ -1,0 +1,264 @@
+"""The batched generation engine, the same for genkit-mini and any diffusers pipeline.
+
+A call expands prompts × images into jobs; image i gets its own CPU `torch.Generator` seeded
+`seed + i`, so an image's pixels depend on its prompt and seed only, never on the batch size
+or on which process makes it. Jobs run in batches; results are yielded batch by batch.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator
+
+from genkit import schedulers
+from genkit.errors import GenkitError
+from genkit.invariance import BatchInvariant
+from genkit.prompts import PromptSpec, from_strings
+
+MAX_SEED = 2**63 - 1
+
+
+@dataclass
+class GenerationConfig:
+    """Settings of one call; None means the model's default (its preset, else its own config)."""
+
+    negative_prompt: str = ""  # what to steer away from (replaces the empty prompt in guidance)
+    num_images_per_prompt: int = 1  # images per prompt (-n)
+    batch_size: int = 8  # images per forward pass
+    seed: int | None = None  # image i gets seed + i; None draws a random base seed
+    num_inference_steps: int | None = None  # denoising steps (--steps)
+    guidance_scale: float | None = None  # classifier-free guidance (--guidance); <= 1 turns it off
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None  # a short name from genkit.schedulers.NAMES, or "default" (the model's own)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One image to make: its index in the run and everything that decides its pixels."""
+
+    index: int
+    prompt: str
+    negative_prompt: str
+    seed: int
+    num_inference_steps: int
+    guidance_scale: float
+    width: int
+    height: int
+    scheduler: str
+
+    def batch_key(self) -> tuple:
+        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler)
+
+
+@dataclass
+class GenerationResult:
+    """Images of one batch (or a whole call), with their seeds and full records."""
+
+    images: list = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    metadata: list[dict] = field(default_factory=list)
+
+    def extend(self, other: "GenerationResult") -> None:
+        self.images += other.images
+        self.seeds += other.seeds
+        self.metadata += other.metadata
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    from genkit import __version__
+
+    return {"genkit": __version__, "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__}
+
+
+class Pipeline:
+    """A loaded model plus genkit's engine: `generate`, `iter_generate`, `plan`."""
+
+    def __init__(self, pipe, *, name: str, kind: str, defaults: dict, device: str, attention):
+        self.pipe, self.name, self.kind, self.device, self.attention = pipe, name, kind, device, attention
+        self.base_scheduler_config = dict(pipe.scheduler.config)
+        self.base_scheduler_class = type(pipe.scheduler)
+        self.defaults = {**self._model_defaults(), **defaults}
+        self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
+
+    def _model_defaults(self) -> dict:
+        unet = self.pipe.unet
+        size = unet.config.sample_size * (getattr(self.pipe, "vae_scale_factor", 1) if self.kind == "diffusers" else 1)
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return {"width": size, "height": size, "num_inference_steps": 20, "guidance_scale": 7.0 if self.kind ==
+                "diffusers" else 4.0, "scheduler": "default", "negative_prompt": ""}
+
+    @property
+    def size_factor(self) -> int:
+        return int(getattr(self.pipe, "vae_scale_factor", 8))
+
+    @property
+    def dtype(self):
+        return self.pipe.unet.dtype
+
+    # -- planning -------------------------------------------------------------------------
+    def plan(self, prompts, config: GenerationConfig | None = None) -> list[Job]:
+        """Validate settings and expand prompts × images into jobs, without running anything."""
+        config = config or GenerationConfig()
+        specs = from_strings([prompts] if isinstance(prompts, (str, PromptSpec)) else prompts)
+        if not specs:
+            raise GenkitError("no prompts given (pass at least one prompt or --prompts-file)")
+        base = self._settings(config)
+        seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
+        _check_count("num_images_per_prompt (-n)", config.num_images_per_prompt)
+        _check_count("batch_size (--batch-size)", config.batch_size)
+        jobs = []
+        for spec in specs:
+            if not spec.prompt.strip():
+                raise GenkitError("a prompt is empty (remove it or write some text)")
+            n = spec.num_images_per_prompt or config.num_images_per_prompt
+            _check_count("n", n)
+            steps = spec.num_inference_steps or base["num_inference_steps"]
+            guidance = spec.guidance_scale if spec.guidance_scale is not None else base["guidance_scale"]
+            self._check_numbers(steps, guidance)
+            for k in range(n):
+                image_seed = (spec.seed + k) if spec.seed is not None else seed + len(jobs)
+                _check_seed(image_seed)
+                jobs.append(Job(
+                    index=len(jobs), prompt=spec.prompt,
+                    negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"],
+                    seed=image_seed, num_inference_steps=steps, guidance_scale=float(guidance),
+                    width=base["width"], height=base["height"], scheduler=base["scheduler"],
+                ))
+        return jobs
+
+    def _settings(self, config: GenerationConfig) -> dict:
+        chosen = {key: getattr(config, key) for key in ("num_inference_steps", "guidance_scale", "width", "height",
+                                                      "scheduler")}
+        settings = {**self.defaults, **{k: v for k, v in chosen.items() if v is not None}}
+        if config.negative_prompt:
+            settings["negative_prompt"] = config.negative_prompt
+        if settings["scheduler"] != "default":
+            settings["scheduler"] = schedulers.parse(settings["scheduler"]).value
+        factor = self.size_factor
+        for key in ("width", "height"):
+            value = settings[key]
+            if not isinstance(value, int) or value <= 0 or value % factor:
+                low = max(factor, value // factor * factor) if isinstance(value, int) else factor
+                raise GenkitError(f"{key} must be a positive multiple of {factor} for {self.name}, got {value} "
+                                  f"(try {low} or {low + factor})")
+        self._check_numbers(settings["num_inference_steps"], settings["guidance_scale"])
+        return settings
+
+    @staticmethod
+    def _check_numbers(steps, guidance) -> None:
+        if not isinstance(steps, int) or steps < 1:
+            raise GenkitError(f"steps (num_inference_steps) must be at least 1, got {steps}")
+        if guidance < 0:
+            raise GenkitError(f"guidance (guidance_scale) must be 0 or more, got {guidance} (1 or less turns it off)")
+
+    # -- running --------------------------------------------------------------------------
+    def iter_generate(
+        self,
+        prompts,
+        config: GenerationConfig | None = None,
+        *,
+        jobs: list[Job] | None = None,
+        skip: Callable[[dict], bool] | None = None,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = False,
+        **settings,
+    ) -> Iterator[GenerationResult]:
+        """Yield one `GenerationResult` per batch as it finishes.
+
+        `skip(record)` returning True leaves that image out (used to resume a run); `jobs`
+        replaces planning (used to run one process's share of a larger plan).
+        """
+        from tqdm.auto import tqdm
+
+        config = replace(config or GenerationConfig(), **settings)
+        jobs = self.plan(prompts, config) if jobs is None else jobs
+        todo = [job for job in jobs if not (skip and skip(self.record(job)))]
+        bar = tqdm(total=len(todo), unit="img", desc="generate", disable=not progress, leave=False)
+        for number, batch in enumerate(_batches(todo, config.batch_size)):
+            result = self._run_batch(batch, number, callback)
+            bar.update(len(batch))
+            yield result
+        bar.close()
+
+    def generate(self, prompts, config: GenerationConfig | None = None, **settings) -> GenerationResult:
+        """Generate every image and return them together (see `iter_generate`)."""
+        total = GenerationResult()
+        for result in self.iter_generate(prompts, config, **settings):
+            total.extend(result)
+        return total
+
+    def _run_batch(self, batch: list[Job], number: int, callback) -> GenerationResult:
+        import torch
+
+        first = batch[0]
+        self.pipe.scheduler = self._scheduler(first.scheduler)  # fresh: schedulers keep per-call state
+        generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
+
+        def on_step(pipe, step, timestep, tensors):
+            if callback is not None:
+                callback({"batch": number, "step": step + 1, "steps": first.num_inference_steps,
+                          "images": [job.index for job in batch]})
+            return tensors
+
+        with BatchInvariant():
+            output = self.pipe(**self._call_args(batch, generators, on_step))
+        return GenerationResult(images=list(output.images), seeds=[job.seed for job in batch],
+                                metadata=[self.record(job) for job in batch])
+
+    @staticmethod
+    def _call_args(batch: list[Job], generators, on_step) -> dict:
+        first = batch[0]
+        return dict(
+            prompt=[job.prompt for job in batch],
+            negative_prompt=[job.negative_prompt for job in batch],
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            width=first.width,
+            height=first.height,
+            generator=generators,
+            callback_on_step_end=on_step,
+        )
+
+    def _scheduler(self, name: str):
+        if name == "default":
+            return self.base_scheduler_class.from_config(self.base_scheduler_config)
+        return schedulers.build(name, self.base_scheduler_config)
+
+    def record(self, job: Job) -> dict:
+        """Everything needed to make this image again."""
+        return {
+            "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
+            "num_inference_steps": job.num_inference_steps, "guidance_scale": job.guidance_scale,
+            "width": job.width, "height": job.height, "scheduler": job.scheduler, "model": self.name,
+            "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
+            "device": self.device, "versions": versions(),
+        }
+
+
+def _batches(jobs: list[Job], size: int):
+    """Consecutive jobs that share steps, guidance, size and scheduler, at most `size` at a time."""
+    batch: list[Job] = []
+    for job in jobs:
+        if batch and (len(batch) == size or job.batch_key() != batch[0].batch_key()):
+            yield batch
+            batch = []
+        batch.append(job)
+    if batch:
+        yield batch
+
+
+def _check_count(name: str, value) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise GenkitError(f"{name} must be at least 1, got {value}")
+
+
+def _check_seed(seed) -> None:
+    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise GenkitError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed}")

@@ -1,0 +1,152 @@
+"""`genkit.load`: a preset name, a local diffusers folder or a hub id, ready to generate.
+
+Resolution order: preset (`pipelines/*.toml`, then `$GENKIT_HOME/pipelines`), local folder
+(must hold `model_index.json`), hub id (needs a network or a filled local cache).
+Weights load from safetensors only; pickle files (`.bin`, `.ckpt`, `.pt`) can run code when
+loaded, so they are refused unless the caller passes `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from genkit import attention as attn
+from genkit import presets
+from genkit.errors import GenkitError
+
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
+          "bf16": "bfloat16", "bfloat16": "bfloat16"}
+
+
+def pick_device(device: str | None) -> str:
+    import torch
+
+    if device:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise GenkitError(f"--device {device}: CUDA is not available here (use --device cpu)")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str | None, device: str, kind: str):
+    import torch
+
+    if dtype is None:
+        return torch.float16 if device.startswith("cuda") and kind == "diffusers" else torch.float32
+    key = str(dtype).removeprefix("torch.").lower()
+    if key not in DTYPES:
+        raise GenkitError(f"unknown dtype {dtype!r} (valid: fp32, fp16, bf16)")
+    return getattr(torch, DTYPES[key])
+
+
+def check_folder(folder: Path, allow_pickle: bool) -> dict:
+    """Read `model_index.json` and refuse components whose weights exist only as pickles."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise GenkitError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder "
+                          "(save one with pipe.save_pretrained(folder), or pass a preset name)")
+    try:
+        config = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise GenkitError(f"{index} is not valid JSON: {exc}") from None
+    for component in sorted(config):
+        sub = folder / component
+        if component.startswith("_") or not sub.is_dir():
+            continue
+        files = [p for p in sub.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files) and not allow_pickle:
+            raise GenkitError(f"{sub} holds weights only in a pickle format ({pickles[0].name}), which can run code "
+                              "when loaded; convert them to safetensors, or pass --allow-pickle if you trust them")
+    return config
+
+
+def _load_genkit(folder: Path, dtype, use_safetensors):
+    from genkit.pipeline import GenkitMiniPipeline
+
+    extra = {}
+    if not (folder / "text_encoder").is_dir():  # shipped weights: the encoder comes from its package
+        from genkit.train.base import load_text_encoder
+
+        extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
+    return GenkitMiniPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=use_safetensors, **extra)
+
+
+def _load_diffusers(source: str, dtype, use_safetensors, local: bool):
+    from diffusers import DiffusionPipeline
+
+    try:
+        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors,
+                                                 local_files_only=local)
+    except (OSError, ValueError) as exc:
+        where = "folder" if local else "hub id"
+        hint = "" if local else " (a hub id needs a network or a filled local cache; or pass a local folder)"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GenkitError(f"could not load {where} {source}: {first}{hint}") from None
+
+
+def load(
+    name_or_path: str | None = None,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    attention: str = "auto",
+    allow_pickle: bool = False,
+    vae_slicing: bool = False,
+    vae_tiling: bool = False,
+    cpu_offload: bool = False,
+):
+    """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`."""
+    from genkit.generate import Pipeline
+
+    name = name_or_path or presets.DEFAULT_MODEL
+    preset = presets.get(name)
+    if preset is not None:
+        source, kind, defaults = preset.location(), preset.kind, preset.defaults
+    elif Path(name).expanduser().exists():
+        source, kind, defaults = str(Path(name).expanduser()), None, {}
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        source, kind, defaults = name, "diffusers", {}  # hub id
+    else:
+        raise GenkitError(f"unknown model {name!r}: not a preset ({', '.join(presets.names())}) and no such folder "
+                          "(pass a preset name, a diffusers folder, or a hub id like org/model)")
+
+    local = Path(source).exists()
+    if local:
+        folder = Path(source)
+        if not folder.is_dir():
+            raise GenkitError(f"model path {folder} is a file; pass the pipeline folder that holds model_index.json")
+        config = check_folder(folder, allow_pickle)
+        kind = kind or ("genkit" if config.get("_class_name") == "GenkitMiniPipeline" else "diffusers")
+    backend_device = pick_device(device)
+    backend = attn.resolve(attention, backend_device)  # fail on xformers before the slow load
+    torch_dtype = pick_dtype(dtype, backend_device, kind)
+    use_safetensors = None if allow_pickle else True
+    if kind == "genkit":
+        pipe = _load_genkit(Path(source), torch_dtype, use_safetensors)
+    else:
+        pipe = _load_diffusers(source, torch_dtype, use_safetensors, local)
+    pipe.set_progress_bar_config(disable=True)
+    if cpu_offload:
+        if not backend_device.startswith("cuda"):
+            raise GenkitError("--cpu-offload moves models between CPU and GPU and needs CUDA (drop it on CPU)")
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.to(backend_device)
+    attn.apply(pipe, backend)
+    vae = getattr(pipe, "vae", None)
+    if (vae_slicing or vae_tiling) and vae is None:
+        raise GenkitError(f"{name} decodes pixels directly and has no VAE; drop --vae-slicing/--vae-tiling")
+    if vae_slicing:
+        vae.enable_slicing()
+    if vae_tiling:
+        vae.enable_tiling()
+    return Pipeline(pipe, name=name if preset is not None else source, kind=kind, defaults=defaults,
+                    device=backend_device, attention=backend)
+

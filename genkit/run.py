@@ -1,0 +1,173 @@
+"""Whole runs as library calls: generate into a folder, replay an image, evaluate a shapes model.
+
+The CLI is a thin layer over these; an application can call them the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from genkit.errors import GenkitError
+from genkit.outputs import OutputWriter, check_out_dir, read_record
+
+
+@dataclass
+class GenerateRequest:
+    """A `genkit generate` run: prompts, settings, model and where the images go."""
+
+    prompts: list
+    out: str | Path = "outputs"
+    model: str | None = None
+    num_images_per_prompt: int = 1
+    batch_size: int = 8
+    seed: int | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    attention: str = "auto"
+    device: str | None = None
+    dtype: str | None = None
+    allow_pickle: bool = False
+    loras: tuple = field(default_factory=tuple)
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    overwrite: bool = False
+    grid: bool = False
+    progress: bool = True
+
+    def config(self):
+        from genkit.generate import GenerationConfig
+
+        return GenerationConfig(
+            negative_prompt=self.negative_prompt, num_images_per_prompt=self.num_images_per_prompt,
+            batch_size=self.batch_size, seed=self.seed, num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale, width=self.width, height=self.height, scheduler=self.scheduler,
+        )
+
+
+def load_for(request) -> "object":
+    """Load the request's model (and LoRAs) after the cheap checks have passed."""
+    import genkit
+    from genkit import lora
+
+    pipeline = genkit.load(request.model, device=request.device, dtype=request.dtype, attention=request.attention,
+                           allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
+                           vae_tiling=getattr(request, "vae_tiling", False),
+                           cpu_offload=getattr(request, "cpu_offload", False))
+    if request.loras:
+        lora.apply(pipeline, [lora.parse_spec(spec) for spec in request.loras], allow_pickle=request.allow_pickle)
+    return pipeline
+
+
+def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Iterator[dict]:
+    """Generate every missing image of the request into its folder; yield one record per image.
+
+    Images already in the folder (same index, seed and prompt) are kept unless `overwrite`;
+    `jobs` restricts the run to a share of the plan (one process of several).
+    """
+    check_out_dir(request.out)  # before the slow model load
+    pipeline = pipeline or load_for(request)
+    config = request.config()
+    jobs = pipeline.plan(request.prompts, config) if jobs is None else jobs
+    writer = OutputWriter(request.out, overwrite=request.overwrite)
+    kept = [pipeline.record(job) for job in jobs if writer.exists(pipeline.record(job))]
+    kept_indices = {record["index"] for record in kept}
+    todo = [job for job in jobs if job.index not in kept_indices]
+    made = []
+    try:
+        for result in pipeline.iter_generate(request.prompts, config, jobs=todo, progress=request.progress):
+            for image, record in zip(result.images, result.metadata):
+                path = writer.write(image, record)
+                made.append((record["index"], image))
+                yield {**record, "file": path.name}
+    finally:
+        writer.close()
+    for record in kept:
+        yield {**record, "file": writer.path_for(record).name, "skipped": True}
+    if request.grid and jobs:
+        _write_grid(writer, jobs, pipeline)
+
+
+def _write_grid(writer: OutputWriter, jobs, pipeline) -> Path:
+    from PIL import Image
+
+    from genkit.grid import make_grid
+    from genkit.outputs import atomic_write
+
+    images, labels = [], []
+    for job in jobs:
+        with Image.open(writer.path_for(pipeline.record(job))) as image:
+            images.append(image.convert("RGB"))
+        labels.append(f"{job.prompt} ({job.seed})")
+    grid = make_grid(images, labels)
+    path = writer.out / "grid.png"
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path
+
+
+def replay_image(image: str | Path, *, out=None, model=None, device=None) -> tuple[Path, bool]:
+    """Regenerate an image from its stored record; return the new path and whether pixels match."""
+    import numpy as np
+    from PIL import Image
+
+    from genkit.generate import Job
+    from genkit.outputs import save_png
+
+    record = read_record(image)
+    out_dir = check_out_dir(out or Path(image).parent)
+    request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
+                              attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
+                              dtype=record.get("dtype"))
+    pipeline = load_for(request)
+    job = Job(**{key: record[key] for key in Job.__dataclass_fields__})
+    result = pipeline.generate([record["prompt"]], jobs=[job])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"replay-{Path(image).name}"
+    save_png(result.images[0], path, pipeline.record(job))
+    with Image.open(image) as original:
+        identical = bool(np.array_equal(np.asarray(original.convert("RGB")), np.asarray(result.images[0])))
+    return path, identical
+
+
+def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_phrasing=100, two_object=200,
+             num_inference_steps=None, guidance_scale=None, scheduler=None, loras=(), batch_size=50,
+             attention="auto", device=None, dtype=None, allow_pickle=False, progress=True) -> tuple[str, list[Path]]:
+    """Generate the shapes prompt set with a model, judge every image, write the grid and report."""
+    import json
+
+    from genkit.eval.prompts import build_prompts
+    from genkit.eval.report import evaluate, format_table, save_grid
+    from genkit.generate import GenerationConfig
+    from genkit.prompts import PromptSpec
+
+    out = check_out_dir(out)
+    request = GenerateRequest(prompts=[], model=model, attention=attention, device=device, dtype=dtype,
+                              allow_pickle=allow_pickle, loras=tuple(loras))
+    pipeline = load_for(request)
+    items = build_prompts(seed, seen=seen, held_out=held_out, unseen_phrasing=unseen_phrasing, two_object=two_object)
+    config = GenerationConfig(batch_size=batch_size, num_inference_steps=num_inference_steps,
+                              guidance_scale=guidance_scale, scheduler=scheduler)
+
+    def generate_fn(prompts, seeds):
+        specs = [PromptSpec(p, seed=s) for p, s in zip(prompts, seeds)]
+        return pipeline.generate(specs, config).images
+
+    if not items:
+        raise GenkitError("the prompt set is empty (give at least one of --seen, --held-out, ...)")
+    result = evaluate(generate_fn, items, batch_size=batch_size, progress=progress)
+    table = format_table(result)
+    out.mkdir(parents=True, exist_ok=True)
+    grid = save_grid(result, out / "grid.png")
+    settings = pipeline.record(pipeline.plan(["x"], config)[0])
+    report = out / "report.json"
+    report.write_text(json.dumps({"settings": {k: settings[k] for k in ("model", "num_inference_steps", "guidance_scale",
+                                  "scheduler", "width", "height", "lora", "dtype")}, "seed": seed,
+                                  **result.as_dict()}, indent=1))
+    (out / "table.txt").write_text(table + "\n")
+    return table, [grid, report]

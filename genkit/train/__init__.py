@@ -1,0 +1,1 @@
+"""Training: genkit-mini's decoder from scratch (`base`) and LoRA adapters (`lora`)."""

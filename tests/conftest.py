@@ -1,0 +1,29 @@
+import os
+
+import pytest
+
+from tests.tiny_models import build_tiny_mini, build_tiny_sd
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory):
+    return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_mini(tmp_path_factory):
+    return build_tiny_mini(tmp_path_factory.mktemp("models") / "tiny-mini")
+
+
+@pytest.fixture(params=["tiny_sd", "tiny_mini"])
+def model_dir(request):
+    """Contract tests run once per pipeline kind."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(autouse=True)
+def genkit_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("GENKIT_HOME", str(tmp_path / "genkit-home"))
