@@ -189,12 +189,12 @@ def train_base_command(config, overrides, out, resume, quiet):
 
 def _recipe_path(config: str) -> Path:
     """A path as given, else a recipe shipped in the package (configs/<name>.toml)."""
-    from importlib import resources
+    from genkit.presets import packaged_dir
 
     path = Path(config)
     if path.is_file():
         return path
-    shipped = resources.files("genkit._configs").joinpath(f"{config.removesuffix('.toml')}.toml")
+    shipped = packaged_dir("_configs", "configs").joinpath(f"{config.removesuffix('.toml')}.toml")
     if shipped.is_file():
         return Path(str(shipped))
     raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (try configs/genkit-mini.toml)")

@@ -34,14 +34,21 @@ class Preset:
         return self.source
 
 
+def packaged_dir(package: str, source_folder: str):
+    """`genkit.<package>` when installed; the repository's folder when running from a checkout."""
+    try:
+        return resources.files(f"genkit.{package}")
+    except ModuleNotFoundError:  # genkit imported from a source tree that is not installed
+        return Path(__file__).resolve().parents[1] / source_folder
+
+
 def genkit_home() -> Path:
     return Path(os.environ.get("GENKIT_HOME") or Path.home() / ".genkit")
 
 
 def _preset_files() -> dict[str, object]:
     files = {}
-    packaged = resources.files("genkit._pipelines")
-    for entry in packaged.iterdir():
+    for entry in packaged_dir("_pipelines", "pipelines").iterdir():
         if entry.name.endswith(".toml"):
             files[entry.name[:-5]] = entry
     user = genkit_home() / "pipelines"
