@@ -12,13 +12,14 @@ Importing genkit is cheap: torch and diffusers load on first use.
 from genkit.errors import GenkitError
 
 __version__ = "0.1.0"
-__all__ = ["GenkitError", "GenerationConfig", "GenerationResult", "Pipeline", "load", "__version__"]
+__all__ = ["GenkitError", "GenerationConfig", "GenerationResult", "Pipeline", "load", "train_lora", "__version__"]
 
 _LAZY = {
     "load": ("genkit.loader", "load"),
     "Pipeline": ("genkit.generate", "Pipeline"),
     "GenerationConfig": ("genkit.generate", "GenerationConfig"),
     "GenerationResult": ("genkit.generate", "GenerationResult"),
+    "train_lora": ("genkit.train.lora", "train_lora"),
 }
 
 

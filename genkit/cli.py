@@ -187,6 +187,28 @@ def train_base_command(config, overrides, out, resume, quiet):
     click.echo(str(folder))
 
 
+@train.command("lora")
+@click.argument("data_dir", type=click.Path())
+@click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
+              help="Base model: preset name, SD-family diffusers folder or hub id (env GENKIT_MODEL; default genkit-mini).")
+@click.option("--out", "-o", required=True, type=click.Path(), help="Folder for the LoRA, its record and checkpoints.")
+@click.option("--config", "-c", default="lora", show_default=True,
+              help="Recipe TOML file, or the name of a shipped recipe (lora, lora-tiny).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. lora.rank=16.")
+@click.option("--instance-prompt", default=None, help='Caption for images without one, e.g. "a photo of sks dog".')
+@click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in --out.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def train_lora_command(data_dir, model, out, config, overrides, instance_prompt, resume, quiet):
+    """Fine-tune a LoRA adapter on the images (and captions) in DATA_DIR; print the files written."""
+    from genkit.train.lora import train_lora
+
+    _quiet_libraries()
+    result = train_lora(data_dir, out, model=model, config=_recipe_path(config), overrides=overrides, resume=resume,
+                        instance_prompt=instance_prompt, progress=not quiet)
+    click.echo(str(result.weights))
+    click.echo(str(result.record))
+
+
 def _recipe_path(config: str) -> Path:
     """A path as given, else a recipe shipped in the package (configs/<name>.toml)."""
     from genkit.presets import packaged_dir

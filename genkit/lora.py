@@ -2,9 +2,13 @@
 
 Files in diffusers/peft layout (`pytorch_lora_weights.safetensors`) and kohya's layout
 (`lora_unet_...lora_down.weight`) both load through diffusers' loaders, which convert kohya
-keys. diffusers drops keys that match no layer with at most a log line, so a LoRA made for
-another base silently does nothing; genkit counts the layers each file names and the layers
-that actually received the adapter, and refuses a file that does not fit.
+keys and read the adapter's rank and alpha from the safetensors header. diffusers drops keys
+that match no layer with at most a log line, so a LoRA made for another base silently does
+nothing; genkit first checks every layer the file names against the model (the layer must
+exist and its shapes must fit) and refuses a file that does not fit, saying how many matched.
+Only then does it load the adapter, and it counts the layers that received it once more.
+
+genkit-mini takes decoder (`unet.`) LoRAs; SD-family pipelines also take text-encoder ones.
 """
 
 from __future__ import annotations
@@ -18,12 +22,22 @@ from genkit.errors import GenkitError
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _SUFFIXES = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.[\w]+)?\.weight$|\.alpha$")
+_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
 class LoraSpec:
     path: Path
     scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Fit:
+    """How a LoRA's layers line up with a model: `matched` of `wanted` fit; `miss` names one that did not."""
+
+    matched: int
+    wanted: int
+    miss: str | None = None
 
 
 def parse_spec(text: str | LoraSpec) -> LoraSpec:
@@ -64,11 +78,84 @@ def layer_names(state_dict: dict) -> set[str]:
     return {_SUFFIXES.sub("", key) for key in state_dict if _SUFFIXES.search(key)}
 
 
+def _loader(pipe):
+    """The diffusers LoRA loader class for `pipe` (genkit-mini borrows Stable Diffusion's)."""
+    if hasattr(pipe, "lora_state_dict"):
+        return type(pipe)
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    return StableDiffusionLoraLoaderMixin
+
+
+def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
+    """(state dict in diffusers layout, network alphas, adapter metadata); kohya keys are converted."""
+    try:
+        return _loader(pipe).lora_state_dict(
+            str(file.parent), weight_name=file.name, unet_config=pipe.unet.config if hasattr(pipe, "unet") else None,
+            use_safetensors=file.suffix == ".safetensors", return_lora_metadata=True,
+        )
+    except (ValueError, KeyError, RuntimeError, OSError) as exc:
+        raise GenkitError(f"--lora {file}: cannot read it as a LoRA ({_first_line(exc)})") from None
+
+
+def _peft_layers(component: str, part: dict) -> dict[str, tuple]:
+    """{layer path: (lora_A shape, lora_B shape)} of one component's keys, after diffusers' conversions."""
+    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+
+    try:
+        if component in ("unet", "transformer"):
+            part = convert_unet_state_dict_to_peft(part)
+        else:
+            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+    except ValueError:
+        pass  # a layout the converters do not know: its keys are checked as they are
+    layers: dict[str, list] = {}
+    for key, value in part.items():
+        match = re.match(r"^(.*)\.lora_([AB])(\.[\w]+)?\.weight$", key)
+        if match:
+            layers.setdefault(match.group(1), [None, None])["AB".index(match.group(2))] = tuple(value.shape)
+    return {name: tuple(shapes) for name, shapes in layers.items()}
+
+
+def _fits(module, shapes: tuple) -> bool:
+    """A LoRA pair fits a layer when A reads the layer's input width and B writes its output width."""
+    a, b = shapes
+    width_in = getattr(module, "in_features", getattr(module, "in_channels", None))
+    width_out = getattr(module, "out_features", getattr(module, "out_channels", None))
+    return a is not None and b is not None and width_in == a[1] and width_out == b[0]
+
+
+def check_fit(state_dict: dict, pipe) -> Fit:
+    """Count the layers of a (diffusers-layout) LoRA state dict that exist in `pipe` with fitting shapes."""
+    accepted = [c for c in _COMPONENTS if getattr(pipe, c, None) is not None]
+    if not hasattr(pipe, "load_lora_weights"):
+        accepted = ["unet"]  # genkit-mini loads decoder adapters only
+    matched, wanted, miss = 0, 0, None
+    claimed = set()
+    for component in accepted:
+        prefix = f"{component}."
+        part = {k.removeprefix(prefix): v for k, v in state_dict.items() if k.startswith(prefix)}
+        claimed |= {k for k in state_dict if k.startswith(prefix)}
+        modules = dict(getattr(pipe, component).named_modules())
+        for name, shapes in sorted(_peft_layers(component, part).items()):
+            wanted += 1
+            module = modules.get(name) or modules.get(f"text_model.{name}")
+            if module is not None and _fits(module, shapes):
+                matched += 1
+            elif miss is None:
+                miss = f"{prefix}{name}" + (" (shapes differ)" if module is not None else "")
+    stray = layer_names({k: v for k, v in state_dict.items() if k not in claimed})
+    wanted += len(stray)
+    if stray and miss is None:
+        miss = sorted(stray)[0]
+    return Fit(matched, wanted, miss)
+
+
 def _adapter_layers(pipe, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     count = 0
-    for name in ("unet", "transformer", "text_encoder", "text_encoder_2"):
+    for name in _COMPONENTS:
         module = getattr(pipe, name, None)
         if module is None:
             continue
@@ -78,14 +165,26 @@ def _adapter_layers(pipe, adapter: str) -> int:
     return count
 
 
-def _read_state_dict(file: Path) -> dict:
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
+def _load(pipe, file: Path, state_dict: dict, alphas, metadata, adapter: str) -> None:
+    if hasattr(pipe, "load_lora_weights"):
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
+                               use_safetensors=file.suffix == ".safetensors")
+    else:  # genkit-mini: the adapter goes into the decoder
+        _loader(pipe).load_lora_into_unet(state_dict, alphas, unet=pipe.unet, adapter_name=adapter, metadata=metadata)
 
-        return load_file(str(file))
-    import torch
 
-    return torch.load(file, map_location="cpu", weights_only=True)
+def _unload(pipe, adapter: str) -> None:
+    """Remove a half-loaded adapter, so a caller that catches the error keeps a working pipeline."""
+    target = pipe if hasattr(pipe, "delete_adapters") else pipe.unet
+    try:
+        target.delete_adapters(adapter)
+    except (ValueError, KeyError, AttributeError):
+        pass
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> None:
@@ -93,28 +192,32 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
     pipe, names, scales = pipeline.pipe, [], []
     for number, spec in enumerate(specs):
         file = weights_file(spec.path, allow_pickle)
-        state_dict = _read_state_dict(file)
-        wanted = len(layer_names(state_dict))
-        if wanted == 0:
+        state_dict, alphas, metadata = read(file, pipe)
+        fit = check_fit(state_dict, pipe)
+        if fit.wanted == 0:
             raise GenkitError(f"--lora {spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
                               "lora_down/lora_up keys)")
+        if fit.matched < fit.wanted:
+            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
+                              f"layers matched the model (first that did not: {fit.miss}; was it trained for "
+                              "another base model?)")
         adapter = f"lora{number}_{re.sub(r'[^A-Za-z0-9_]', '_', spec.path.stem)}"
         try:
-            if hasattr(pipe, "load_lora_weights"):
-                pipe.load_lora_weights(dict(state_dict), adapter_name=adapter)
-            else:  # genkit-mini: the adapter goes into the decoder
-                pipe.unet.load_lora_adapter(dict(state_dict), prefix="unet", adapter_name=adapter)
+            _load(pipe, file, state_dict, alphas, metadata, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {first}") from None
-        matched = _adapter_layers(pipe, adapter)
-        if matched < wanted:
-            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {matched} of its {wanted} layers "
-                              "matched the model (was it trained for another base model?)")
+            _unload(pipe, adapter)
+            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {_first_line(exc)}") from None
+        loaded = _adapter_layers(pipe, adapter)
+        if loaded < fit.wanted:
+            _unload(pipe, adapter)
+            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {loaded} of its {fit.wanted} layers "
+                              "received the adapter")
         names.append(adapter)
         scales.append(spec.scale)
         pipeline.loras.append({"name": spec.path.stem if spec.path.is_file() else spec.path.name,
                                "path": str(spec.path), "scale": spec.scale, "sha256": _digest(file)})
+    if not names:
+        return
     if hasattr(pipe, "set_adapters"):
         pipe.set_adapters(names, adapter_weights=scales)
     else:

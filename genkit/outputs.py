@@ -155,9 +155,9 @@ class OutputWriter:
 
     def close(self) -> Path | None:
         """Rewrite manifest.jsonl: one line per image of this run (and earlier runs), in index order."""
-        if not self.records:
-            return None
         manifest = self.out / MANIFEST
+        if not self.records and not manifest.is_file():
+            return None
         old = {}
         if manifest.is_file():
             for line in manifest.read_text().splitlines():

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from genkit import distributed
 from genkit.errors import GenkitError
 from genkit.outputs import OutputWriter, check_out_dir, read_record
 
@@ -51,12 +52,12 @@ class GenerateRequest:
         )
 
 
-def load_for(request) -> "object":
+def load_for(request, device: str | None = None) -> "object":
     """Load the request's model (and LoRAs) after the cheap checks have passed."""
     import genkit
     from genkit import lora
 
-    pipeline = genkit.load(request.model, device=request.device, dtype=request.dtype, attention=request.attention,
+    pipeline = genkit.load(request.model, device=device or request.device, dtype=request.dtype, attention=request.attention,
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
                            cpu_offload=getattr(request, "cpu_offload", False))
@@ -72,26 +73,33 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     `jobs` restricts the run to a share of the plan (one process of several).
     """
     check_out_dir(request.out)  # before the slow model load
-    pipeline = pipeline or load_for(request)
+    processes = distributed.state()  # None unless under accelerate launch / torchrun
+    if processes is not None and request.seed is None:
+        raise GenkitError("several processes need one shared --seed (pass --seed N)")
+    pipeline = pipeline or load_for(request, device=str(processes.device) if processes else None)
     config = request.config()
-    jobs = pipeline.plan(request.prompts, config) if jobs is None else jobs
+    all_jobs = pipeline.plan(request.prompts, config) if jobs is None else jobs
+    jobs = distributed.share(all_jobs, processes)
     writer = OutputWriter(request.out, overwrite=request.overwrite)
     kept = [pipeline.record(job) for job in jobs if writer.exists(pipeline.record(job))]
     kept_indices = {record["index"] for record in kept}
     todo = [job for job in jobs if job.index not in kept_indices]
-    made = []
+    main_process = processes is None or processes.is_main_process
     try:
-        for result in pipeline.iter_generate(request.prompts, config, jobs=todo, progress=request.progress):
+        for result in pipeline.iter_generate(request.prompts, config, jobs=todo,
+                                             progress=request.progress and main_process):
             for image, record in zip(result.images, result.metadata):
                 path = writer.write(image, record)
-                made.append((record["index"], image))
                 yield {**record, "file": path.name}
     finally:
-        writer.close()
+        if processes is not None:
+            processes.wait_for_everyone()  # every share written before the manifest is merged
+        if main_process:
+            writer.close()
     for record in kept:
         yield {**record, "file": writer.path_for(record).name, "skipped": True}
-    if request.grid and jobs:
-        _write_grid(writer, jobs, pipeline)
+    if request.grid and all_jobs and main_process:
+        _write_grid(writer, all_jobs, pipeline)
 
 
 def _write_grid(writer: OutputWriter, jobs, pipeline) -> Path:

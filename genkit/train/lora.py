@@ -1,0 +1,667 @@
+"""LoRA fine-tuning on a folder of your images (`genkit train lora`, `genkit.train_lora`).
+
+The base model stays frozen; peft adds low-rank adapters (Hu et al. 2021,
+https://arxiv.org/abs/2106.09685) to the decoder's attention projections, and optionally to the
+text encoder's. accelerate owns the device, the precision (fp32 on a CPU, fp16 or bf16 autocast
+on a GPU, with the adapters kept in fp32), gradient accumulation and multi-process runs.
+
+Frozen parts are run once, not every step: each distinct caption is embedded once (unless the
+text encoder is being trained), and each image variant is encoded once, into the VAE's latent
+distribution (mean, std) for SD-family models and into pixels for genkit-mini. A variant is an
+image as training sees it: centre-cropped, and mirrored or not when `data.flip` is on (so at
+most two per image). Random crops give a new variant every step, so `data.random_crop` needs
+`data.cache_latents = false`, which encodes each batch as it comes.
+
+A run is a pure function of (seed, step): the epoch's image order and flips, each step's
+latent sample, noise and timesteps come from generators seeded by them, the dropout RNG is
+reseeded every step, and the learning rate is a function of the step. So a run resumed from a
+checkpoint ends with the same weights as an unbroken one. Checkpoints (adapter weights,
+optimizer and loss-scaler state) are written atomically and rotated afterwards; a NaN or
+infinite loss stops the run in that step, before anything is written.
+
+Output, in OUT_DIR: `pytorch_lora_weights.safetensors` in diffusers' layout (keys
+`unet.<layer>.lora.down.weight`, rank and alpha in the header), which plain diffusers loads
+with `pipe.load_lora_weights(OUT_DIR)`, and `genkit_lora.json`, the record of how it was made.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from genkit.config import apply_overrides, build, read_toml, to_dict
+from genkit.errors import GenkitError
+from genkit.train import checkpoint
+
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+RECORD_NAME = "genkit_lora.json"
+ENCODE_CHUNK = 8  # images or captions per encoder call while filling the caches (fixed: results stay bitwise stable)
+
+
+class Precision(enum.Enum):
+    AUTO = "auto"  # fp32 on a CPU; bf16 on a GPU that has it, else fp16
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class Schedule(enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class Prediction(enum.Enum):
+    """What the model predicts, from its scheduler's `prediction_type`."""
+
+    EPSILON = "epsilon"
+    V_PREDICTION = "v_prediction"
+    SAMPLE = "sample"
+
+
+def _choice(enum_type, value, key: str):
+    try:
+        return enum_type(value)
+    except ValueError:
+        valid = ", ".join(e.value for e in enum_type)
+        raise ValueError(f"{key} must be one of {valid}, got {value!r}") from None
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 8  # LoRA rank r: the width of the low-rank update
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # decoder layers that get adapters
+    text_encoder: bool = False  # also train adapters on the text encoder (SD-family only; no caption cache then)
+    text_encoder_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
+
+    def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.rank must be >= 1, lora.alpha > 0 and lora.dropout in [0, 1), got "
+                             f"{self.rank}, {self.alpha}, {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one layer, e.g. [\"to_q\", \"to_v\"]")
+
+
+@dataclass
+class DataConfig:
+    resolution: int = 0  # square training size in pixels; 0 is the model's own (512 for SD 1.x, 32 for genkit-mini)
+    instance_prompt: str = ""  # caption for images that have none (DreamBooth style); also --instance-prompt
+    random_crop: bool = False  # random instead of centre crops (needs cache_latents = false)
+    flip: bool = False  # mirror half the images, a fresh choice each epoch
+    cache_latents: bool = True  # encode each image variant once, not every step
+
+    def __post_init__(self):
+        if self.resolution < 0:
+            raise ValueError(f"data.resolution must be 0 (the model's own) or a size in pixels, got {self.resolution}")
+        if self.random_crop and self.cache_latents:
+            raise ValueError("data.random_crop gives a new crop every step, so it cannot be cached: "
+                             "also set data.cache_latents=false")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # images per process per forward pass
+    gradient_accumulation_steps: int = 4  # forward passes per optimizer step
+    learning_rate: float = 1e-4  # peak, after warm-up
+    lr_scheduler: str = "constant"  # constant or cosine (decay to 0 at the last step)
+    warmup_steps: int = 0  # linear warm-up from 0
+    weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    seed: int = 0  # decides data order, flips, noise and the adapters' initial weights
+    mixed_precision: str = "auto"  # auto (fp32 on CPU; bf16, else fp16, on GPU), fp32, fp16 or bf16
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    device: str = "auto"  # auto (what accelerate picks) or cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    checkpoint_every: int = 250  # steps between checkpoints (the last step always gets one)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+
+    def __post_init__(self):
+        if min(self.steps, self.batch_size, self.gradient_accumulation_steps, self.checkpoint_every,
+               self.keep_checkpoints) < 1:
+            raise ValueError("train.steps, batch_size, gradient_accumulation_steps, checkpoint_every and "
+                             "keep_checkpoints must be at least 1")
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"train.learning_rate must be > 0 and warmup_steps, max_grad_norm >= 0, got "
+                             f"{self.learning_rate}, {self.warmup_steps}, {self.max_grad_norm}")
+        _choice(Schedule, self.lr_scheduler, "train.lr_scheduler")
+        _choice(Precision, self.mixed_precision, "train.mixed_precision")
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(f"train.device must be auto or cpu, got {self.device!r}")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 250  # steps between sample grids (and one at the end); 0 turns them off
+    prompts: tuple = ()  # empty: the instance prompt, else the first 4 distinct captions
+    seed: int = 0  # image i gets seed + i, so grids from different steps compare
+    num_inference_steps: int = 20  # denoising steps per sample
+
+    def __post_init__(self):
+        if self.every < 0 or self.num_inference_steps < 1:
+            raise ValueError("validation.every must be >= 0 and validation.num_inference_steps >= 1")
+
+
+@dataclass
+class LoraRecipe:
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+@dataclass
+class LoraTrainResult:
+    out: Path  # OUT_DIR
+    weights: Path  # OUT_DIR/pytorch_lora_weights.safetensors
+    record: Path  # OUT_DIR/genkit_lora.json
+    steps: int  # optimizer steps of the whole run
+    loss: float | None  # the last step's loss in this call (None when a resume found nothing left to do)
+
+
+def load_recipe(path: str | Path | None, overrides=()) -> LoraRecipe:
+    raw = read_toml(path) if path else {}
+    return build(LoraRecipe, apply_overrides(raw, overrides))
+
+
+def learning_rate(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then constant or cosine decay to zero at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    if Schedule(cfg.lr_scheduler) is Schedule.CONSTANT:
+        return cfg.learning_rate
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def target(prediction: Prediction, scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
+    """What the model should output for noisy `clean` at timesteps `t` (DDPM eq. 14; v from Salimans & Ho 2022)."""
+    if prediction is Prediction.EPSILON:
+        return noise
+    if prediction is Prediction.V_PREDICTION:
+        return scheduler.get_velocity(clean, noise, t)
+    return clean
+
+
+def step_generator(seed: int, *parts: int) -> torch.Generator:
+    """A CPU generator that depends on (seed, parts) only: noise is the same on any device."""
+    state = np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+@lru_cache(maxsize=4)
+def epoch_plan(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(order of the n items, which of them are mirrored) for one epoch."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n), rng.random(n) < 0.5
+
+
+def batch_items(step: int, micro: int, cfg: TrainConfig, n: int, flip: bool, processes: int = 1, rank: int = 0):
+    """[(item index, epoch, mirrored)] of one forward pass: epochs cover every item once, in a seeded order."""
+    start = ((step * cfg.gradient_accumulation_steps + micro) * processes + rank) * cfg.batch_size
+    picked = []
+    for k in range(start, start + cfg.batch_size):
+        epoch, position = divmod(k, n)
+        order, flips = epoch_plan(cfg.seed, epoch, n)
+        picked.append((int(order[position]), epoch, flip and bool(flips[order[position]])))
+    return picked
+
+
+class _Encoders:
+    """The frozen parts of a pipeline, and the caches of what they produce."""
+
+    def __init__(self, pipeline, recipe: LoraRecipe, resolution: int, device, text_encoder=None):
+        self.pipe, self.kind, self.recipe = pipeline.pipe, pipeline.kind, recipe
+        self.text_encoder = text_encoder if recipe.lora.text_encoder else pipeline.pipe.text_encoder
+        self.resolution, self.device = resolution, device
+        self.text_cache: dict[str, tuple] = {}
+        self.image_cache: dict[tuple, torch.Tensor] = {}
+
+    # -- text -------------------------------------------------------------------------------
+    def _encode_text(self, captions: list[str]):
+        """(hidden states, attention mask or None), as the pipeline computes them when generating."""
+        pipe = self.pipe
+        if self.kind == "genkit":
+            from genkit.pipeline import encode_text
+
+            return encode_text(pipe.tokenizer, self.text_encoder, captions, self.device)
+        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        use_mask = getattr(pipe.text_encoder.config, "use_attention_mask", False)
+        mask = tokens.attention_mask.to(self.device) if use_mask else None
+        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0], None
+
+    def fill_text_cache(self, captions) -> None:
+        distinct = sorted(set(captions))
+        with torch.no_grad():
+            for i in range(0, len(distinct), ENCODE_CHUNK):
+                chunk = distinct[i:i + ENCODE_CHUNK]
+                hidden, mask = self._encode_text(chunk)
+                for j, caption in enumerate(chunk):
+                    self.text_cache[caption] = (hidden[j].float(), None if mask is None else mask[j])
+
+    def text(self, captions: list[str]):
+        if self.recipe.lora.text_encoder:  # being trained: encode with gradients, every step
+            hidden, mask = self._encode_text(captions)
+            return hidden, mask
+        hidden, masks = zip(*(self.text_cache[c] for c in captions))
+        return torch.stack(hidden), None if masks[0] is None else torch.stack(masks)
+
+    # -- images -----------------------------------------------------------------------------
+    def _pixels(self, path: Path, mirrored: bool, crop_rng: random.Random | None) -> torch.Tensor:
+        from genkit.data.imagefolder import load_image, to_tensor
+
+        try:
+            image = load_image(path, self.resolution, random_crop=crop_rng is not None, rng=crop_rng)
+        except OSError as exc:
+            raise GenkitError(f"cannot read {path} ({exc}); it changed after the pre-flight check") from exc
+        pixels = to_tensor(image)  # (3, resolution, resolution) in [-1, 1]
+        return torch.flip(pixels, dims=[-1]) if mirrored else pixels
+
+    @torch.no_grad()
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """SD: the VAE's latent mean and std, (batch, 2, c, h, w); genkit-mini: the pixels themselves."""
+        pixels = pixels.to(self.device)
+        if self.kind == "genkit":
+            return pixels
+        vae = self.pipe.vae
+        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
+        return torch.stack([dist.mean, dist.std], dim=1).float()
+
+    def fill_image_cache(self, variants: list[tuple[Path, bool]]) -> None:
+        variants = sorted(set(variants))
+        for i in range(0, len(variants), ENCODE_CHUNK):
+            chunk = variants[i:i + ENCODE_CHUNK]
+            encoded = self._encode_images(torch.stack([self._pixels(p, m, None) for p, m in chunk]))
+            self.image_cache.update(zip(chunk, encoded))
+
+    def clean(self, items, picked, generator: torch.Generator) -> torch.Tensor:
+        """The batch as the decoder denoises it: scaled latents drawn from the cached distribution, or pixels."""
+        if self.recipe.data.cache_latents:
+            encoded = torch.stack([self.image_cache[(items[i].path, m)] for i, _, m in picked])
+        else:
+            seed = self.recipe.train.seed
+            pixels = [self._pixels(items[i].path, m, random.Random(f"{seed}:{e}:{i}") if self.recipe.data.random_crop
+                                   else None) for i, e, m in picked]
+            encoded = self._encode_images(torch.stack(pixels))
+        if self.kind == "genkit":
+            return encoded
+        mean, std = encoded[:, 0], encoded[:, 1]
+        sample = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+        config = self.pipe.vae.config
+        return (sample - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+
+
+# --- Pre-flight -----------------------------------------------------------------------------
+
+
+def _resolve_recipe(config, overrides, instance_prompt) -> LoraRecipe:
+    if isinstance(config, LoraRecipe):
+        recipe = build(LoraRecipe, apply_overrides(to_dict(config), overrides)) if overrides else config
+    else:
+        recipe = load_recipe(config, overrides)
+    if instance_prompt is not None:
+        recipe = replace(recipe, data=replace(recipe.data, instance_prompt=instance_prompt))
+    return recipe
+
+
+def _check_out_dir(out: Path, resume: bool) -> Path | None:
+    """The checkpoint to resume from (None for a fresh run); refuses the ambiguous cases."""
+    if out.exists() and not out.is_dir():
+        raise GenkitError(f"--out {out} is a file; pass a folder for the LoRA and its checkpoints")
+    ckpt = checkpoint.latest(out)
+    if resume and ckpt is None:
+        raise GenkitError(f"--resume: no complete checkpoint in {out} (start without --resume)")
+    if not resume and ckpt is not None:
+        raise GenkitError(f"{out} already holds checkpoints (add --resume to continue, or choose another --out)")
+    return ckpt
+
+
+def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> None:
+    """A checkpoint continues only the run that made it: same base, data and data order, same adapters."""
+    saved = meta["recipe"]
+    now = json.loads(json.dumps(to_dict(recipe)))  # tuples as the JSON lists they were saved as
+    if meta["model"] != model:
+        raise GenkitError(f"--resume: the checkpoint was trained on {meta['model']}, not {model} (pass that --model)")
+    if meta["dataset"] != dataset:
+        raise GenkitError(f"--resume: DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
+                          f"{dataset}); restore it, or start a new run in another --out")
+    keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [
+        ("train", k) for k in ("seed", "batch_size", "gradient_accumulation_steps")]
+    for section, key in keys:
+        if saved[section][key] != now[section][key]:
+            raise GenkitError(f"--resume: {section}.{key} was {saved[section][key]!r} in the checkpoint, now "
+                              f"{now[section][key]!r} (it must stay the same to continue that run)")
+
+
+def _supported(pipeline, recipe: LoraRecipe) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    from genkit.pipeline import GenkitMiniPipeline
+
+    if not isinstance(pipeline.pipe, (StableDiffusionPipeline, GenkitMiniPipeline)):
+        raise GenkitError(f"LoRA training supports Stable Diffusion 1.x/2.x pipelines and genkit-mini; "
+                          f"{pipeline.name} is a {type(pipeline.pipe).__name__}")
+    if recipe.lora.text_encoder and pipeline.kind == "genkit":
+        raise GenkitError("lora.text_encoder: genkit-mini loads decoder LoRAs only; set lora.text_encoder=false")
+
+
+def _resolution(pipeline, resolution: int) -> int:
+    pipe = pipeline.pipe
+    factor = int(pipe.vae_scale_factor)
+    if resolution == 0:
+        size = pipe.unet.config.sample_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return size * (factor if pipeline.kind == "diffusers" else 1)
+    if resolution % factor:
+        low = max(factor, resolution // factor * factor)
+        raise GenkitError(f"data.resolution must be a multiple of {factor} for {pipeline.name}, got {resolution} "
+                          f"(try {low} or {low + factor})")
+    return resolution
+
+
+def _precision(value: str, device: torch.device) -> str:
+    """accelerate's mixed_precision name for a recipe's precision on this device."""
+    precision = Precision(value)
+    if precision is Precision.AUTO:
+        if device.type != "cuda":
+            return "no"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if precision is Precision.FP16 and device.type != "cuda":
+        raise GenkitError(f"train.mixed_precision=fp16 needs a CUDA GPU, and this run is on {device.type} "
+                          "(use fp32 or bf16)")
+    return {Precision.FP32: "no", Precision.FP16: "fp16", Precision.BF16: "bf16"}[precision]
+
+
+# --- The adapters ---------------------------------------------------------------------------
+
+
+def _add_adapters(pipe, cfg: AdapterConfig) -> list[tuple[str, torch.nn.Module]]:
+    """Add peft LoRA layers (B starts at zero, so step 0 is the base model); returns the trained modules."""
+    from peft import LoraConfig
+
+    trained = [("unet", pipe.unet)]
+    if cfg.text_encoder:
+        trained.append(("text_encoder", pipe.text_encoder))
+    for name, module in trained:
+        targets = cfg.target_modules if name == "unet" else cfg.text_encoder_target_modules
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
+                            target_modules=list(targets))
+        try:
+            module.add_adapter(config)
+        except ValueError as exc:
+            raise GenkitError(f"lora.target_modules: {str(exc).splitlines()[0][:200]}") from None
+    return trained
+
+
+def _adapter_params(trained) -> dict[str, torch.nn.Parameter]:
+    return {f"{name}.{key}": p for name, module in trained for key, p in module.named_parameters() if p.requires_grad}
+
+
+def _lora_layers(trained) -> dict:
+    """{component: diffusers-layout state dict} of the adapters, as diffusers' training scripts save them."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    return {name: convert_state_dict_to_diffusers(get_peft_model_state_dict(module)) for name, module in trained}
+
+
+def _check_finite(params: dict, step: int) -> None:
+    bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
+    if bad is not None:
+        raise GenkitError(f"the adapter weights became NaN or infinite at step {step} ({bad}); nothing was written "
+                          "and the last checkpoint is untouched (lower train.learning_rate and --resume)")
+
+
+# --- Writing --------------------------------------------------------------------------------
+
+
+def _save_checkpoint(out: Path, step: int, params: dict, optimizer, scaler, meta: dict, keep: int) -> None:
+    opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
+    scaler_state = scaler.state_dict() if scaler is not None else None
+    checkpoint.save(out, step, {"lora": {k: p.detach() for k, p in params.items()}, "optimizer": opt_tensors},
+                    {**meta, "optimizer": opt_meta, "scaler": scaler_state}, keep=keep)
+
+
+def _load_checkpoint(ckpt: Path, params: dict, optimizer) -> dict:
+    tensors, meta = checkpoint.load(ckpt)
+    saved = tensors["lora"]
+    if set(saved) != set(params):
+        raise GenkitError(f"--resume: {ckpt} holds other adapter layers than this recipe makes")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["optimizer"])
+    return meta
+
+
+def _export(out: Path, trained, record: dict) -> tuple[Path, Path]:
+    """Write the weights (diffusers' layout and header) and the record, each by an atomic rename."""
+    from diffusers import StableDiffusionPipeline
+
+    from genkit.outputs import atomic_write
+
+    layers = _lora_layers(trained)
+    metadata = {name: module.peft_config["default"].to_dict() for name, module in trained}
+    tmp = out / ".tmp-lora"
+    shutil.rmtree(tmp, ignore_errors=True)
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
+        unet_lora_adapter_metadata=metadata["unet"], text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
+        safe_serialization=True, weight_name=WEIGHTS_NAME,
+    )
+    os.replace(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME)
+    shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write(out / RECORD_NAME, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
+    return out / WEIGHTS_NAME, out / RECORD_NAME
+
+
+def _validation_prompts(cfg: ValidationConfig, recipe: LoraRecipe, items) -> list[str]:
+    if cfg.prompts:
+        return list(cfg.prompts)
+    if recipe.data.instance_prompt:
+        return [recipe.data.instance_prompt]
+    return sorted({item.caption for item in items})[:4]
+
+
+def _validate(pipeline, trained, prompts: list[str], cfg: ValidationConfig, path: Path) -> None:
+    """A grid of the adapted model's images at fixed seeds (image i: seed + i)."""
+    from genkit.grid import make_grid
+
+    for _, module in trained:
+        module.eval()
+    result = pipeline.generate(prompts, seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
+                               batch_size=len(prompts))
+    for _, module in trained:
+        module.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    make_grid(result.images, prompts, cols=min(4, len(prompts))).save(path)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """Drop loss lines after `step` (written after the checkpoint a resumed run starts from)."""
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in lines))
+
+
+def _trigger_words(items) -> list[str]:
+    from genkit.data.imagefolder import CaptionSource
+
+    return sorted({item.caption for item in items if item.source is CaptionSource.FOLDER})
+
+
+# --- The training run -----------------------------------------------------------------------
+
+
+def train_lora(
+    data_dir: str | Path,
+    out: str | Path,
+    *,
+    model: str | None = None,
+    config: LoraRecipe | str | Path | None = None,
+    overrides=(),
+    resume: bool = False,
+    instance_prompt: str | None = None,
+    progress: bool = True,
+) -> LoraTrainResult:
+    """Train a LoRA on the images in `data_dir` into `out` (or continue the run there with `resume`).
+
+    `config` is a `LoraRecipe`, a TOML recipe path, or None for the defaults; `overrides` are
+    `section.key=value` strings; `instance_prompt` captions the images that have no caption.
+    """
+    from accelerate import Accelerator, PartialState
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import cast_training_params
+    from tqdm.auto import tqdm
+
+    import genkit
+    from genkit import presets
+    from genkit.data.imagefolder import fingerprint, scan_folder
+    from genkit.generate import versions
+
+    # 1. Pre-flight, before the slow model load: recipe, images and captions, the output folder
+    recipe = _resolve_recipe(config, overrides, instance_prompt)
+    cfg, out = recipe.train, Path(out)
+    scan = scan_folder(data_dir, instance_prompt=recipe.data.instance_prompt or None)
+    items, dataset = scan.items, fingerprint(scan.items)
+    ckpt = _check_out_dir(out, resume)
+    model_name = model or presets.DEFAULT_MODEL
+
+    # 2. Device and precision from accelerate; the base model, frozen, in the compute dtype
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = PartialState(cpu=cfg.device == "cpu").device
+    mixed = _precision(cfg.mixed_precision, device)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=cfg.device == "cpu")
+    dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed]
+    pipeline = genkit.load(model_name, device=str(accelerator.device), dtype=dtype)
+    _supported(pipeline, recipe)
+    pipe = pipeline.pipe
+    resolution = _resolution(pipeline, recipe.data.resolution)
+    recipe = replace(recipe, data=replace(recipe.data, resolution=resolution))
+    if ckpt is not None:
+        _check_resume(checkpoint.load(ckpt)[1], recipe, model_name, dataset)
+    for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)):
+        if part is not None:
+            part.requires_grad_(False)
+
+    # 3. Adapters (seeded), trained in fp32 whatever the base's dtype; optimizer; resume state
+    torch.manual_seed(cfg.seed)
+    trained = _add_adapters(pipe, recipe.lora)
+    cast_training_params([module for _, module in trained], dtype=torch.float32)
+    params = _adapter_params(trained)
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+        if recipe.lora.text_encoder:
+            pipe.text_encoder.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    start = 0
+    if ckpt is not None:
+        meta = _load_checkpoint(ckpt, params, optimizer)
+        start = meta["step"]
+    models = accelerator.prepare(*(module for _, module in trained))
+    models = list(models) if isinstance(models, (list, tuple)) else [models]
+    optimizer = accelerator.prepare(optimizer)
+    if ckpt is not None and meta.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(meta["scaler"])
+    for module in models:
+        module.train()
+    unet = models[0]  # the prepared decoder (a DDP wrapper when several processes train)
+
+    # 4. Encode each caption and each image variant once (the encoders are frozen)
+    encoders = _Encoders(pipeline, recipe, resolution, accelerator.device, text_encoder=models[-1])
+    if not recipe.lora.text_encoder:
+        encoders.fill_text_cache([item.caption for item in items])
+    if recipe.data.cache_latents:
+        encoders.fill_image_cache([(item.path, m) for item in items for m in ((False, True) if recipe.data.flip
+                                                                               else (False,))])
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction = Prediction(noise_scheduler.config.prediction_type)
+    timesteps = noise_scheduler.config.num_train_timesteps
+    prompts = _validation_prompts(recipe.validation, recipe, items)
+    run_meta = {"model": model_name, "dataset": dataset, "recipe": to_dict(recipe)}
+    main = accelerator.is_main_process
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(out / "loss.jsonl", start)
+
+    # 5. The loop: batch, latents, noise and timesteps from (seed, step); loss; update
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train lora",
+               disable=None if progress and main else True)
+    log = (out / "loss.jsonl").open("a") if main else None
+    started, loss_value = time.time(), None
+    for step in bar:
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, 1]).generate_state(1)[0]))  # adapter dropout
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        losses = []
+        for micro in range(cfg.gradient_accumulation_steps):
+            picked = batch_items(step, micro, cfg, len(items), recipe.data.flip, accelerator.num_processes,
+                                 accelerator.process_index)
+            gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
+            with accelerator.accumulate(*models):
+                clean = encoders.clean(items, picked, gen)
+                noise = torch.randn(clean.shape, generator=gen).to(clean.device)
+                t = torch.randint(0, timesteps, (len(clean),), generator=gen).to(clean.device)
+                hidden, mask = encoders.text([items[i].caption for i, _, _ in picked])
+                noisy = noise_scheduler.add_noise(clean, noise, t)
+                with accelerator.autocast():
+                    output = unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=hidden.to(pipe.unet.dtype),
+                                  encoder_attention_mask=mask).sample
+                loss = F.mse_loss(output.float(), target(prediction, noise_scheduler, clean, noise, t).float())
+                if not torch.isfinite(loss):
+                    raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the "
+                                      "last checkpoint is untouched (lower train.learning_rate and --resume)")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and cfg.max_grad_norm:
+                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        loss_value = float(np.mean(losses))
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate(step, cfg):.1e}")
+        done = step + 1
+        if log is not None:
+            log.write(json.dumps({"step": done, "loss": round(loss_value, 6),
+                                  "time": round(time.time() - started, 3)}) + "\n")
+            log.flush()
+
+        # 6. Checkpoints (atomic, then rotated) and validation grids
+        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+            _check_finite(params, done)
+            accelerator.wait_for_everyone()
+            if main:
+                _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints)
+        every = recipe.validation.every
+        if main and every and (done % every == 0 or done == cfg.steps):
+            _validate(pipeline, trained, prompts, recipe.validation, out / "samples" / f"step-{done:07d}.png")
+    bar.close()
+    if log is not None:
+        log.close()
+
+    # 7. Export the adapter and the record of how it was made
+    _check_finite(params, cfg.steps)
+    weights, record_path = out / WEIGHTS_NAME, out / RECORD_NAME
+    if main:
+        record = {"base_model": model_name, "kind": pipeline.kind, "steps": cfg.steps, "dataset": dataset,
+                  "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
+                  "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": _trigger_words(items),
+                  "recipe": to_dict(recipe), "versions": versions()}
+        weights, record_path = _export(out, trained, record)
+    accelerator.wait_for_everyone()
+    return LoraTrainResult(out=out, weights=weights, record=record_path, steps=cfg.steps, loss=loss_value)
