@@ -25,7 +25,9 @@ class GenkitGroup(click.Group):
         try:
             return super().invoke(ctx)
         except GenkitError as exc:
-            click.echo(f"Error: {exc}", err=True)
+            from genkit.distributed import rank_prefix
+
+            click.echo(f"Error: {rank_prefix()}{exc}", err=True)
             ctx.exit(2)
 
 
@@ -90,11 +92,16 @@ def model_options(f):
 @click.option("--overwrite", is_flag=True, help="Regenerate images that already exist in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON record per image instead of paths.")
-def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, **options):
+@click.option("--processes", type=int, default=None,
+              help="Split the run over N processes (same as: accelerate launch --num_processes N -m genkit ...).")
+def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, processes, **options):
     """Generate images for PROMPTS (or --prompts-file) into --out."""
+    from genkit import distributed
     from genkit.prompts import from_strings, read_prompts_file
     from genkit.run import GenerateRequest, run_generate
 
+    if processes is not None and not distributed.launched():
+        sys.exit(distributed.relaunch(processes, distributed.without_option(sys.argv[1:], "--processes")))
     if prompts and prompts_file:
         raise GenkitError("give prompts as arguments or with --prompts-file, not both")
     specs = read_prompts_file(prompts_file) if prompts_file else from_strings(prompts)
@@ -177,13 +184,15 @@ def train():
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=100.")
 @click.option("--out", "-o", default="runs/genkit-mini", show_default=True, type=click.Path())
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in --out.")
+@click.option("--stop-at", type=int, default=None, help="Pause after this step and export its weights.")
 @click.option("--quiet", "-q", is_flag=True)
-def train_base_command(config, overrides, out, resume, quiet):
+def train_base_command(config, overrides, out, resume, stop_at, quiet):
     """Train genkit-mini's decoder from scratch on the shapes world."""
     from genkit.train.base import load_recipe, train_base
 
     _quiet_libraries()
-    folder = train_base(load_recipe(_recipe_path(config), overrides), out, resume=resume, progress=not quiet)
+    folder = train_base(load_recipe(_recipe_path(config), overrides), out, resume=resume, progress=not quiet,
+                        stop_at=stop_at)
     click.echo(str(folder))
 
 
@@ -205,8 +214,9 @@ def train_lora_command(data_dir, model, out, config, overrides, instance_prompt,
     _quiet_libraries()
     result = train_lora(data_dir, out, model=model, config=_recipe_path(config), overrides=overrides, resume=resume,
                         instance_prompt=instance_prompt, progress=not quiet)
-    click.echo(str(result.weights))
-    click.echo(str(result.record))
+    if os.environ.get("RANK", "0") == "0":  # one process of a launch reports what was written
+        click.echo(str(result.weights))
+        click.echo(str(result.record))
 
 
 def _recipe_path(config: str) -> Path:
@@ -219,7 +229,7 @@ def _recipe_path(config: str) -> Path:
     shipped = packaged_dir("_configs", "configs").joinpath(f"{config.removesuffix('.toml')}.toml")
     if shipped.is_file():
         return Path(str(shipped))
-    raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (try configs/genkit-mini.toml)")
+    raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (shipped: genkit-mini, genkit-mini-tiny, lora, lora-tiny)")
 
 
 @main.command("eval")

@@ -25,9 +25,11 @@ def state():
     """accelerate's PartialState for a multi-process launch, else None."""
     if not launched():
         return None
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    # accelerate picks the gloo backend for CPU processes only when told cpu=True
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def share(jobs: list, partial_state) -> list:
@@ -44,19 +46,28 @@ def rank_prefix() -> str:
     return f"process {os.environ.get('RANK', '?')} of {os.environ['WORLD_SIZE']}: "
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """`argv` less `name VALUE` and `name=VALUE`."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(f"{name}="):
+            kept.append(arg)
+    return kept
+
+
 def relaunch(processes: int, argv: list[str]) -> int:
     """Run `genkit <argv>` again under `accelerate launch` with `processes` processes; return its exit code."""
     if processes < 1:
         raise GenkitError(f"--processes must be at least 1, got {processes}")
-    import torch
 
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    if not torch.cuda.is_available():
-        command.append("--cpu")
-    elif processes > 1:
-        command.append("--multi_gpu")
-    command += ["-m", "genkit", *argv]
+    # --multi_gpu selects torchrun's launcher, which also starts CPU processes (accelerate's --cpu flag
+    # would run a single process); genkit then joins them with gloo on a machine without CUDA
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "genkit", *argv]
     if shutil.which(sys.executable) is None:
         raise GenkitError("cannot find the Python interpreter to relaunch with accelerate")
     return subprocess.call(command)

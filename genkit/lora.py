@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
 
 def _peft_layers(component: str, part: dict) -> dict[str, tuple]:
     """{layer path: (lora_A shape, lora_B shape)} of one component's keys, after diffusers' conversions."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
+                                 convert_unet_state_dict_to_peft)
 
     try:
         if component in ("unet", "transformer"):
@@ -151,6 +153,22 @@ def check_fit(state_dict: dict, pipe) -> Fit:
     return Fit(matched, wanted, miss)
 
 
+def text_encoder_problem() -> str | None:
+    """Why transformers cannot take text-encoder adapters here (it needs a newer peft), or None."""
+    try:
+        from transformers.integrations.peft import MIN_PEFT_VERSION
+    except ImportError:
+        return None
+    import peft
+    import transformers
+    from packaging.version import Version
+
+    if Version(peft.__version__) < Version(MIN_PEFT_VERSION):
+        return (f"transformers {transformers.__version__} needs peft >= {MIN_PEFT_VERSION} for text-encoder adapters "
+                f"and peft {peft.__version__} is installed")
+    return None
+
+
 def _adapter_layers(pipe, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -166,11 +184,14 @@ def _adapter_layers(pipe, adapter: str) -> int:
 
 
 def _load(pipe, file: Path, state_dict: dict, alphas, metadata, adapter: str) -> None:
-    if hasattr(pipe, "load_lora_weights"):
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
-                               use_safetensors=file.suffix == ".safetensors")
-    else:  # genkit-mini: the adapter goes into the decoder
-        _loader(pipe).load_lora_into_unet(state_dict, alphas, unet=pipe.unet, adapter_name=adapter, metadata=metadata)
+    with warnings.catch_warnings():  # several adapters in one model are what --lora asks for
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+        if hasattr(pipe, "load_lora_weights"):
+            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
+                                   use_safetensors=file.suffix == ".safetensors")
+        else:  # genkit-mini: the adapter goes into the decoder
+            _loader(pipe).load_lora_into_unet(state_dict, alphas, unet=pipe.unet, adapter_name=adapter,
+                                              metadata=metadata)
 
 
 def _unload(pipe, adapter: str) -> None:
@@ -201,6 +222,9 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
             raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
                               f"layers matched the model (first that did not: {fit.miss}; was it trained for "
                               "another base model?)")
+        problem = text_encoder_problem() if any(k.startswith("text_encoder") for k in state_dict) else None
+        if problem:
+            raise GenkitError(f"--lora {spec.path} holds text-encoder layers, but {problem} (upgrade peft)")
         adapter = f"lora{number}_{re.sub(r'[^A-Za-z0-9_]', '_', spec.path.stem)}"
         try:
             _load(pipe, file, state_dict, alphas, metadata, adapter)

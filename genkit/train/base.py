@@ -192,8 +192,14 @@ def sample_grid(tokenizer, encoder, unet, prompts=SAMPLE_PROMPTS, steps: int = 2
     return make_grid(images, list(prompts), cols=4, cell=96)
 
 
-def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or resume) and write `out_dir/final/` as a loadable genkit-mini folder; returns it."""
+def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False, progress: bool = True,
+               stop_at: int | None = None) -> Path:
+    """Train (or resume) and write `out_dir/final/` as a loadable genkit-mini folder; returns it.
+
+    `stop_at` pauses after that step (a checkpoint is written there) and exports the EMA weights
+    of that step; the learning-rate schedule stays the recipe's, so `--resume` later continues
+    exactly as an unbroken run would.
+    """
     from tqdm.auto import tqdm
 
     # 1. Set up: threads, frozen encoder, decoder and its EMA copy, optimizer
@@ -225,7 +231,10 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     (out_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
 
     # 3. The loop: batch from seeds, noise from the step's generator, v-prediction loss
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress, desc="train base")
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    if end <= start:
+        raise GenkitError(f"--stop-at {stop_at}: the run is already at step {start} (choose a later step)")
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train base")
     log = (out_dir / "loss.jsonl").open("a")
     started = time.time()
     for step in bar:
@@ -254,11 +263,11 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
 
         # 4. Checkpoints and sample grids
         done = step + 1
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+        if done % cfg.checkpoint_every == 0 or done == end:
             opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
             checkpoint.save(out_dir, done, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors},
                             {"optimizer": opt_meta}, keep=cfg.keep_checkpoints)
-        if cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+        if cfg.sample_every and (done % cfg.sample_every == 0 or done == end):
             (out_dir / "samples").mkdir(exist_ok=True)
             sample_grid(tokenizer, encoder, ema).save(out_dir / "samples" / f"step-{done:07d}.png")
     log.close()

@@ -32,6 +32,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -43,6 +44,7 @@ import torch.nn.functional as F
 
 from genkit.config import apply_overrides, build, read_toml, to_dict
 from genkit.errors import GenkitError
+from genkit.lora import text_encoder_problem
 from genkit.train import checkpoint
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -209,9 +211,14 @@ def epoch_plan(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rng.permutation(n), rng.random(n) < 0.5
 
 
+def sample_index(step: int, micro: int, cfg: TrainConfig, processes: int = 1, rank: int = 0) -> int:
+    """Index, in the whole run, of the first sample of this forward pass."""
+    return ((step * cfg.gradient_accumulation_steps + micro) * processes + rank) * cfg.batch_size
+
+
 def batch_items(step: int, micro: int, cfg: TrainConfig, n: int, flip: bool, processes: int = 1, rank: int = 0):
     """[(item index, epoch, mirrored)] of one forward pass: epochs cover every item once, in a seeded order."""
-    start = ((step * cfg.gradient_accumulation_steps + micro) * processes + rank) * cfg.batch_size
+    start = sample_index(step, micro, cfg, processes, rank)
     picked = []
     for k in range(start, start + cfg.batch_size):
         epoch, position = divmod(k, n)
@@ -288,7 +295,7 @@ class _Encoders:
             encoded = self._encode_images(torch.stack([self._pixels(p, m, None) for p, m in chunk]))
             self.image_cache.update(zip(chunk, encoded))
 
-    def clean(self, items, picked, generator: torch.Generator) -> torch.Tensor:
+    def clean(self, items, picked, generators: list[torch.Generator]) -> torch.Tensor:
         """The batch as the decoder denoises it: scaled latents drawn from the cached distribution, or pixels."""
         if self.recipe.data.cache_latents:
             encoded = torch.stack([self.image_cache[(items[i].path, m)] for i, _, m in picked])
@@ -300,7 +307,8 @@ class _Encoders:
         if self.kind == "genkit":
             return encoded
         mean, std = encoded[:, 0], encoded[:, 1]
-        sample = mean + std * torch.randn(mean.shape, generator=generator).to(mean.device)
+        draws = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        sample = mean + std * draws.to(mean.device)
         config = self.pipe.vae.config
         return (sample - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
 
@@ -327,6 +335,8 @@ def _check_out_dir(out: Path, resume: bool) -> Path | None:
         raise GenkitError(f"--resume: no complete checkpoint in {out} (start without --resume)")
     if not resume and ckpt is not None:
         raise GenkitError(f"{out} already holds checkpoints (add --resume to continue, or choose another --out)")
+    if not resume and (out / WEIGHTS_NAME).exists():
+        raise GenkitError(f"{out} already holds a trained LoRA ({WEIGHTS_NAME}); choose another --out")
     return ckpt
 
 
@@ -345,6 +355,15 @@ def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> N
         if saved[section][key] != now[section][key]:
             raise GenkitError(f"--resume: {section}.{key} was {saved[section][key]!r} in the checkpoint, now "
                               f"{now[section][key]!r} (it must stay the same to continue that run)")
+
+
+def _model_id(model: str | None) -> str:
+    """A preset name or hub id as given; a local folder as its absolute path (so a resume from elsewhere matches)."""
+    from genkit import presets
+
+    model = model or presets.DEFAULT_MODEL
+    path = Path(model).expanduser()
+    return str(path.resolve()) if presets.get(model) is None and path.exists() else model
 
 
 def _supported(pipeline, recipe: LoraRecipe) -> None:
@@ -507,6 +526,77 @@ def _trigger_words(items) -> list[str]:
 # --- The training run -----------------------------------------------------------------------
 
 
+@dataclass
+class _Loop:
+    """What an optimizer step needs: the prepared models, the caches, the noise schedule, the optimizer."""
+
+    accelerator: object
+    models: list  # as accelerate prepared them; the decoder first
+    encoders: _Encoders
+    items: list
+    scheduler: object  # diffusers' DDPMScheduler with the base model's noise schedule
+    params: dict[str, torch.nn.Parameter]
+    optimizer: object
+    recipe: LoraRecipe
+
+    def step(self, step: int) -> float:
+        """One optimizer step over `gradient_accumulation_steps` forward passes; returns their mean loss."""
+        cfg = self.recipe.train
+        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, 1]).generate_state(1)[0]))  # adapter dropout
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        return float(np.mean([self._pass(step, micro) for micro in range(cfg.gradient_accumulation_steps)]))
+
+    def _pass(self, step: int, micro: int) -> float:
+        cfg, accelerator, unet = self.recipe.train, self.accelerator, self.models[0]
+        rank = accelerator.process_index
+        picked = batch_items(step, micro, cfg, len(self.items), self.recipe.data.flip, accelerator.num_processes, rank)
+        # one generator per sample, keyed by its place in the whole run: one process with batch 2 and two
+        # processes with batch 1 draw the same latents, noise and timesteps for the same samples
+        first = sample_index(step, micro, cfg, accelerator.num_processes, rank)
+        gens = [step_generator(cfg.seed, first + j) for j in range(len(picked))]
+        with accelerator.accumulate(*self.models):
+            clean = self.encoders.clean(self.items, picked, gens)
+            noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
+            steps = self.scheduler.config.num_train_timesteps
+            t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in gens]).to(clean.device)
+            hidden, mask = self.encoders.text([self.items[i].caption for i, _, _ in picked])
+            noisy = self.scheduler.add_noise(clean, noise, t)
+            dtype = self.encoders.pipe.unet.dtype
+            with accelerator.autocast():
+                output = unet(noisy.to(dtype), t, encoder_hidden_states=hidden.to(dtype), encoder_attention_mask=mask)
+            prediction = Prediction(self.scheduler.config.prediction_type)
+            loss = F.mse_loss(output.sample.float(), target(prediction, self.scheduler, clean, noise, t).float())
+            if not torch.isfinite(loss):
+                raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the last "
+                                  "checkpoint is untouched (lower train.learning_rate and --resume)")
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.max_grad_norm:
+                accelerator.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
+
+
+def _accelerator(cfg: TrainConfig):
+    """(accelerate's Accelerator, the dtype name the frozen base runs in)."""
+    from accelerate import Accelerator, PartialState
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    cpu = cfg.device == "cpu" or not torch.cuda.is_available()  # accelerate uses gloo for CPU processes only if told
+    mixed = _precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              cpu=cpu)
+    return accelerator, {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed]
+
+
+def _log_line(log, step: int, loss: float, started: float) -> None:
+    """One line of OUT/loss.jsonl: the step, its loss, and seconds since this call's loop started."""
+    log.write(json.dumps({"step": step, "loss": round(loss, 6), "time": round(time.time() - started, 3)}) + "\n")
+    log.flush()
+
+
 def train_lora(
     data_dir: str | Path,
     out: str | Path,
@@ -523,13 +613,11 @@ def train_lora(
     `config` is a `LoraRecipe`, a TOML recipe path, or None for the defaults; `overrides` are
     `section.key=value` strings; `instance_prompt` captions the images that have no caption.
     """
-    from accelerate import Accelerator, PartialState
     from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
     import genkit
-    from genkit import presets
     from genkit.data.imagefolder import fingerprint, scan_folder
     from genkit.generate import versions
 
@@ -539,28 +627,23 @@ def train_lora(
     scan = scan_folder(data_dir, instance_prompt=recipe.data.instance_prompt or None)
     items, dataset = scan.items, fingerprint(scan.items)
     ckpt = _check_out_dir(out, resume)
-    model_name = model or presets.DEFAULT_MODEL
+    if recipe.lora.text_encoder and (problem := text_encoder_problem()):
+        raise GenkitError(f"lora.text_encoder: {problem} (upgrade peft, or set lora.text_encoder=false)")
+    model_name = _model_id(model)
 
     # 2. Device and precision from accelerate; the base model, frozen, in the compute dtype
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    device = PartialState(cpu=cfg.device == "cpu").device
-    mixed = _precision(cfg.mixed_precision, device)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=cfg.device == "cpu")
-    dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed]
+    accelerator, dtype = _accelerator(cfg)
     pipeline = genkit.load(model_name, device=str(accelerator.device), dtype=dtype)
     _supported(pipeline, recipe)
     pipe = pipeline.pipe
-    resolution = _resolution(pipeline, recipe.data.resolution)
-    recipe = replace(recipe, data=replace(recipe.data, resolution=resolution))
+    recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
     if ckpt is not None:
         _check_resume(checkpoint.load(ckpt)[1], recipe, model_name, dataset)
     for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)):
         if part is not None:
             part.requires_grad_(False)
 
-    # 3. Adapters (seeded), trained in fp32 whatever the base's dtype; optimizer; resume state
+    # 3. Adapters (seeded; trained in fp32 whatever the base's dtype), optimizer, and the state to resume
     torch.manual_seed(cfg.seed)
     trained = _add_adapters(pipe, recipe.lora)
     cast_training_params([module for _, module in trained], dtype=torch.float32)
@@ -570,98 +653,64 @@ def train_lora(
         if recipe.lora.text_encoder:
             pipe.text_encoder.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    start = 0
-    if ckpt is not None:
-        meta = _load_checkpoint(ckpt, params, optimizer)
-        start = meta["step"]
+    meta = _load_checkpoint(ckpt, params, optimizer) if ckpt is not None else {"step": 0}
     models = accelerator.prepare(*(module for _, module in trained))
     models = list(models) if isinstance(models, (list, tuple)) else [models]
     optimizer = accelerator.prepare(optimizer)
-    if ckpt is not None and meta.get("scaler") and accelerator.scaler is not None:
+    if meta.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(meta["scaler"])
     for module in models:
         module.train()
-    unet = models[0]  # the prepared decoder (a DDP wrapper when several processes train)
 
     # 4. Encode each caption and each image variant once (the encoders are frozen)
-    encoders = _Encoders(pipeline, recipe, resolution, accelerator.device, text_encoder=models[-1])
+    encoders = _Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=models[-1])
     if not recipe.lora.text_encoder:
         encoders.fill_text_cache([item.caption for item in items])
     if recipe.data.cache_latents:
-        encoders.fill_image_cache([(item.path, m) for item in items for m in ((False, True) if recipe.data.flip
-                                                                               else (False,))])
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction = Prediction(noise_scheduler.config.prediction_type)
-    timesteps = noise_scheduler.config.num_train_timesteps
-    prompts = _validation_prompts(recipe.validation, recipe, items)
+        mirrored = (False, True) if recipe.data.flip else (False,)
+        encoders.fill_image_cache([(item.path, m) for item in items for m in mirrored])
+    loop = _Loop(accelerator, models, encoders, items, DDPMScheduler.from_config(pipe.scheduler.config), params,
+                 optimizer, recipe)
+
+    # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
+    start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every
     run_meta = {"model": model_name, "dataset": dataset, "recipe": to_dict(recipe)}
-    main = accelerator.is_main_process
+    prompts = _validation_prompts(recipe.validation, recipe, items)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         _trim_log(out / "loss.jsonl", start)
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    if main and progress:
+        print(f"train lora: {len(items)} items, effective batch {effective} = {cfg.batch_size} per pass x "
+              f"{cfg.gradient_accumulation_steps} accumulated x {accelerator.num_processes} processes",
+              file=sys.stderr)
+    loss, started = None, time.time()
+    with open(out / "loss.jsonl", "a") if main else open(os.devnull, "w") as log, tqdm(
+            range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train lora",
+            disable=None if progress and main else True) as bar:
+        for step in bar:
+            loss = loop.step(step)
+            done = step + 1
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(step, cfg):.1e}")
+            _log_line(log, done, loss, started)
+            if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                _check_finite(params, done)
+                accelerator.wait_for_everyone()
+                if main:
+                    _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints)
+            if main and every and (done % every == 0 or done == cfg.steps):
+                _validate(pipeline, trained, prompts, recipe.validation, out / "samples" / f"step-{done:07d}.png")
 
-    # 5. The loop: batch, latents, noise and timesteps from (seed, step); loss; update
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train lora",
-               disable=None if progress and main else True)
-    log = (out / "loss.jsonl").open("a") if main else None
-    started, loss_value = time.time(), None
-    for step in bar:
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, 1]).generate_state(1)[0]))  # adapter dropout
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, cfg)
-        losses = []
-        for micro in range(cfg.gradient_accumulation_steps):
-            picked = batch_items(step, micro, cfg, len(items), recipe.data.flip, accelerator.num_processes,
-                                 accelerator.process_index)
-            gen = step_generator(cfg.seed, step, micro, accelerator.process_index)
-            with accelerator.accumulate(*models):
-                clean = encoders.clean(items, picked, gen)
-                noise = torch.randn(clean.shape, generator=gen).to(clean.device)
-                t = torch.randint(0, timesteps, (len(clean),), generator=gen).to(clean.device)
-                hidden, mask = encoders.text([items[i].caption for i, _, _ in picked])
-                noisy = noise_scheduler.add_noise(clean, noise, t)
-                with accelerator.autocast():
-                    output = unet(noisy.to(pipe.unet.dtype), t, encoder_hidden_states=hidden.to(pipe.unet.dtype),
-                                  encoder_attention_mask=mask).sample
-                loss = F.mse_loss(output.float(), target(prediction, noise_scheduler, clean, noise, t).float())
-                if not torch.isfinite(loss):
-                    raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the "
-                                      "last checkpoint is untouched (lower train.learning_rate and --resume)")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and cfg.max_grad_norm:
-                    accelerator.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
-        loss_value = float(np.mean(losses))
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{learning_rate(step, cfg):.1e}")
-        done = step + 1
-        if log is not None:
-            log.write(json.dumps({"step": done, "loss": round(loss_value, 6),
-                                  "time": round(time.time() - started, 3)}) + "\n")
-            log.flush()
-
-        # 6. Checkpoints (atomic, then rotated) and validation grids
-        if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            _check_finite(params, done)
-            accelerator.wait_for_everyone()
-            if main:
-                _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints)
-        every = recipe.validation.every
-        if main and every and (done % every == 0 or done == cfg.steps):
-            _validate(pipeline, trained, prompts, recipe.validation, out / "samples" / f"step-{done:07d}.png")
-    bar.close()
-    if log is not None:
-        log.close()
-
-    # 7. Export the adapter and the record of how it was made
+    # 6. Export the adapter and the record of how it was made
     _check_finite(params, cfg.steps)
-    weights, record_path = out / WEIGHTS_NAME, out / RECORD_NAME
+    weights, record = out / WEIGHTS_NAME, out / RECORD_NAME
     if main:
-        record = {"base_model": model_name, "kind": pipeline.kind, "steps": cfg.steps, "dataset": dataset,
-                  "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
-                  "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": _trigger_words(items),
-                  "recipe": to_dict(recipe), "versions": versions()}
-        weights, record_path = _export(out, trained, record)
+        weights, record = _export(out, trained, {
+            "base_model": model_name, "kind": pipeline.kind, "steps": cfg.steps, "dataset": dataset,
+            "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
+            "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": _trigger_words(items),
+            "effective_batch_size": effective, "processes": accelerator.num_processes,
+            "recipe": to_dict(recipe), "versions": versions(),
+        })
     accelerator.wait_for_everyone()
-    return LoraTrainResult(out=out, weights=weights, record=record_path, steps=cfg.steps, loss=loss_value)
+    return LoraTrainResult(out=out, weights=weights, record=record, steps=cfg.steps, loss=loss)

@@ -1,0 +1,43 @@
+"""The shipped genkit-mini: the default model, and it follows prompts (a smoke test of adherence)."""
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+import genkit
+from genkit.cli import main
+from genkit.data import shapes
+from genkit.eval.judge import judge
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return genkit.load(device="cpu")
+
+
+def test_is_the_default_with_its_preset(mini):
+    assert mini.name == "genkit-mini" and mini.kind == "genkit"
+    assert mini.defaults["scheduler"] == "dpm++" and mini.defaults["width"] == 32
+
+
+def test_adherence_smoke(mini):
+    """24 prompts over every colour and shape (held-out pairs included): colour and shape right on >= 20."""
+    pairs = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]  # 18, held-out pairs included
+    places = list(shapes.POSITIONS) + ["left"]
+    prompts = [f"a {c} {s}" for c, s in pairs] + [f"a {c} {s} {shapes.POSITION_PHRASES[p][0]}"
+                                                  for (c, s), p in zip(pairs[::3], places)]
+    pairs += pairs[::3]
+    assert len(prompts) == len(pairs) == 24
+    images = mini.generate(prompts, seed=0, batch_size=24).images
+    right = 0
+    for (color, shape), image in zip(pairs, images):
+        objects = judge(image).objects
+        right += bool(objects) and objects[0].color == color and objects[0].shape == shape
+    assert right >= 20, f"{right}/24"
+
+
+def test_eval_command_runs(tmp_path):
+    result = CliRunner().invoke(main, ["eval", "--seen", 6, "--held-out", 2, "--unseen-phrasing", 2, "--two-object",
+                                       4, "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert "two-object" in result.stdout and (tmp_path / "grid.png").is_file() and (tmp_path / "report.json").is_file()
