@@ -14,8 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Float results depend on the thread count (reduction order), not on the process count; accelerate
 # gives each of 2 CPU processes one thread, so the one-process reference runs on one thread too.
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
-          "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "genkit"]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+          str(REPO / "configs" / "accelerate" / "cpu-2proc.yaml"), "-m", "genkit"]
 
 
 def generate_args(model, out):
