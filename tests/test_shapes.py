@@ -1,6 +1,7 @@
 """The shapes world: deterministic, held-out pairs and phrasings kept out of training, objects apart."""
 
 import random
+import re
 
 import numpy as np
 import pytest
@@ -99,3 +100,55 @@ def test_stated_size_is_in_the_caption(scenes):
     for scene in scenes:
         if len(scene.objects) == 1 and "size" in scene.stated:
             assert scene.objects[0].size in scene.caption.split(), scene.caption
+
+
+# The training distribution as it was before the star was added (issue 4): captions and geometry of
+# random_scene for seeds 0..500, hashed. Computed with the shapes.py that predates EXTRA_SHAPES.
+TRAINING_SCENES_DIGEST = "6ef3e772266e5e7a8a70969fb5aa0a3236b0e32f90e09d1c919e0ff979c9343c"
+
+
+def test_training_distribution_unchanged():
+    import hashlib
+
+    digest = hashlib.sha256()
+    for seed in range(501):
+        scene = shapes.random_scene(seed)
+        digest.update(scene.caption.encode())
+        for o in scene.objects:
+            digest.update(f"{o.shape} {o.color} {o.x:.12f} {o.y:.12f} {o.radius:.12f} {o.position} {o.size}".encode())
+        digest.update(f"{scene.relation} {scene.background} {sorted(scene.stated)}".encode())
+    assert digest.hexdigest() == TRAINING_SCENES_DIGEST
+
+
+def test_star_is_drawable_but_never_trained(scenes):
+    assert "star" in shapes.EXTRA_SHAPES and "star" not in shapes.SHAPES
+    assert not any(o.shape == "star" for s in scenes for o in s.objects)
+    assert not any("star" in s.caption for s in scenes)
+    held_out = [shapes.random_scene(seed, include_held_out=True) for seed in range(500)]
+    assert not any(o.shape == "star" for s in held_out for o in s.objects)
+    rng = random.Random(0)
+    stars = [shapes.single_object_scene(rng, shape="star") for _ in range(120)]
+    assert {s.objects[0].color for s in stars} == set(shapes.COLORS)  # any colour when none is given
+    assert all(s.objects[0].shape == "star" and re.search(r"\bstar\b", s.caption) for s in stars)
+    red = shapes.single_object_scene(rng, shape="star", color="red", position="left", size="large",
+                                     state_position=True, template=shapes.TRAIN_TEMPLATES[0])
+    assert red.caption.startswith("a ") and "red star" in red.caption and red.objects[0].position == "left"
+    a_star = shapes.two_object_scene(rng, a=("blue", "star"))
+    assert a_star.objects[0].shape == "star" and "blue star" in a_star.caption
+
+
+def test_star_outline():
+    points = shapes._polygon("star", 10.0, 20.0, 2.0)
+    assert len(points) == 10
+    radii = [np.hypot(x - 10.0, y - 20.0) for x, y in points]
+    outer, inner = 2.0 * shapes.STAR_OUTER, 2.0 * shapes.STAR_OUTER * shapes.STAR_INNER
+    assert np.allclose(radii[0::2], outer) and np.allclose(radii[1::2], inner)
+    assert points[0] == pytest.approx((10.0, 20.0 - outer))  # one tip points up
+    # drawn: the centre is covered, a notch between two tips is not, the way a circle's would be
+    obj = shapes.ShapeObject("star", "blue", 0.5, 0.5, 0.3)
+    pixels = np.asarray(shapes.render(shapes.Scene(objects=(obj,), caption=""), 64), dtype=int)
+    background = np.array(shapes.Scene(objects=(), caption="").background)
+    covered = np.abs(pixels - background).sum(-1) > 30
+    assert covered[32, 32] and covered[int(32 - 0.3 * 64 * shapes.STAR_OUTER) + 2, 32]  # centre, top tip
+    notch_y = int(32 - 0.3 * 64 * shapes.STAR_OUTER * 0.8)  # straight above the centre, off to the side of the tip
+    assert not covered[notch_y, 32 + 10]

@@ -6,10 +6,15 @@ drawn from a seed, so the same seed always gives the same pixels and the same ca
 Two colour-shape pairs (`HELD_OUT_PAIRS`) never appear in training scenes: asking the
 model for them measures whether it composes colour and shape rather than memorising
 pairs. A few caption phrasings (`HELD_OUT_TEMPLATES`) are kept for evaluation only.
+
+`EXTRA_SHAPES` (a five-pointed star) can be drawn and captioned but are never part of the
+training distribution: `random_scene` draws from `SHAPES` only. They are what a LoRA can teach
+genkit-mini afterwards (`examples/lora_star.py`).
 """
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from dataclasses import dataclass, field
@@ -17,6 +22,9 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
+EXTRA_SHAPES = ("star",)  # drawable, never in training scenes: `single_object_scene(rng, shape="star")`
+STAR_INNER = 0.5  # inner (notch) radius as a fraction of the outer (tip) radius; a regular pentagram has 0.382
+STAR_OUTER = 1.35  # tip radius as a multiple of the object's radius
 COLORS = {  # name -> RGB drawn (training jitters it a little)
     "red": (220, 30, 30),
     "orange": (245, 140, 20),
@@ -156,7 +164,10 @@ def single_object_scene(
 ) -> Scene:
     """A one-object scene. Unset attributes are drawn from `rng`; unstated ones are still drawn."""
     if color is None or shape is None:
-        pairs = [p for p in allowed_pairs(include_held_out) if (color in (None, p[0]) and shape in (None, p[1]))]
+        if shape in EXTRA_SHAPES:  # any colour; never reached by random_scene, whose draws stay as they were
+            pairs = [(c, shape) for c in COLORS if color in (None, c)]
+        else:
+            pairs = [p for p in allowed_pairs(include_held_out) if (color in (None, p[0]) and shape in (None, p[1]))]
         color, shape = rng.choice(pairs)
     position = position or rng.choice(list(POSITIONS))
     size = size or rng.choice(list(SIZES))
@@ -225,6 +236,10 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
     if shape == "triangle":
         t = r * 1.2  # circumradius; the bounding box is centred on (cx, cy)
         return [(cx, cy - 0.75 * t), (cx + t * 0.866, cy + 0.75 * t), (cx - t * 0.866, cy + 0.75 * t)]
+    if shape == "star":  # five points, one pointing up; its area centroid is (cx, cy)
+        radii = (r * STAR_OUTER, r * STAR_OUTER * STAR_INNER)  # tips at even k, notches at odd k
+        return [(cx + radii[k % 2] * math.sin(math.pi * k / 5), cy - radii[k % 2] * math.cos(math.pi * k / 5))
+                for k in range(10)]
     return None
 
 

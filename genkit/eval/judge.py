@@ -13,7 +13,8 @@ with tolerances rather than exact colours:
 5. shape is found by analysis by synthesis: each candidate outline, drawn the way
    `shapes.render` draws it with the measured area and centroid, is compared with the soft mask
    and the closest wins. At 32x32 a small object is about 7 pixels across, too few for a
-   bounding-box fill ratio to tell a circle from a square reliably;
+   bounding-box fill ratio to tell a circle from a square reliably. The candidates are
+   `shapes.SHAPES` plus `shapes.EXTRA_SHAPES` (the star, which only a LoRA teaches);
 6. position, size and relation follow from the fitted centre and radius.
 
 `score_single` and `score_two` then compare a `Judgement` with a `Spec`, what the prompt asked for.
@@ -64,7 +65,8 @@ def _unit_outline(shape: str) -> tuple[float, tuple[float, float]]:
     return abs(area), (cx, cy)
 
 
-UNIT_OUTLINES = {shape: _unit_outline(shape) for shape in shapes.SHAPES}
+CANDIDATE_SHAPES = shapes.SHAPES + shapes.EXTRA_SHAPES  # every outline the renderer can draw
+UNIT_OUTLINES = {shape: _unit_outline(shape) for shape in CANDIDATE_SHAPES}
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,7 @@ def _fit_shape(coverage, area, centroid):
     box = _crop_box(coverage)
     mask = coverage[box[1] : box[3], box[0] : box[2]]
     best = None
-    for shape in shapes.SHAPES:
+    for shape in CANDIDATE_SHAPES:
         radius, center, template = _matched_template(shape, area, centroid, box)
         error = np.abs(mask - template).sum()
         if best is None or error < best[0]:
@@ -349,7 +351,7 @@ class ObjectSpec:
 
     def __post_init__(self):
         _check(self.color, shapes.COLORS, "color")
-        _check(self.shape, shapes.SHAPES, "shape")
+        _check(self.shape, CANDIDATE_SHAPES, "shape")
         if self.position is not None:
             _check(self.position, shapes.POSITIONS, "position")
         if self.size is not None:
