@@ -112,7 +112,8 @@ def make_prior(folder, *, n: int, model=None, source: str = "render", resolution
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    scenes = [shapes.random_scene(10**6 + seed * 10**4 + i) for i in range(n)]  # far from base training's seeds
+    # the training distribution itself (base training drew its seeds from 0..2**62, so not scenes it saw)
+    scenes = [shapes.random_scene(10**6 + seed * 10**4 + i) for i in range(n)]
     if source == "render":
         images = [shapes.render(scene, resolution, color_jitter=12, seed=i) for i, scene in enumerate(scenes)]
     elif source == "model":
@@ -412,6 +413,9 @@ def main(argv=None) -> int:
         training = json.loads((lora_dir / "train_time.json").read_text())
         print(f"training: reusing the LoRA in {lora_dir} (trained in {training['seconds']:.0f} s; --retrain to redo)")
     else:
+        if lora_dir.exists():  # an interrupted run: start over, so the recorded time is one unbroken run's
+            print(f"training: {lora_dir} holds no finished LoRA; training from scratch")
+            shutil.rmtree(lora_dir)
         if data.exists():
             shutil.rmtree(data)  # exactly the images this run describes
         # with prior images, a kohya-style folder "<repeats>_star" lists each star image `repeats` times, so about
