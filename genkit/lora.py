@@ -189,9 +189,17 @@ def _load(pipe, file: Path, state_dict: dict, alphas, metadata, adapter: str) ->
         if hasattr(pipe, "load_lora_weights"):
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
                                    use_safetensors=file.suffix == ".safetensors")
-        else:  # genkit-mini: the adapter goes into the decoder
-            _loader(pipe).load_lora_into_unet(state_dict, alphas, unet=pipe.unet, adapter_name=adapter,
+        else:  # genkit-mini: the adapter goes into the decoder, every key in peft's layout (see peft_layout)
+            _loader(pipe).load_lora_into_unet(peft_layout(state_dict), alphas, unet=pipe.unet, adapter_name=adapter,
                                               metadata=metadata)
+
+
+def peft_layout(state_dict: dict) -> dict:
+    """Every `lora.down`/`lora.up` key as peft's `lora_A`/`lora_B`. diffusers decides from the first key alone
+    whether to rename, so a file that mixes both layouts (what its converter writes for feed-forward or
+    convolution adapters next to attention ones) would otherwise lose the layers of the other kind."""
+    return {re.sub(r"\.lora\.(down|up)\.", lambda m: ".lora_A." if m.group(1) == "down" else ".lora_B.", k): v
+            for k, v in state_dict.items()}
 
 
 def _unload(pipe, adapter: str) -> None:

@@ -211,6 +211,28 @@ def test_plain_diffusers_loads_it_and_makes_genkits_image(sd_lora, tiny_sd):
     assert np.abs(ours - theirs).max() <= 1  # ...and both libraries agree (measured: max 1 level of 255)
 
 
+def test_feed_forward_and_conv_adapters_load_whole(tiny_sd, tiny_mini, dataset, tmp_path):
+    """Adapters beyond the attention projections: diffusers' converter renames only to_q/k/v/out, and its loader
+    decides from the first key whether to rename, so a mixed file used to lose one kind of layer."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    targets = 'lora.target_modules=["to_q", "ff.net.2", "conv1"]'
+    for model in (tiny_sd, tiny_mini):
+        out = tmp_path / f"ffconv-{model.name}"
+        train(dataset, out, model, targets, "train.steps=2", "train.batch_size=2",
+              "train.gradient_accumulation_steps=1", "train.learning_rate=5e-2", "validation.every=0")
+        keys = adapter_tensors(out)
+        kinds = {name for name in ("to_q", "ff.net.2", "conv1") if any(f".{name}.lora" in k for k in keys)}
+        assert kinds == {"to_q", "ff.net.2", "conv1"} and not any(".lora_A." in k for k in keys)
+        pipeline = with_loras(model, out)  # genkit counts the layers that received the adapter, or raises
+        assert not np.array_equal(image(pipeline), image(genkit.load(str(model), device="cpu")))
+    sd_out = tmp_path / f"ffconv-{tiny_sd.name}"
+    pipe = StableDiffusionPipeline.from_pretrained(str(tiny_sd), safety_checker=None)
+    pipe.load_lora_weights(str(sd_out))  # plain diffusers takes every layer too
+    assert sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()) == len(adapter_tensors(sd_out)) // 2
+
+
 def test_scales_and_several_adapters(sd_lora, tiny_sd, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(sd_lora.out, copy)
