@@ -61,5 +61,11 @@ def build(cls, raw: dict, where: str = ""):
         raise GenkitError(f"invalid config: {exc}") from None
 
 
+def load(cls, path: str | Path | None, overrides=()):
+    """Dataclass `cls` from a TOML file (or its defaults when `path` is None) with `section.key=value` overrides."""
+    raw = read_toml(path) if path else {}
+    return build(cls, apply_overrides(raw, overrides))
+
+
 def to_dict(config) -> dict:
     return dataclasses.asdict(config)

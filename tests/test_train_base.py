@@ -63,3 +63,21 @@ def test_learning_rate_schedule():
     assert rates[0] < rates[1] == cfg.learning_rate  # two warm-up steps
     assert all(a >= b for a, b in zip(rates[1:], rates[2:]))
     assert rates[-1] >= cfg.min_learning_rate
+
+
+def test_second_stage_starts_from_the_first(tmp_path):
+    first = train_base(tiny(), tmp_path / "one", progress=False)
+    start = checkpoint.latest(tmp_path / "one")
+    # zero steps of learning rate: the second stage keeps the first stage's weights and EMA exactly
+    still = tiny(f"train.init_from={start}", "train.learning_rate=0.0", "train.min_learning_rate=0.0",
+                 "train.steps=2", "train.checkpoint_every=2", "train.ema_decay=1.0")
+    done = train_base(still, tmp_path / "two", progress=False)
+    a, b = load_file(str(first / WEIGHTS)), load_file(str(done / WEIGHTS))
+    assert all(np.allclose(a[k].numpy(), b[k].numpy()) for k in a)
+    # from a genkit-mini folder too; a path that is neither is a one-line error before anything is written
+    train_base(tiny(f"train.init_from={first}", "train.steps=2", "train.checkpoint_every=2"), tmp_path / "three",
+               progress=False)
+    result = CliRunner().invoke(main, ["train", "base", "--config", "genkit-mini-tiny", "--out", str(tmp_path / "four"),
+                                       "--set", f"train.init_from={tmp_path}"])
+    assert result.exit_code == 2 and "init_from" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "four").exists()

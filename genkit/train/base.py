@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genkit.config import apply_overrides, build, read_toml, to_dict
+from genkit.config import load as load_config, to_dict
 from genkit.data import shapes
 from genkit.errors import GenkitError
 from genkit.train import checkpoint
@@ -75,6 +75,9 @@ class OptimConfig:
     checkpoint_every: int = 250  # steps between checkpoints
     keep_checkpoints: int = 2
     sample_every: int = 500  # steps between sample grids; 0 turns them off
+    # start from trained weights instead of random ones (a second stage): a checkpoint folder of another run
+    # (its weights and EMA) or a genkit-mini folder (its weights for both); relative paths from the working folder
+    init_from: str = ""
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
@@ -91,8 +94,7 @@ class BaseRecipe:
 
 
 def load_recipe(path: str | Path | None, overrides=()) -> BaseRecipe:
-    raw = read_toml(path) if path else {}
-    return build(BaseRecipe, apply_overrides(raw, overrides))
+    return load_config(BaseRecipe, path, overrides)
 
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
@@ -219,8 +221,16 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = noise_scheduler()
 
-    # 2. Resume: weights, EMA, optimizer state and the step count
+    # 2. Resume: weights, EMA, optimizer state and the step count (or a second stage's starting weights)
     start = 0
+    if ckpt is None and cfg.init_from:
+        weights, ema_weights = init_weights(Path(cfg.init_from))
+        try:
+            unet.load_state_dict(weights)
+            ema.load_state_dict(ema_weights)
+        except RuntimeError:
+            raise GenkitError(f"train.init_from = {cfg.init_from!r}: its weights do not fit [model] of this recipe "
+                              "(use the first stage's [model] values)") from None
     if ckpt is not None:
         tensors, meta = checkpoint.load(ckpt)
         unet.load_state_dict(tensors["unet"])
@@ -256,7 +266,8 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
-        ema_update(ema, unet, min(cfg.ema_decay, (1 + step) / (10 + step)))
+        # the EMA warms up from random weights; a second stage's EMA already holds the first stage's average
+        ema_update(ema, unet, cfg.ema_decay if cfg.init_from else min(cfg.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{learning_rate(step, cfg):.1e}")
         log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "time": round(time.time() - started, 2)}) + "\n")
         log.flush()
@@ -274,6 +285,21 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
 
     # 5. Export the EMA weights as a loadable folder
     return export(ema, out_dir / "final", recipe)
+
+
+def init_weights(path: Path) -> tuple[dict, dict]:
+    """(weights, EMA weights) to start a second stage from: a checkpoint folder, or a genkit-mini folder."""
+    from safetensors.torch import load_file
+
+    if (path / "state.json").is_file():
+        tensors, _ = checkpoint.load(path)
+        return tensors["unet"], tensors["ema"]
+    file = path / "unet" / "diffusion_pytorch_model.safetensors"
+    if file.is_file():
+        weights = load_file(str(file))
+        return weights, weights
+    raise GenkitError(f"train.init_from = {str(path)!r} is neither a checkpoint folder nor a genkit-mini folder "
+                      "(train the first stage, or fix the path)")
 
 
 def export(unet, folder: Path, recipe: BaseRecipe | None = None) -> Path:
