@@ -6,14 +6,16 @@
    - 36 images of the star drawn by genkit's own shapes world (`shapes.EXTRA_SHAPES`, never in
      genkit-mini's training scenes), in two colours only (red and blue), every position and both
      sizes, captioned with a trigger word in a few of the training phrasings, e.g.
-     "a red sks star on the left" (folder `2_star`: each listed twice, see below);
-   - 72 prior-preservation images (DreamBooth's "class images"): scenes from genkit-mini's own
+     "a red sks star on the left" (folder `20_star`, see below);
+   - 720 prior-preservation images (DreamBooth's "class images"): scenes from genkit-mini's own
      training distribution (`shapes.random_scene`: circles, squares and triangles, never a star,
-     never a held-out pair) with their captions. They add nothing about stars; they keep the LoRA
-     from drifting on the prompts the base model already handles. Listing the stars twice makes
-     about half of every batch a star. `--prior 0` trains on the 36 star images alone;
-     `--prior-source model` uses the base model's own generations for the prior captions instead
-     of renders (measured: about twice the drift of renders, see configs/lora-star.toml).
+     never a held-out pair) with their captions, rendered by the shapes world in no time. They add
+     nothing about stars; they keep the LoRA from drifting on the prompts the base model already
+     handles (72 of them were memorised: the standard set fell 6.3 points, 720: 2.2). The star
+     images sit in a kohya-style folder `20_star`, each listed 20 times, so about half of every
+     batch is a star. `--prior 0` trains on the 36 star images alone; `--prior-source model` uses
+     the base model's own generations for the prior captions instead of renders (measured: about
+     twice the drift of renders, see configs/lora-star.toml).
 2. Training: a LoRA on the base model with `configs/lora-star.toml` into OUT/lora; the measured
    wall time is printed and recorded (the recipe is sized for <= 10 minutes on 2 idle CPU cores).
 3. Evaluation, at the model's default generation settings, LoRA scale 1:
@@ -57,7 +59,7 @@ TEMPLATES = (
     "a picture showing a {color} {shape} {pos}",
 )
 STANDARD = {"seen": 200, "held_out": 100, "unseen_phrasing": 100, "two_object": 200}  # genkit eval's defaults
-PRIOR_IMAGES = 72  # prior-preservation images mixed into training (see make_prior)
+PRIOR_IMAGES = 720  # prior-preservation images mixed into training (see make_prior; 72 drifted 6.3 points)
 QUICK = {"seen": 40, "held_out": 20, "unseen_phrasing": 20, "two_object": 40}
 TARGET_FOUND, TARGET_DROP = 0.80, 5.0  # issue 4: stars found in >= 80% of star prompts; base all-correct drop <= 5 points
 
