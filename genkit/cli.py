@@ -229,7 +229,9 @@ def _recipe_path(config: str) -> Path:
     shipped = packaged_dir("_configs", "configs").joinpath(f"{config.removesuffix('.toml')}.toml")
     if shipped.is_file():
         return Path(str(shipped))
-    raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (shipped: genkit-mini, genkit-mini-tiny, lora, lora-tiny)")
+    names = sorted(p.name.removesuffix(".toml") for p in packaged_dir("_configs", "configs").iterdir()
+                   if p.name.endswith(".toml"))
+    raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (shipped: {', '.join(names)})")
 
 
 @main.command("eval")

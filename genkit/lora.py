@@ -189,17 +189,31 @@ def _load(pipe, file: Path, state_dict: dict, alphas, metadata, adapter: str) ->
         if hasattr(pipe, "load_lora_weights"):
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
                                    use_safetensors=file.suffix == ".safetensors")
-        else:  # genkit-mini: the adapter goes into the decoder, every key in peft's layout (see peft_layout)
+        else:  # genkit-mini: the adapter goes into the decoder, every key in peft's layout (see _LAYOUTS)
             _loader(pipe).load_lora_into_unet(peft_layout(state_dict), alphas, unet=pipe.unet, adapter_name=adapter,
                                               metadata=metadata)
 
 
+# diffusers' converter renames only the attention projections' adapters (`to_q.lora_A` -> `to_q.lora.down`) and
+# leaves feed-forward and convolution ones in peft's names; its loader decides from the first key alone whether to
+# rename, so a file that mixes both layouts loses the layers of the other kind. genkit writes and loads one layout.
+_LAYOUTS = {".lora_A.": ".lora.down.", ".lora_B.": ".lora.up."}
+
+
+def diffusers_layout(state_dict: dict) -> dict:
+    """Every peft `lora_A`/`lora_B` key as diffusers' `lora.down`/`lora.up` (what genkit's trainer writes)."""
+    return {_rename(k, _LAYOUTS): v for k, v in state_dict.items()}
+
+
 def peft_layout(state_dict: dict) -> dict:
-    """Every `lora.down`/`lora.up` key as peft's `lora_A`/`lora_B`. diffusers decides from the first key alone
-    whether to rename, so a file that mixes both layouts (what its converter writes for feed-forward or
-    convolution adapters next to attention ones) would otherwise lose the layers of the other kind."""
-    return {re.sub(r"\.lora\.(down|up)\.", lambda m: ".lora_A." if m.group(1) == "down" else ".lora_B.", k): v
-            for k, v in state_dict.items()}
+    """Every `lora.down`/`lora.up` key as peft's `lora_A`/`lora_B` (what genkit-mini's loader is given)."""
+    return {_rename(k, {b: a for a, b in _LAYOUTS.items()}): v for k, v in state_dict.items()}
+
+
+def _rename(key: str, mapping: dict) -> str:
+    for old, new in mapping.items():
+        key = key.replace(old, new)
+    return key
 
 
 def _unload(pipe, adapter: str) -> None:

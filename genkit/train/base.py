@@ -213,6 +213,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         raise GenkitError(f"--resume: no complete checkpoint in {out_dir} (start without --resume)")
     if not resume and checkpoint.latest(out_dir) is not None:
         raise GenkitError(f"{out_dir} already holds checkpoints (add --resume, or choose another --out)")
+    start_weights = init_weights(Path(cfg.init_from)) if ckpt is None and cfg.init_from else None  # before any work
     torch.manual_seed(cfg.seed)
     tokenizer, encoder = load_text_encoder()
     captions = CaptionCache(tokenizer, encoder)
@@ -223,11 +224,10 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
 
     # 2. Resume: weights, EMA, optimizer state and the step count (or a second stage's starting weights)
     start = 0
-    if ckpt is None and cfg.init_from:
-        weights, ema_weights = init_weights(Path(cfg.init_from))
+    if start_weights is not None:
         try:
-            unet.load_state_dict(weights)
-            ema.load_state_dict(ema_weights)
+            unet.load_state_dict(start_weights[0])
+            ema.load_state_dict(start_weights[1])
         except RuntimeError:
             raise GenkitError(f"train.init_from = {cfg.init_from!r}: its weights do not fit [model] of this recipe "
                               "(use the first stage's [model] values)") from None
@@ -237,13 +237,13 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         ema.load_state_dict(tensors["ema"])
         checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["optimizer"])
         start = meta["step"]
+    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
+    if end <= start:
+        raise GenkitError(f"--stop-at {stop_at}: the run is already at step {start} (choose a later step)")
     (out_dir / "recipe.json").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
 
     # 3. The loop: batch from seeds, noise from the step's generator, v-prediction loss
-    end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
-    if end <= start:
-        raise GenkitError(f"--stop-at {stop_at}: the run is already at step {start} (choose a later step)")
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train base")
     log = (out_dir / "loss.jsonl").open("a")
     started = time.time()

@@ -31,7 +31,6 @@ import json
 import math
 import os
 import random
-import re
 import shutil
 import sys
 import time
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 
 from genkit.config import apply_overrides, build, load as load_config, to_dict
 from genkit.errors import GenkitError
-from genkit.lora import text_encoder_problem
+from genkit.lora import diffusers_layout, text_encoder_problem
 from genkit.train import checkpoint
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
@@ -431,19 +430,13 @@ def _adapter_params(trained) -> dict[str, torch.nn.Parameter]:
 
 
 def _lora_layers(trained) -> dict:
-    """{component: diffusers-layout state dict} of the adapters, as diffusers' training scripts save them.
-
-    diffusers' converter renames the attention projections only (`to_q.lora_A` -> `to_q.lora.down`) and leaves
-    feed-forward and convolution adapters in peft's names; its loader then looks at the first key alone to
-    decide whether to convert, so a mixed file loses every layer of the other kind. All keys get one layout."""
+    """{component: diffusers-layout state dict} of the adapters, as diffusers' training scripts save them, with
+    feed-forward and convolution adapters renamed too (see genkit.lora._LAYOUTS)."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    def uniform(state: dict) -> dict:
-        return {re.sub(r"\.lora_([AB])\.", lambda m: ".lora.down." if m.group(1) == "A" else ".lora.up.", k): v
-                for k, v in state.items()}
-
-    return {name: uniform(convert_state_dict_to_diffusers(get_peft_model_state_dict(module))) for name, module in trained}
+    return {name: diffusers_layout(convert_state_dict_to_diffusers(get_peft_model_state_dict(module)))
+            for name, module in trained}
 
 
 def _check_finite(params: dict, step: int) -> None:
