@@ -87,6 +87,7 @@ def model_options(f):
 @click.option("--vae-slicing", is_flag=True, help="Decode one image at a time (SD-family models).")
 @click.option("--vae-tiling", is_flag=True, help="Decode in tiles, for large sizes (SD-family models).")
 @click.option("--cpu-offload", is_flag=True, help="Keep models on the CPU until used (CUDA only).")
+@click.option("--compile", is_flag=True, help="torch.compile the UNet: slow first batch, faster after (long runs).")
 @click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also write grid.png with every image of the run.")
 @click.option("--overwrite", is_flag=True, help="Regenerate images that already exist in --out.")

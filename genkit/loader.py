@@ -101,8 +101,13 @@ def load(
     vae_slicing: bool = False,
     vae_tiling: bool = False,
     cpu_offload: bool = False,
+    keep_freed_memory: bool = True,
 ):
-    """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`."""
+    """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`.
+
+    On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
+    sampling; the process keeps its peak memory until it exits).
+    """
     from genkit.generate import Pipeline
 
     name = name_or_path or presets.DEFAULT_MODEL
@@ -140,6 +145,10 @@ def load(
     else:
         pipe.to(backend_device)
     attn.apply(pipe, backend)
+    if keep_freed_memory and backend_device == "cpu":
+        from genkit import cpu
+
+        cpu.keep_freed_memory()
     vae = getattr(pipe, "vae", None)
     if (vae_slicing or vae_tiling) and vae is None:
         raise GenkitError(f"{name} decodes pixels directly and has no VAE; drop --vae-slicing/--vae-tiling")

@@ -5,6 +5,7 @@ The CLI is a thin layer over these; an application can call them the same way.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -38,6 +39,7 @@ class GenerateRequest:
     vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    compile: bool = False
     overwrite: bool = False
     grid: bool = False
     progress: bool = True
@@ -63,6 +65,11 @@ def load_for(request, device: str | None = None) -> "object":
                            cpu_offload=getattr(request, "cpu_offload", False))
     if request.loras:
         lora.apply(pipeline, [lora.parse_spec(spec) for spec in request.loras], allow_pickle=request.allow_pickle)
+    if getattr(request, "compile", False):
+        if getattr(request, "progress", False):
+            print("genkit: --compile: the first batch of each size compiles the UNet first (about 40 s on 2 CPU "
+                  "cores)", file=sys.stderr)
+        pipeline.compile()
     return pipeline
 
 

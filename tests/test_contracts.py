@@ -91,3 +91,43 @@ def test_records_hold_everything_needed(pipe):
                 "scheduler", "model", "lora", "attention", "dtype", "versions"):
         assert key in record
     assert record["negative_prompt"] == "blue" and record["attention"] == "sdpa"
+
+
+def test_prompt_embedding_does_not_depend_on_its_batch_mates(pipe):
+    """Element-wise kernels treat a tensor's last values apart (scalar tail); a prompt's embedding must not care."""
+    import torch
+
+    from genkit.invariance import rows_apart
+
+    tokenizer, encoder = pipe.pipe.tokenizer, pipe.pipe.text_encoder
+
+    def embed(prompts):
+        ids = tokenizer(prompts, padding="max_length", max_length=min(tokenizer.model_max_length, 77),
+                        truncation=True, return_tensors="pt").input_ids
+        return encoder(ids)[0]
+
+    with torch.inference_mode(), rows_apart(encoder):
+        alone, last, first = embed(["first"])[0], embed(["second", "first"])[1], embed(["first", "second", "x"])[0]
+    assert torch.equal(alone, last) and torch.equal(alone, first)
+    assert "forward" not in encoder.__dict__  # the class's forward again afterwards
+
+
+@pytest.mark.slow
+def test_compiled_unet_makes_nearly_the_same_images(model_dir):
+    """--compile (torch.compile): pixels within 2 levels of eager, and the record says it was compiled."""
+    eager = genkit.load(str(model_dir), device="cpu")
+    reference = eager.generate(["a red circle", "a blue square"], batch_size=2, **FAST)
+    compiled = genkit.load(str(model_dir), device="cpu").compile()
+    result = compiled.generate(["a red circle", "a blue square"], batch_size=2, **FAST)
+    assert result.metadata[0]["compiled"] is True and "compiled" not in reference.metadata[0]
+    for a, b in zip(pixels(reference), pixels(result)):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
+
+
+def test_freed_memory_stays_in_the_process():
+    import sys
+
+    from genkit import cpu
+
+    if sys.platform.startswith("linux") and __import__("platform").libc_ver()[0] == "glibc":
+        assert cpu.keep_freed_memory() is True
