@@ -82,6 +82,7 @@ def _row_by_row(forward):
         if not tensors:
             return forward(*args, **kwargs)
         size = tensors[0].shape[0]
+        tensors = [t for t in tensors if t.shape[0] == size]
 
         def row(x, i):
             return x[i:i + 1].expand(2, *x.shape[1:]).contiguous() if torch.is_tensor(x) and x.dim() >= 1 and \
@@ -89,7 +90,7 @@ def _row_by_row(forward):
 
         done, rows = {}, []
         for i in range(size):
-            key = tuple(t[i].cpu().numpy().tobytes() for t in tensors)
+            key = tuple(tuple(t[i].flatten().tolist()) for t in tensors)  # token ids, masks (any dtype)
             if key not in done:
                 done[key] = forward(*(row(a, i) for a in args), **{k: row(v, i) for k, v in kwargs.items()})
             rows.append(done[key])
