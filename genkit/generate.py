@@ -91,8 +91,8 @@ class Pipeline:
     def compile(self) -> "Pipeline":
         """Compile the UNet with torch.compile (PyTorch's inductor), in place; call it after loading LoRAs.
 
-        The first batch of each size pays the compile (about 40 s for genkit-mini on 2 CPU cores) and
-        later ones run faster (benchmarks/genkit_mini_speed.py); worth it for long runs. Compiled
+        The first batch pays the compile (about 40 s for genkit-mini on 2 CPU cores), and once more the
+        first batch of a second size (then compiled for any batch size); later ones run faster (benchmarks/genkit_mini_speed.py); worth it for long runs. Compiled
         kernels sum in another order, so images are close to, not bitwise equal to, the eager ones,
         and no longer bitwise equal across batch sizes.
         """

@@ -67,8 +67,8 @@ def load_for(request, device: str | None = None) -> "object":
         lora.apply(pipeline, [lora.parse_spec(spec) for spec in request.loras], allow_pickle=request.allow_pickle)
     if getattr(request, "compile", False):
         if getattr(request, "progress", False):
-            print("genkit: --compile: the first batch of each size compiles the UNet first (about 40 s on 2 CPU "
-                  "cores)", file=sys.stderr)
+            print("genkit: --compile: the first batch compiles the UNet first (about 40 s on 2 CPU cores; once "
+                  "more for a last, smaller batch)", file=sys.stderr)
         pipeline.compile()
     return pipeline
 
