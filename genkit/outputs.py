@@ -7,11 +7,14 @@ Each PNG carries two text chunks:
 - `genkit`: the full JSON record, enough to replay the image exactly (`genkit replay`).
 
 Files appear atomically (written under a temporary name, then renamed), so a killed run
-never leaves a half-written image, and a rerun skips the images that already exist.
+never leaves a half-written image, and a rerun skips the images that already exist. A kill
+between the two steps can leave a hidden `.<name>-*.png.tmp`; the rerun that writes that image
+removes it (each image has one writer, also across processes).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -91,6 +94,12 @@ def read_record(path: str | Path) -> dict:
     return json.loads(text)
 
 
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete what a killed atomic_write of `path` left behind."""
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}-*{glob.escape(path.suffix)}.tmp"):
+        stale.unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)`, then rename into place: readers never see a partial file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix + ".tmp")
@@ -147,6 +156,7 @@ class OutputWriter:
     def write(self, image: Image.Image, record: dict) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record)
+        remove_stale_temporaries(path)
         save_png(image, path, record)
         self.records[path.name] = {**record, "file": path.name}
         with open(self.out / MANIFEST, "a") as manifest:  # progress record; rewritten whole by close()
@@ -169,5 +179,6 @@ class OutputWriter:
         merged = {**old, **self.records}
         lines = sorted(merged.values(), key=lambda r: (r.get("index", 0), r["file"]))
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
+        remove_stale_temporaries(manifest)
         atomic_write(manifest, lambda tmp: Path(tmp).write_text(text))
         return manifest

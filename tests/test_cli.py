@@ -106,10 +106,10 @@ def test_killed_run_resumes_to_the_same_set(tiny_sd, tmp_path):
     process.send_signal(signal.SIGKILL)
     process.wait()
     partial = images(tmp_path / "killed")
-    assert 8 <= len(partial) < 40
-    assert not list((tmp_path / "killed").glob(".*tmp"))  # no half-written files under real names either
+    assert 8 <= len(partial) < 40  # every file under a real name decodes: nothing half-written there
     rerun = subprocess.run(command + ["--out", str(tmp_path / "killed"), "--json"], env=env, capture_output=True,
                            text=True, check=True)
+    assert not list((tmp_path / "killed").glob(".*tmp"))  # a temporary the kill left behind is gone too
     written = [json.loads(line) for line in rerun.stdout.splitlines() if not json.loads(line).get("skipped")]
     assert len(written) == 40 - len(partial)
     subprocess.run(command + ["--out", str(tmp_path / "whole")], env=env, check=True, capture_output=True)
@@ -117,6 +117,17 @@ def test_killed_run_resumes_to_the_same_set(tiny_sd, tmp_path):
     assert resumed.keys() == whole.keys() and len(whole) == 40
     assert all(np.array_equal(resumed[name], whole[name]) for name in whole)
     assert len((tmp_path / "killed" / "manifest.jsonl").read_text().splitlines()) == 40
+
+
+def test_rerun_removes_what_a_killed_write_left(tiny_sd, tmp_path):
+    """A kill between writing the temporary file and renaming it leaves `.<name>-*.png.tmp` behind."""
+    tmp_path.mkdir(exist_ok=True)
+    stale = tmp_path / ".00000-3-a-red-circle-k1ll3d.png.tmp"
+    stale.write_bytes(b"\x89PNG half")
+    other = tmp_path / ".00001-4-a-blue-square-abc.png.tmp"  # not this run's image: left alone
+    other.write_bytes(b"")
+    assert generate(tiny_sd, tmp_path, "a red circle", "--seed", 3).exit_code == 0
+    assert not stale.exists() and other.exists() and (tmp_path / "00000-3-a-red-circle.png").is_file()
 
 
 def test_replay_regenerates_the_same_pixels(tiny_sd, tmp_path):
