@@ -118,9 +118,9 @@ def main() -> None:
               f"decoder {flops / 1e9:.2f} GFLOP/image ({attention / flops:.0%} attention) -> {achieved:.0f} GFLOP/s "
               f"= {achieved / near:.2f} of the {dtype} matmul rate measured around it ({near:.0f}), "
               f"{achieved / peak[dtype]:.2f} of the run's highest ({peak[dtype]:.0f}); within 2x means >= 0.50")
-    runs = [cold_start() for _ in range(3)]
-    print(f"cold start to a written PNG (genkit generate \"a red circle\"): {min(runs):.1f} s best, "
-          f"{max(runs):.1f} s worst of 3")
+    cold = [cold_start() for _ in range(3)]
+    print(f"cold start to a written PNG (genkit generate \"a red circle\"): {min(cold):.1f} s best, "
+          f"{max(cold):.1f} s worst of 3")
 
 
 if __name__ == "__main__":

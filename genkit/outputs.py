@@ -102,6 +102,7 @@ def remove_stale_temporaries(path: Path) -> None:
 
 def atomic_write(path: Path, write) -> None:
     """Call `write(tmp_path)`, then rename into place: readers never see a partial file."""
+    remove_stale_temporaries(path)  # what a kill between the two steps left for this path
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix + ".tmp")
     os.close(fd)
     try:
@@ -156,7 +157,6 @@ class OutputWriter:
     def write(self, image: Image.Image, record: dict) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record)
-        remove_stale_temporaries(path)
         save_png(image, path, record)
         self.records[path.name] = {**record, "file": path.name}
         with open(self.out / MANIFEST, "a") as manifest:  # progress record; rewritten whole by close()
@@ -179,6 +179,5 @@ class OutputWriter:
         merged = {**old, **self.records}
         lines = sorted(merged.values(), key=lambda r: (r.get("index", 0), r["file"]))
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
-        remove_stale_temporaries(manifest)
         atomic_write(manifest, lambda tmp: Path(tmp).write_text(text))
         return manifest
