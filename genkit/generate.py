@@ -91,11 +91,20 @@ class Pipeline:
     def compile(self) -> "Pipeline":
         """Compile the UNet with torch.compile (PyTorch's inductor), in place; call it after loading LoRAs.
 
-        The first batch pays the compile (about 40 s for genkit-mini on 2 CPU cores), and once more the
-        first batch of a second size (then compiled for any batch size); later ones run faster (benchmarks/genkit_mini_speed.py); worth it for long runs. Compiled
-        kernels sum in another order, so images are close to, not bitwise equal to, the eager ones,
+        The first batch pays the compile (about 40 s for genkit-mini on 2 CPU cores), and once more
+        the first batch of a second size (compiled for any batch size from then on); later batches
+        run faster (benchmarks/genkit_mini_speed.py), so it is worth it for long runs. Compiled
+        kernels sum in another order: images are close to, not bitwise equal to, the eager ones,
         and no longer bitwise equal across batch sizes.
         """
+        if self.device == "cpu":  # inductor writes C++ for the CPU; fail here, not inside the first batch
+            from torch._inductor import cpp_builder, exc
+
+            try:
+                cpp_builder.get_cpp_compiler()
+            except exc.InvalidCxxCompiler:
+                raise GenkitError("--compile on a CPU needs a C++ compiler for torch.compile and none was found "
+                                  "(install g++ or set CXX, or drop --compile)") from None
         self.pipe.unet.compile()
         self.compiled = True
         return self
