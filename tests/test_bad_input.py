@@ -78,11 +78,11 @@ def test_xformers_missing(tiny_sd, out):
     fails(gen(tiny_sd, out, "a", "--attention", "flash"), "flash", "auto, xformers, sdpa, sliced, math", out=out)
 
 
-def test_compile_without_a_cpp_compiler(tiny_sd, out, monkeypatch):
+def test_compile_without_a_cpp_compiler(tiny_sd, out):
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("/no/such/g++",))
-    fails(gen(tiny_sd, out, "a", "--compile"), "--compile", "C++ compiler", "g++", out=out)
+    with inductor_config.patch({"cpp.cxx": ("/no/such/g++",)}):
+        fails(gen(tiny_sd, out, "a", "--compile"), "--compile", "C++ compiler", "g++", out=out)
 
 
 def test_out_is_a_file_or_not_writable(tiny_sd, tmp_path):
