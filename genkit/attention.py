@@ -3,9 +3,13 @@
 - `sdpa`: PyTorch's `scaled_dot_product_attention` (flash / memory-efficient kernels on GPUs).
 - `xformers`: xformers' memory-efficient attention; needs CUDA and an xformers build that
   matches the installed torch.
-- `sliced`: attention computed a slice of heads at a time; lowest peak memory, slower.
+- `sliced`: attention computed a slice of heads at a time; lowest peak memory, slower (UNet families).
 - `math`: the plain softmax(QK^T)V reference.
 - `auto`: xformers when on CUDA and importable, else sdpa.
+
+How a backend reaches a model is its family's business (`Family.apply_attention`): UNets take
+diffusers' attention processors; transformers keep their own processors (joint, rotary, linear)
+and `math` chooses SDPA's math kernel around each call.
 """
 
 from __future__ import annotations
@@ -57,22 +61,6 @@ def resolve(name: str | Attention, device: str) -> Attention:
         if problem:
             raise GenkitError(f"--attention xformers: {problem} (use --attention sdpa)")
     return choice
-
-
-def apply(pipe, backend: Attention) -> None:
-    """Set `backend` on every attention layer of the pipeline's models (UNet, VAE, ...)."""
-    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-    if backend is Attention.XFORMERS:
-        pipe.enable_xformers_memory_efficient_attention()
-        return
-    for module in pipe.components.values():
-        if not hasattr(module, "set_attn_processor"):
-            continue
-        if backend is Attention.SLICED and hasattr(module, "set_attention_slice"):
-            module.set_attention_slice("auto")
-        else:
-            module.set_attn_processor(AttnProcessor() if backend is Attention.MATH else AttnProcessor2_0())
 
 
 def available(device: str) -> dict[str, str]:

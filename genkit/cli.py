@@ -169,9 +169,10 @@ def models():
     """List the pipeline presets."""
     from genkit import presets
 
+    click.echo(f"{'preset':<14} {'family':<13} source  description")
     for name in presets.names():
         preset = presets.get(name)
-        click.echo(f"{name:<14} {preset.kind:<9} {preset.source}  {preset.description}")
+        click.echo(f"{name:<14} {preset.family_name:<13} {preset.source}  {preset.description}")
 
 
 @main.group()

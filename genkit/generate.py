@@ -49,7 +49,9 @@ class Job:
     scheduler: str
 
     def batch_key(self) -> tuple:
-        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler)
+        # an empty negative goes to the pipeline as None (SDXL: zeros), so it never shares a batch with a non-empty one
+        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler,
+                bool(self.negative_prompt))
 
 
 @dataclass
@@ -78,15 +80,38 @@ def versions() -> dict[str, str]:
 
 
 class Pipeline:
-    """A loaded model plus genkit's engine: `generate`, `iter_generate`, `plan`."""
+    """A loaded model plus genkit's engine: `generate`, `iter_generate`, `plan`.
 
-    def __init__(self, pipe, *, name: str, kind: str, defaults: dict, device: str, attention):
-        self.pipe, self.name, self.kind, self.device, self.attention = pipe, name, kind, device, attention
+    What differs between model families (denoiser, sizes, call arguments, attention) is asked of
+    `self.family` (genkit.families); the engine itself never names a UNet or a family.
+    """
+
+    def __init__(self, pipe, *, name: str, family, defaults: dict, device: str, attention):
+        self.pipe, self.name, self.family, self.device = pipe, name, family, device
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.base_scheduler_class = type(pipe.scheduler)
-        self.defaults = {**self._model_defaults(), **defaults}
+        self.defaults = {**family.defaults(pipe), **defaults}
         self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
         self.compiled = False
+        self.attention = None
+        self.set_attention(attention)
+
+    @property
+    def kind(self) -> str:
+        """"genkit" for genkit-mini's format, "diffusers" for every diffusers pipeline."""
+        return "genkit" if self.family.name == "genkit-mini" else "diffusers"
+
+    @property
+    def denoiser(self):
+        return self.family.denoiser(self.pipe)
+
+    def set_attention(self, backend) -> None:
+        """Use attention `backend` (genkit.attention.Attention) from the next batch on; the records say which."""
+        from genkit import attention
+
+        backend = attention.resolve(backend, self.device)
+        self.family.apply_attention(self.pipe, backend)
+        self.attention = backend
 
     def compile(self) -> "Pipeline":
         """Compile the UNet with torch.compile (PyTorch's inductor), in place; call it after loading LoRAs.
@@ -105,24 +130,17 @@ class Pipeline:
             except exc.InvalidCxxCompiler:
                 raise GenkitError("--compile on a CPU needs a C++ compiler for torch.compile and none was found "
                                   "(install g++ or set CXX, or drop --compile)") from None
-        self.pipe.unet.compile()
+        self.denoiser.compile()
         self.compiled = True
         return self
 
-    def _model_defaults(self) -> dict:
-        unet = self.pipe.unet
-        size = unet.config.sample_size * (getattr(self.pipe, "vae_scale_factor", 1) if self.kind == "diffusers" else 1)
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return {"width": size, "height": size, "num_inference_steps": 20, "guidance_scale": 7.0 if self.kind ==
-                "diffusers" else 4.0, "scheduler": "default", "negative_prompt": ""}
-
     @property
     def size_factor(self) -> int:
-        return int(getattr(self.pipe, "vae_scale_factor", 8))
+        return self.family.multiple(self.pipe)
 
     @property
     def dtype(self):
-        return self.pipe.unet.dtype
+        return self.denoiser.dtype
 
     # -- planning -------------------------------------------------------------------------
     def plan(self, prompts, config: GenerationConfig | None = None) -> list[Job]:
@@ -153,6 +171,7 @@ class Pipeline:
                     seed=image_seed, num_inference_steps=steps, guidance_scale=float(guidance),
                     width=base["width"], height=base["height"], scheduler=base["scheduler"],
                 ))
+                self.family.check_job(jobs[-1])
         return jobs
 
     def _settings(self, config: GenerationConfig) -> dict:
@@ -162,7 +181,7 @@ class Pipeline:
         if config.negative_prompt:
             settings["negative_prompt"] = config.negative_prompt
         if settings["scheduler"] != "default":
-            settings["scheduler"] = schedulers.parse(settings["scheduler"]).value
+            settings["scheduler"] = schedulers.parse(settings["scheduler"], flow=self.family.flow).value
         factor = self.size_factor
         for key in ("width", "height"):
             value = settings[key]
@@ -229,30 +248,16 @@ class Pipeline:
                           "images": [job.index for job in batch]})
             return tensors
 
-        encoders = (getattr(self.pipe, "text_encoder", None), getattr(self.pipe, "text_encoder_2", None))
-        with BatchInvariant(), rows_apart(*encoders):
-            output = self.pipe(**self._call_args(batch, generators, on_step))
+        with BatchInvariant(), rows_apart(*self.family.text_encoders(self.pipe)), \
+                self.family.attention_context(self.attention):
+            output = self.pipe(**self.family.call_args(batch, generators, on_step))
         return GenerationResult(images=list(output.images), seeds=[job.seed for job in batch],
                                 metadata=[self.record(job) for job in batch])
-
-    @staticmethod
-    def _call_args(batch: list[Job], generators, on_step) -> dict:
-        first = batch[0]
-        return dict(
-            prompt=[job.prompt for job in batch],
-            negative_prompt=[job.negative_prompt for job in batch],
-            num_inference_steps=first.num_inference_steps,
-            guidance_scale=first.guidance_scale,
-            width=first.width,
-            height=first.height,
-            generator=generators,
-            callback_on_step_end=on_step,
-        )
 
     def _scheduler(self, name: str):
         if name == "default":
             return self.base_scheduler_class.from_config(self.base_scheduler_config)
-        return schedulers.build(name, self.base_scheduler_config)
+        return schedulers.build(schedulers.parse(name, flow=self.family.flow), self.base_scheduler_config)
 
     def record(self, job: Job) -> dict:
         """Everything needed to make this image again."""
@@ -260,6 +265,7 @@ class Pipeline:
             "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
             "num_inference_steps": job.num_inference_steps, "guidance_scale": job.guidance_scale,
             "width": job.width, "height": job.height, "scheduler": job.scheduler, "model": self.name,
+            "family": self.family.name,
             "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device, "versions": versions(), **({"compiled": True} if self.compiled else {}),
         }

@@ -1,14 +1,10 @@
-"""Same pixels at any batch size: never let a convolution or linear layer see a batch of one.
+"""Same pixels at any batch size: every shape-sensitive op sees the same shape, whatever the batch.
 
-oneDNN and MKL take a different code path when a convolution has one image, or a matrix
-product has one row (gemv instead of gemm). That path sums in another order, so an image
-made alone differs from the same image made in a batch by about 1e-6, enough to flip a few
-8-bit pixels. Measured on the tiny SD fixture (CPU, torch 2.13): batch 8 against eight
-batches of 1 differed by up to 9.5e-7 in the UNet and 1.5e-5 in the VAE, while batch 8
-against four batches of 2, or two of 4, was bitwise equal.
-
-So while this mode is active, a convolution, linear layer, normalisation or attention call on a
-batch of one runs on two copies of its input and keeps the first. Only batch-of-one calls pay.
+oneDNN and MKL choose code paths and blockings from a tensor's shape: a convolution on one image
+takes another path than on two (measured on the tiny SD fixture: 9.5e-7 in the UNet, 1.5e-5 in the
+VAE), and on CPUs without AVX-512 a batch of 8 sums in another order than a batch of 2. Tuning for
+one batch shape is not enough, so `BatchInvariant` runs convolutions, linear layers,
+normalisations, attention and batched matrix products on fixed blocks of `ROWS` rows.
 
 Element-wise kernels have the same weakness at a tensor's end: the last `numel % 16` values go
 through a scalar loop (another sigmoid/exp than the vectorised one), so a prompt's embedding
@@ -25,39 +21,69 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+ROWS = 2  # every shape-sensitive op runs on exactly this many rows: a guidance pair, or a row and its copy
+
 # op -> positions of the arguments that carry the batch dimension
 _BATCHED_ARGS = {
     F.conv1d: (0,), F.conv2d: (0,), F.conv3d: (0,), F.conv_transpose2d: (0,),
     F.linear: (0,), F.group_norm: (0,), F.layer_norm: (0,),
     F.scaled_dot_product_attention: (0, 1, 2), torch.bmm: (0, 1), torch.baddbmm: (0, 1, 2),
+    torch.matmul: (0, 1),
 }
 
 
 class BatchInvariant(TorchFunctionMode):
-    """While active, the ops above never run on a batch of one: they run on two copies."""
+    """While active, the ops above run on fixed blocks of ROWS rows of their leading dimension.
+
+    oneDNN and MKL choose their blocking (and so the order they sum in) from the whole shape: a
+    convolution on 8 images and the same one on 2 sum in different orders on some CPUs (measured: AMD
+    EPYC without AVX-512, one level in a few pixels). Here every such call sees exactly ROWS rows,
+    whatever the batch: a batch is cut into blocks of ROWS, the last block padded with copies of its
+    last row, so the kernel, its blocking and its threads' split are the same for every image of every
+    batch size. Rows never mix in these ops, and a block computes its rows alike (the property test in
+    tests/test_exactness.py checks it on random architectures).
+    """
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         positions = _BATCHED_ARGS.get(func)
-        if positions and all(_is_single(args, i) for i in positions):
-            doubled = list(args)
-            for i in positions:
-                doubled[i] = _doubled(args[i])
-            return func(*doubled, **kwargs)[:1]
-        return func(*args, **kwargs)
+        lead = args[0] if args else None
+        if positions is None or not torch.is_tensor(lead) or lead.dim() < 2 or lead.shape[0] == ROWS:
+            return func(*args, **kwargs)
+        rows = lead.shape[0]
+        batched = [i for i in positions if _carries(args[i] if i < len(args) else None, rows)]
+        masks = [k for k in _BATCHED_KWARGS if _carries(kwargs.get(k), rows)]
+        if any(i < len(args) and torch.is_tensor(args[i]) and i not in batched and args[i].shape[0] != 1
+               for i in positions):
+            return func(*args, **kwargs)  # leading sizes that do not line up: not a batch
+        outputs = []
+        for start in range(0, rows, ROWS):
+            block, block_kwargs = list(args), dict(kwargs)
+            for i in batched:
+                block[i] = _block(args[i], start)
+            for k in masks:
+                block_kwargs[k] = _block(kwargs[k], start)
+            outputs.append(func(*block, **block_kwargs)[:min(ROWS, rows - start)])
+        return torch.cat(outputs)
 
 
-def _doubled(x: torch.Tensor) -> torch.Tensor:
-    """Two copies of a batch-of-one tensor in the same memory layout (kernels pick paths by stride)."""
+_BATCHED_KWARGS = ("attn_mask",)  # scaled_dot_product_attention's mask (one per row, or broadcast with size 1)
+
+
+def _carries(x, rows: int) -> bool:
+    return torch.is_tensor(x) and x.dim() >= 2 and x.shape[0] == rows
+
+
+def _block(x: torch.Tensor, start: int) -> torch.Tensor:
+    """Rows start..start+ROWS of x, padded with copies of its last row, in x's memory layout (kernels pick by stride)."""
+    part = x[start:start + ROWS]
+    if part.shape[0] == ROWS:
+        return part
     inner = sorted(range(1, x.dim()), key=lambda d: (-x.stride(d), d))  # outermost first
-    y = torch.empty_permuted((2, *x.shape[1:]), (0, *inner), dtype=x.dtype, device=x.device)
-    y[0] = x[0]
-    y[1] = x[0]
+    y = torch.empty_permuted((ROWS, *x.shape[1:]), (0, *inner), dtype=x.dtype, device=x.device)
+    y[:part.shape[0]] = part
+    y[part.shape[0]:] = part[-1]
     return y
-
-
-def _is_single(args, i) -> bool:
-    return i < len(args) and torch.is_tensor(args[i]) and args[i].dim() >= 2 and args[i].shape[0] == 1
 
 
 @contextmanager

@@ -34,11 +34,11 @@ def pick_device(device: str | None) -> str:
     return "cpu"
 
 
-def pick_dtype(dtype: str | None, device: str, kind: str):
+def pick_dtype(dtype: str | None, device: str, family):
     import torch
 
     if dtype is None:
-        return torch.float16 if device.startswith("cuda") and kind == "diffusers" else torch.float32
+        return torch.float16 if device.startswith("cuda") and family.latent else torch.float32
     key = str(dtype).removeprefix("torch.").lower()
     if key not in DTYPES:
         raise GenkitError(f"unknown dtype {dtype!r} (valid: fp32, fp16, bf16)")
@@ -108,16 +108,17 @@ def load(
     On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
     sampling; the process keeps its peak memory until it exits).
     """
+    from genkit import families
     from genkit.generate import Pipeline
 
     name = name_or_path or presets.DEFAULT_MODEL
     preset = presets.get(name)
     if preset is not None:
-        source, kind, defaults = preset.location(), preset.kind, preset.defaults
+        source, family, defaults = preset.location(), preset.family, preset.defaults
     elif Path(name).expanduser().exists():
-        source, kind, defaults = str(Path(name).expanduser()), None, {}
+        source, family, defaults = str(Path(name).expanduser()), None, {}
     elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        source, kind, defaults = name, "diffusers", {}  # hub id
+        source, family, defaults = name, None, {}  # hub id: the family is known once loaded
     else:
         raise GenkitError(f"unknown model {name!r}: not a preset ({', '.join(presets.names())}) and no such folder "
                           "(pass a preset name, a diffusers folder, or a hub id like org/model)")
@@ -128,15 +129,16 @@ def load(
         if not folder.is_dir():
             raise GenkitError(f"model path {folder} is a file; pass the pipeline folder that holds model_index.json")
         config = check_folder(folder, allow_pickle)
-        kind = kind or ("genkit" if config.get("_class_name") == "GenkitMiniPipeline" else "diffusers")
+        family = family or families.detect(config.get("_class_name"), str(folder))
     backend_device = pick_device(device)
     backend = attn.resolve(attention, backend_device)  # fail on xformers before the slow load
-    torch_dtype = pick_dtype(dtype, backend_device, kind)
+    torch_dtype = pick_dtype(dtype, backend_device, family or families.get("sd"))
     use_safetensors = None if allow_pickle else True
-    if kind == "genkit":
+    if family is not None and family.name == "genkit-mini":
         pipe = _load_genkit(Path(source), torch_dtype, use_safetensors)
     else:
         pipe = _load_diffusers(source, torch_dtype, use_safetensors, local)
+        family = family or families.detect(type(pipe).__name__, source)
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload:
         if not backend_device.startswith("cuda"):
@@ -144,7 +146,6 @@ def load(
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(backend_device)
-    attn.apply(pipe, backend)
     if keep_freed_memory and backend_device == "cpu":
         from genkit import cpu
 
@@ -156,6 +157,6 @@ def load(
         vae.enable_slicing()
     if vae_tiling:
         vae.enable_tiling()
-    return Pipeline(pipe, name=name if preset is not None else source, kind=kind, defaults=defaults,
+    return Pipeline(pipe, name=name if preset is not None else source, family=family, defaults=defaults,
                     device=backend_device, attention=backend)
 

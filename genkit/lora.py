@@ -8,7 +8,8 @@ nothing; genkit first checks every layer the file names against the model (the l
 exist and its shapes must fit) and refuses a file that does not fit, saying how many matched.
 Only then does it load the adapter, and it counts the layers that received it once more.
 
-genkit-mini takes decoder (`unet.`) LoRAs; SD-family pipelines also take text-encoder ones.
+genkit-mini and PixArt-Sigma take denoiser LoRAs only (PixArt through peft directly, since diffusers
+has no loader for it); the other pipelines load through their own diffusers loader.
 """
 
 from __future__ import annotations
@@ -127,11 +128,11 @@ def _fits(module, shapes: tuple) -> bool:
     return a is not None and b is not None and width_in == a[1] and width_out == b[0]
 
 
-def check_fit(state_dict: dict, pipe) -> Fit:
+def check_fit(state_dict: dict, pipe, family) -> Fit:
     """Count the layers of a (diffusers-layout) LoRA state dict that exist in `pipe` with fitting shapes."""
     accepted = [c for c in _COMPONENTS if getattr(pipe, c, None) is not None]
     if not hasattr(pipe, "load_lora_weights"):
-        accepted = ["unet"]  # genkit-mini loads decoder adapters only
+        accepted = [family.denoiser_name]  # genkit-mini and PixArt load denoiser adapters only
     matched, wanted, miss = 0, 0, None
     claimed = set()
     for component in accepted:
@@ -183,15 +184,51 @@ def _adapter_layers(pipe, adapter: str) -> int:
     return count
 
 
-def _load(pipe, file: Path, state_dict: dict, alphas, metadata, adapter: str) -> None:
+def _load(pipe, family, file: Path, state_dict: dict, alphas, metadata, adapter: str) -> None:
     with warnings.catch_warnings():  # several adapters in one model are what --lora asks for
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         if hasattr(pipe, "load_lora_weights"):
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
                                    use_safetensors=file.suffix == ".safetensors")
-        else:  # genkit-mini: the adapter goes into the decoder, every key in peft's layout (see _LAYOUTS)
+        elif family.denoiser_name == "unet":  # genkit-mini: into the decoder, every key in peft's layout (_LAYOUTS)
             _loader(pipe).load_lora_into_unet(peft_layout(state_dict), alphas, unet=pipe.unet, adapter_name=adapter,
                                               metadata=metadata)
+        else:  # a transformer without diffusers' LoRA loader (PixArt): peft directly
+            inject_peft(family.denoiser(pipe), peft_layout(state_dict), family.denoiser_name, metadata, adapter)
+
+
+def inject_peft(model, state_dict: dict, prefix: str, metadata: dict | None, adapter: str) -> None:
+    """Add adapter `adapter` to `model` with peft and load its weights (keys `<prefix>.<layer>.lora_A.weight`)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    part = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
+    layers = {_SUFFIXES.sub("", k) for k in part}
+    ranks = {v.shape[0] for k, v in part.items() if ".lora_A." in k}
+    saved = (metadata or {}).get(prefix) or metadata or {}
+    config = LoraConfig(**{k: v for k, v in saved.items() if k in ("r", "lora_alpha", "target_modules")}) if \
+        "r" in saved else LoraConfig(r=max(ranks), lora_alpha=max(ranks), target_modules=sorted(layers))
+    inject_adapter_in_model(config, model, adapter_name=adapter)
+    result = set_peft_model_state_dict(model, part, adapter_name=adapter)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"{len(result.unexpected_keys)} keys fit no layer, e.g. {result.unexpected_keys[0]}")
+
+
+def _activate(pipe, family, names: list[str], scales: list[float]) -> None:
+    """Make exactly `names` the active adapters, each at its scale."""
+    if hasattr(pipe, "set_adapters"):
+        pipe.set_adapters(names, adapter_weights=scales)
+        return
+    model = family.denoiser(pipe)
+    if hasattr(model, "set_adapters"):
+        model.set_adapters(names, weights=scales)
+        return
+    from peft.tuners.lora import LoraLayer
+
+    for layer in model.modules():
+        if isinstance(layer, LoraLayer):
+            layer.set_adapter(names)
+            for name, scale in zip(names, scales):
+                layer.set_scale(name, scale)
 
 
 # diffusers' converter renames only the attention projections' adapters (`to_q.lora_A` -> `to_q.lora.down`) and
@@ -216,11 +253,18 @@ def _rename(key: str, mapping: dict) -> str:
     return key
 
 
-def _unload(pipe, adapter: str) -> None:
+def _unload(pipe, family, adapter: str) -> None:
     """Remove a half-loaded adapter, so a caller that catches the error keeps a working pipeline."""
-    target = pipe if hasattr(pipe, "delete_adapters") else pipe.unet
+    target = pipe if hasattr(pipe, "delete_adapters") else family.denoiser(pipe)
     try:
-        target.delete_adapters(adapter)
+        if hasattr(target, "delete_adapters"):
+            target.delete_adapters(adapter)
+        else:
+            from peft.tuners.lora import LoraLayer
+
+            for layer in target.modules():
+                if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                    layer.delete_adapter(adapter)
     except (ValueError, KeyError, AttributeError):
         pass
 
@@ -232,11 +276,11 @@ def _first_line(exc: Exception) -> str:
 
 def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> None:
     """Load each adapter into `pipeline` (a genkit Pipeline) and activate them with their scales."""
-    pipe, names, scales = pipeline.pipe, [], []
+    pipe, family, names, scales = pipeline.pipe, pipeline.family, [], []
     for number, spec in enumerate(specs):
         file = weights_file(spec.path, allow_pickle)
         state_dict, alphas, metadata = read(file, pipe)
-        fit = check_fit(state_dict, pipe)
+        fit = check_fit(state_dict, pipe, family)
         if fit.wanted == 0:
             raise GenkitError(f"--lora {spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
                               "lora_down/lora_up keys)")
@@ -249,25 +293,21 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
             raise GenkitError(f"--lora {spec.path} holds text-encoder layers, but {problem} (upgrade peft)")
         adapter = f"lora{number}_{re.sub(r'[^A-Za-z0-9_]', '_', spec.path.stem)}"
         try:
-            _load(pipe, file, state_dict, alphas, metadata, adapter)
+            _load(pipe, family, file, state_dict, alphas, metadata, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:
-            _unload(pipe, adapter)
+            _unload(pipe, family, adapter)
             raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {_first_line(exc)}") from None
         loaded = _adapter_layers(pipe, adapter)
         if loaded < fit.wanted:
-            _unload(pipe, adapter)
+            _unload(pipe, family, adapter)
             raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {loaded} of its {fit.wanted} layers "
                               "received the adapter")
         names.append(adapter)
         scales.append(spec.scale)
         pipeline.loras.append({"name": spec.path.stem if spec.path.is_file() else spec.path.name,
                                "path": str(spec.path), "scale": spec.scale, "sha256": _digest(file)})
-    if not names:
-        return
-    if hasattr(pipe, "set_adapters"):
-        pipe.set_adapters(names, adapter_weights=scales)
-    else:
-        pipe.unet.set_adapters(names, weights=scales)
+    if names:
+        _activate(pipe, family, names, scales)
 
 
 def _digest(file: Path) -> str:

@@ -15,17 +15,23 @@ from pathlib import Path
 from genkit.errors import GenkitError
 
 DEFAULT_MODEL = "genkit-mini"
-KINDS = ("genkit", "diffusers")
+KINDS = ("genkit", "diffusers")  # older presets name a kind; a family (genkit.families) says more
 DEFAULT_KEYS = {"width", "height", "num_inference_steps", "guidance_scale", "scheduler", "negative_prompt"}
 
 
 @dataclass(frozen=True)
 class Preset:
     name: str
-    kind: str  # "genkit" (genkit-mini family) or "diffusers" (any diffusers text-to-image pipeline)
+    family_name: str  # a genkit.families name: genkit-mini, sd, sdxl, sd3, flux, pixart-sigma, sana
     source: str  # "package:<path inside genkit>", a local folder, or a hub id
     description: str = ""
     defaults: dict = field(default_factory=dict)
+
+    @property
+    def family(self):
+        from genkit import families
+
+        return families.get(self.family_name)
 
     def location(self) -> str:
         """The folder or hub id to load from."""
@@ -69,10 +75,13 @@ def get(name: str) -> Preset | None:
         raw = tomllib.loads(entry.read_text())
     except tomllib.TOMLDecodeError as exc:
         raise GenkitError(f"preset {name} is not valid TOML: {exc}") from None
+    from genkit import families
+
     defaults = raw.pop("defaults", {})
     unknown = set(defaults) - DEFAULT_KEYS
-    if unknown or raw.get("kind") not in KINDS or "source" not in raw:
-        raise GenkitError(f"preset {name} is malformed (needs kind in {KINDS}, source, and [defaults] keys among "
-                          f"{sorted(DEFAULT_KEYS)})")
-    return Preset(name=raw.get("name", name), kind=raw["kind"], source=raw["source"],
+    family = raw.get("family") or {"genkit": "genkit-mini", "diffusers": "sd"}.get(raw.get("kind"))
+    if unknown or family not in families.names() or "source" not in raw:
+        raise GenkitError(f"preset {name} is malformed (needs family among {', '.join(families.names())}, source, and "
+                          f"[defaults] keys among {sorted(DEFAULT_KEYS)})")
+    return Preset(name=raw.get("name", name), family_name=family, source=raw["source"],
                   description=raw.get("description", ""), defaults=defaults)

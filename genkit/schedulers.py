@@ -20,6 +20,10 @@ class Sampler(str, Enum):
     DPMPP = "dpm++"
     UNIPC = "unipc"
     DDPM = "ddpm"
+    FLOW_EULER = "flow-euler"  # flow matching (SD3, Flux, SANA): the sampler the models were released with
+    FLOW_HEUN = "flow-heun"
+    FLOW_DPMPP = "flow-dpm++"
+    FLOW_UNIPC = "flow-unipc"
 
 
 # short name -> (diffusers class name, overrides, A1111's name for the infotext "Sampler:" field)
@@ -30,22 +34,41 @@ _TABLE = {
     Sampler.DPMPP: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
     Sampler.UNIPC: ("UniPCMultistepScheduler", {}, "UniPC"),
     Sampler.DDPM: ("DDPMScheduler", {"clip_sample": False}, "DDPM"),
+    Sampler.FLOW_EULER: ("FlowMatchEulerDiscreteScheduler", {}, "Euler"),
+    Sampler.FLOW_HEUN: ("FlowMatchHeunDiscreteScheduler", {}, "Heun"),
+    Sampler.FLOW_DPMPP: ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}, "DPM++ 2M"),
+    Sampler.FLOW_UNIPC: ("UniPCMultistepScheduler", {}, "UniPC"),
 }
+FLOW = (Sampler.FLOW_EULER, Sampler.FLOW_HEUN, Sampler.FLOW_DPMPP, Sampler.FLOW_UNIPC)
+# the same method for the other kind of model: `--scheduler euler` on Flux means flow-euler
+_COUNTERPART = {Sampler.EULER: Sampler.FLOW_EULER, Sampler.DPMPP: Sampler.FLOW_DPMPP, Sampler.UNIPC: Sampler.FLOW_UNIPC}
 ALIASES = {"dpmpp": Sampler.DPMPP, "dpm++ 2m": Sampler.DPMPP, "dpm++2m": Sampler.DPMPP, "euler a": Sampler.EULER_A,
            "euler_a": Sampler.EULER_A, "k_euler": Sampler.EULER, "k_euler_a": Sampler.EULER_A}
 NAMES = tuple(s.value for s in Sampler)
 
 
-def parse(name: str | Sampler) -> Sampler:
-    if isinstance(name, Sampler):
-        return name
+def parse(name: str | Sampler, flow: bool | None = None) -> Sampler:
+    """The sampler called `name`; with `flow` given, the variant for that kind of model (or a one-line error)."""
+    sampler = name if isinstance(name, Sampler) else _lookup(name)
+    if flow is None or (sampler in FLOW) == flow:
+        return sampler
+    if flow and sampler in _COUNTERPART:
+        return _COUNTERPART[sampler]
+    if not flow and sampler in _COUNTERPART.values():
+        return next(k for k, v in _COUNTERPART.items() if v is sampler)
+    kind = "flow-matching models (SD3, Flux, SANA)" if flow else "noise-prediction models (SD, SDXL, PixArt, genkit-mini)"
+    valid = [s.value for s in Sampler if (s in FLOW) == flow]
+    raise GenkitError(f"scheduler {sampler.value!r} does not fit {kind} (valid: {', '.join(valid)}, default)")
+
+
+def _lookup(name: str) -> Sampler:
     key = str(name).strip().lower()
     if key in ALIASES:
         return ALIASES[key]
     for sampler in Sampler:
         if key == sampler.value or key == _TABLE[sampler][2].lower():
             return sampler
-    raise GenkitError(f"unknown scheduler {name!r} (valid: {', '.join(NAMES)})")
+    raise GenkitError(f"unknown scheduler {name!r} (valid: {', '.join(NAMES)}, default)")
 
 
 def a1111_name(name: str | Sampler) -> str:
@@ -77,6 +100,22 @@ def build(name: str | Sampler, base_config):
     sampler = parse(name)
     class_name, overrides, _ = _TABLE[sampler]
     cls = _euler_ancestral_float64() if sampler is Sampler.EULER_A else getattr(diffusers, class_name)
+    if sampler in FLOW:
+        return cls.from_config(_flow_config(sampler, dict(base_config), overrides))
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     config.update(timestep_spacing="trailing", **overrides)  # trailing: https://arxiv.org/abs/2305.08891
     return cls.from_config(config)
+
+
+def _flow_config(sampler: Sampler, base: dict, overrides: dict) -> dict:
+    """A flow-matching sampler's config from the model's (FlowMatchEuler's `shift` or DPM/UniPC's `flow_shift`)."""
+    shift = base.get("shift", base.get("flow_shift", 1.0))
+    config = {"num_train_timesteps": base.get("num_train_timesteps", 1000)}
+    if sampler in (Sampler.FLOW_EULER, Sampler.FLOW_HEUN):
+        config["shift"] = shift
+        if sampler is Sampler.FLOW_EULER:
+            config.update({k: base[k] for k in ("use_dynamic_shifting", "base_shift", "max_shift",
+                                                 "base_image_seq_len", "max_image_seq_len") if k in base})
+        return config
+    return {**config, **overrides, "prediction_type": "flow_prediction", "use_flow_sigmas": True, "flow_shift": shift,
+            "use_dynamic_shifting": base.get("use_dynamic_shifting", False)}

@@ -1,0 +1,38 @@
+"""Model families: one small module each (see base.py for the questions a family answers).
+
+Adding a family is adding a module here with a `FAMILY` object and listing it in `_MODULES`, plus a
+tiny builder in `genkit.testing`; the engine, the trainers and the server never name a family.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from genkit.errors import GenkitError
+
+_MODULES = ("genkit_mini", "sd", "sdxl", "sd3", "flux", "pixart", "sana")
+
+
+def all_families() -> list:
+    return [importlib.import_module(f"genkit.families.{m}").FAMILY for m in _MODULES]
+
+
+def names() -> list[str]:
+    return [family.name for family in all_families()]
+
+
+def get(name: str):
+    for family in all_families():
+        if family.name == name:
+            return family
+    raise GenkitError(f"unknown model family {name!r} (known: {', '.join(names())})")
+
+
+def detect(class_name: str | None, where: str = "the model"):
+    """The family whose pipeline class is `class_name` (model_index.json's `_class_name`)."""
+    for family in all_families():
+        if class_name in family.pipeline_classes:
+            return family
+    known = ", ".join(f"{f.name} ({'/'.join(f.pipeline_classes)})" for f in all_families())
+    raise GenkitError(f"{where} is a {class_name or 'pipeline without _class_name'}, a model family genkit does not "
+                      f"know yet (known: {known})")

@@ -1,0 +1,37 @@
+"""genkit-mini: the embedded default. A pixel-space UNet read by a frozen MiniLM, v-prediction (genkit.pipeline)."""
+
+import torch
+
+from genkit.families.base import Family
+
+
+class GenkitMini(Family):
+    name = "genkit-mini"
+    title = "genkit-mini"
+    pipeline_classes = ("GenkitMiniPipeline",)
+    latent = False
+    guidance_scale = 4.0
+    num_inference_steps = 20
+    scheduler = "dpm++"
+
+    def text_encoders(self, pipe):
+        return [pipe.text_encoder]
+
+    def encode_captions(self, pipe, captions, device) -> dict:
+        from genkit.pipeline import encode_text
+
+        hidden, mask = encode_text(pipe.tokenizer, pipe.text_encoder, captions, device)
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+
+    def encode_images(self, pipe, pixels) -> torch.Tensor:
+        return pixels  # pixel space: the image is the sample
+
+    def latents(self, pipe, encoded, generators) -> torch.Tensor:
+        return encoded
+
+    def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
+        return denoiser(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
+                        encoder_attention_mask=cond["encoder_attention_mask"]).sample
+
+
+FAMILY = GenkitMini()

@@ -1,0 +1,46 @@
+"""SANA: a linear-attention DiT on a 32x deep-compression autoencoder (DC-AE), Gemma 2 text encoder, flow matching.
+
+Its linear attention is its own processor: genkit never replaces it (SD-1.x processors would turn it
+into softmax attention). The DC-AE encodes deterministically (no latent distribution).
+"""
+
+import inspect
+
+import torch
+
+from genkit.families.base import FlowFamily
+
+
+class Sana(FlowFamily):
+    name = "sana"
+    title = "SANA"
+    pipeline_classes = ("SanaPipeline",)
+    guidance_scale = 4.5
+    num_inference_steps = 20
+
+    def multiple(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * self.patch(pipe)
+
+    def call_args(self, batch, generators, on_step) -> dict:
+        args = super().call_args(batch, generators, on_step)
+        args["use_resolution_binning"] = False  # the record's size is the size made, never a bin's
+        return args
+
+    def encode_captions(self, pipe, captions, device) -> dict:
+        # the instruction the pipeline prepends when generating, so training sees the same embeddings
+        instruction = inspect.signature(type(pipe).__call__).parameters["complex_human_instruction"].default
+        hidden, mask, _, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False, num_images_per_prompt=1,
+                                                device=device, clean_caption=False,
+                                                complex_human_instruction=instruction)
+        return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
+
+    def encode_images(self, pipe, pixels) -> torch.Tensor:
+        latent = pipe.vae.encode(pixels.to(pipe.vae.dtype)).latent.float()
+        return torch.stack([latent, torch.zeros_like(latent)], dim=1)  # (mean, std 0): deterministic
+
+    def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
+        return denoiser(noisy, encoder_hidden_states=cond["encoder_hidden_states"],
+                        encoder_attention_mask=cond["encoder_attention_mask"], timestep=t).sample
+
+
+FAMILY = Sana()

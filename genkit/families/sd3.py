@@ -1,0 +1,28 @@
+"""Stable Diffusion 3 / 3.5: an MMDiT transformer on 16-channel latents, two CLIPs and a T5, flow matching, true CFG."""
+
+import torch
+
+from genkit.families.base import FlowFamily
+
+
+class StableDiffusion3(FlowFamily):
+    name = "sd3"
+    title = "Stable Diffusion 3"
+    pipeline_classes = ("StableDiffusion3Pipeline",)
+    guidance_scale = 7.0
+    num_inference_steps = 28
+
+    def multiple(self, pipe) -> int:
+        return int(pipe.vae_scale_factor) * self.patch(pipe)
+
+    def encode_captions(self, pipe, captions, device) -> dict:
+        hidden, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": hidden, "pooled_projections": pooled}
+
+    def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
+        return denoiser(hidden_states=noisy, timestep=t, encoder_hidden_states=cond["encoder_hidden_states"],
+                        pooled_projections=cond["pooled_projections"]).sample
+
+
+FAMILY = StableDiffusion3()
