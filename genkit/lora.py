@@ -15,6 +15,7 @@ has no loader for it); the other pipelines load through their own diffusers load
 from __future__ import annotations
 
 import hashlib
+import inspect
 import re
 import warnings
 from dataclasses import dataclass
@@ -91,13 +92,17 @@ def _loader(pipe):
 
 def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
     """(state dict in diffusers layout, network alphas, adapter metadata); kohya keys are converted."""
+    loader = _loader(pipe)
+    extra = {"unet_config": pipe.unet.config} if "unet_config" in inspect.signature(loader.lora_state_dict).parameters \
+        and hasattr(pipe, "unet") else {}
     try:
-        return _loader(pipe).lora_state_dict(
-            str(file.parent), weight_name=file.name, unet_config=pipe.unet.config if hasattr(pipe, "unet") else None,
-            use_safetensors=file.suffix == ".safetensors", return_lora_metadata=True,
-        )
+        parts = loader.lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True,
+                                       use_safetensors=file.suffix == ".safetensors", **extra)
     except (ValueError, KeyError, RuntimeError, OSError) as exc:
         raise GenkitError(f"--lora {file}: cannot read it as a LoRA ({_first_line(exc)})") from None
+    if len(parts) == 2:  # transformer loaders keep no network alphas
+        return parts[0], None, parts[1]
+    return parts
 
 
 def _peft_layers(component: str, part: dict) -> dict[str, tuple]:

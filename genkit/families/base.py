@@ -85,10 +85,7 @@ class Family:
                     guidance_scale=first.guidance_scale, width=first.width, height=first.height,
                     generator=generators, callback_on_step_end=on_step)
         if self.negative_prompt:
-            # None, not "", when every negative is empty: SDXL then uses zeros (force_zeros_for_empty_prompt),
-            # as plain diffusers does by default; for the others None and "" are the same
-            negatives = [job.negative_prompt for job in batch]
-            args["negative_prompt"] = negatives if any(negatives) else None
+            args["negative_prompt"] = [job.negative_prompt for job in batch]
         return args
 
     def check_job(self, job) -> None:

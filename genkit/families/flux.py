@@ -18,6 +18,9 @@ class Flux(FlowFamily):
     guidance_scale = 3.5
     num_inference_steps = 28
 
+    def samplers(self) -> tuple[str, ...]:
+        return ("flow-euler", "flow-dpm++", "flow-unipc")  # FluxPipeline passes sigmas, which flow-heun cannot take
+
     def multiple(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * 2  # latents are packed in 2x2 patches
 

@@ -28,6 +28,7 @@ class PixArtSigma(TransformerFamily):
         del args["callback_on_step_end"]  # PixArt's pipeline has only the legacy per-step callback
         args["callback"], args["callback_steps"] = (lambda i, t, latents: on_step(None, i, t, {})), 1
         args["use_resolution_binning"] = False  # the record's size is the size made, never a bin's
+        args["clean_caption"] = False  # the prompt as written (cleaning needs bs4 + ftfy and rewrites it)
         return args
 
     def encode_captions(self, pipe, captions, device) -> dict:

@@ -19,11 +19,12 @@ class Sana(FlowFamily):
     num_inference_steps = 20
 
     def multiple(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * self.patch(pipe)
+        return max(32, int(pipe.vae_scale_factor) * self.patch(pipe))  # SanaPipeline checks 32 whatever its VAE
 
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, on_step)
         args["use_resolution_binning"] = False  # the record's size is the size made, never a bin's
+        args["clean_caption"] = False  # the prompt as written (cleaning needs bs4 + ftfy and rewrites it)
         return args
 
     def encode_captions(self, pipe, captions, device) -> dict:

@@ -1,7 +1,7 @@
 """Stable Diffusion XL: a UNet that also reads pooled text and size/crop conditioning (text_time), two CLIPs.
 
-An empty negative prompt is zeros (`force_zeros_for_empty_prompt`), not the encoded "": the base
-family passes None for an all-empty batch so genkit's image is plain diffusers' default image.
+An empty negative prompt is zeros (`force_zeros_for_empty_prompt`), not the encoded "": genkit passes
+no negative for an all-empty batch, so its image is plain diffusers' default image.
 """
 
 import torch
@@ -18,8 +18,8 @@ class StableDiffusionXL(Family):
 
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, on_step)
-        if args["negative_prompt"] is None:
-            del args["negative_prompt"]  # diffusers' own default path for the empty negative
+        if not any(args["negative_prompt"]):  # diffusers' own default: zeros (force_zeros_for_empty_prompt), not ""
+            del args["negative_prompt"]  # (an empty and a non-empty negative never share a batch: Job.batch_key)
         return args
 
     def encode_captions(self, pipe, captions, device) -> dict:

@@ -64,14 +64,6 @@ class Schedule(enum.Enum):
     COSINE = "cosine"
 
 
-class Prediction(enum.Enum):
-    """What the model predicts, from its scheduler's `prediction_type`."""
-
-    EPSILON = "epsilon"
-    V_PREDICTION = "v_prediction"
-    SAMPLE = "sample"
-
-
 def _choice(enum_type, value, key: str):
     try:
         return enum_type(value)
@@ -188,15 +180,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def target(prediction: Prediction, scheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
-    """What the model should output for noisy `clean` at timesteps `t` (DDPM eq. 14; v from Salimans & Ho 2022)."""
-    if prediction is Prediction.EPSILON:
-        return noise
-    if prediction is Prediction.V_PREDICTION:
-        return scheduler.get_velocity(clean, noise, t)
-    return clean
-
-
 def step_generator(seed: int, *parts: int) -> torch.Generator:
     """A CPU generator that depends on (seed, parts) only: noise is the same on any device."""
     state = np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint64)
@@ -230,41 +213,34 @@ class _Encoders:
     """The frozen parts of a pipeline, and the caches of what they produce."""
 
     def __init__(self, pipeline, recipe: LoraRecipe, resolution: int, device, text_encoder=None):
-        self.pipe, self.kind, self.recipe = pipeline.pipe, pipeline.kind, recipe
+        self.pipe, self.family, self.recipe = pipeline.pipe, pipeline.family, recipe
         self.text_encoder = text_encoder if recipe.lora.text_encoder else pipeline.pipe.text_encoder
         self.resolution, self.device = resolution, device
         self.text_cache: dict[str, tuple] = {}
         self.image_cache: dict[tuple, torch.Tensor] = {}
 
     # -- text -------------------------------------------------------------------------------
-    def _encode_text(self, captions: list[str]):
-        """(hidden states, attention mask or None), as the pipeline computes them when generating."""
-        pipe = self.pipe
-        if self.kind == "genkit":
-            from genkit.pipeline import encode_text
-
-            return encode_text(pipe.tokenizer, self.text_encoder, captions, self.device)
-        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt")
-        use_mask = getattr(pipe.text_encoder.config, "use_attention_mask", False)
-        mask = tokens.attention_mask.to(self.device) if use_mask else None
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0], None
+    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """What the denoiser reads of each caption, as the pipeline computes it when generating."""
+        if self.recipe.lora.text_encoder:  # SD 1.x/2.x only: the adapted encoder runs with gradients
+            tokens = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
+                                         truncation=True, return_tensors="pt")
+            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids.to(self.device))[0]}
+        return self.family.encode_captions(self.pipe, captions, self.device)
 
     def fill_text_cache(self, captions) -> None:
         distinct = sorted(set(captions))
         with torch.no_grad():
             for i in range(0, len(distinct), ENCODE_CHUNK):
                 chunk = distinct[i:i + ENCODE_CHUNK]
-                hidden, mask = self._encode_text(chunk)
+                encoded = self._encode_text(chunk)
                 for j, caption in enumerate(chunk):
-                    self.text_cache[caption] = (hidden[j].float(), None if mask is None else mask[j])
+                    self.text_cache[caption] = {k: v[j] for k, v in encoded.items()}
 
-    def text(self, captions: list[str]):
+    def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.recipe.lora.text_encoder:  # being trained: encode with gradients, every step
-            hidden, mask = self._encode_text(captions)
-            return hidden, mask
-        hidden, masks = zip(*(self.text_cache[c] for c in captions))
-        return torch.stack(hidden), None if masks[0] is None else torch.stack(masks)
+            return self._encode_text(captions)
+        return {k: torch.stack([self.text_cache[c][k] for c in captions]) for k in self.text_cache[captions[0]]}
 
     # -- images -----------------------------------------------------------------------------
     def _pixels(self, path: Path, mirrored: bool, crop_rng: random.Random | None) -> torch.Tensor:
@@ -279,13 +255,8 @@ class _Encoders:
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """SD: the VAE's latent mean and std, (batch, 2, c, h, w); genkit-mini: the pixels themselves."""
-        pixels = pixels.to(self.device)
-        if self.kind == "genkit":
-            return pixels
-        vae = self.pipe.vae
-        dist = vae.encode(pixels.to(vae.dtype)).latent_dist
-        return torch.stack([dist.mean, dist.std], dim=1).float()
+        """Latent families: the VAE's latent mean and std, (batch, 2, c, h, w); genkit-mini: the pixels themselves."""
+        return self.family.encode_images(self.pipe, pixels.to(self.device))
 
     def fill_image_cache(self, variants: list[tuple[Path, bool]]) -> None:
         variants = sorted(set(variants))
@@ -303,13 +274,7 @@ class _Encoders:
             pixels = [self._pixels(items[i].path, m, random.Random(f"{seed}:{e}:{i}") if self.recipe.data.random_crop
                                    else None) for i, e, m in picked]
             encoded = self._encode_images(torch.stack(pixels))
-        if self.kind == "genkit":
-            return encoded
-        mean, std = encoded[:, 0], encoded[:, 1]
-        draws = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
-        sample = mean + std * draws.to(mean.device)
-        config = self.pipe.vae.config
-        return (sample - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
+        return self.family.latents(self.pipe, encoded, generators)
 
 
 # --- Pre-flight -----------------------------------------------------------------------------
@@ -366,24 +331,15 @@ def _model_id(model: str | None) -> str:
 
 
 def _supported(pipeline, recipe: LoraRecipe) -> None:
-    from diffusers import StableDiffusionPipeline
-
-    from genkit.pipeline import GenkitMiniPipeline
-
-    if not isinstance(pipeline.pipe, (StableDiffusionPipeline, GenkitMiniPipeline)):
-        raise GenkitError(f"LoRA training supports Stable Diffusion 1.x/2.x pipelines and genkit-mini; "
-                          f"{pipeline.name} is a {type(pipeline.pipe).__name__}")
-    if recipe.lora.text_encoder and pipeline.kind == "genkit":
-        raise GenkitError("lora.text_encoder: genkit-mini loads decoder LoRAs only; set lora.text_encoder=false")
+    if recipe.lora.text_encoder and pipeline.family.name != "sd":
+        raise GenkitError(f"lora.text_encoder: text-encoder adapters are trained for Stable Diffusion 1.x/2.x only, and "
+                          f"{pipeline.name} is {pipeline.family.title}; set lora.text_encoder=false")
 
 
 def _resolution(pipeline, resolution: int) -> int:
-    pipe = pipeline.pipe
-    factor = int(pipe.vae_scale_factor)
+    factor = pipeline.size_factor
     if resolution == 0:
-        size = pipe.unet.config.sample_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return size * (factor if pipeline.kind == "diffusers" else 1)
+        return pipeline.family.default_size(pipeline.pipe)
     if resolution % factor:
         low = max(factor, resolution // factor * factor)
         raise GenkitError(f"data.resolution must be a multiple of {factor} for {pipeline.name}, got {resolution} "
@@ -407,19 +363,23 @@ def _precision(value: str, device: torch.device) -> str:
 # --- The adapters ---------------------------------------------------------------------------
 
 
-def _add_adapters(pipe, cfg: AdapterConfig) -> list[tuple[str, torch.nn.Module]]:
+def _add_adapters(pipe, family, cfg: AdapterConfig) -> list[tuple[str, torch.nn.Module]]:
     """Add peft LoRA layers (B starts at zero, so step 0 is the base model); returns the trained modules."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
-    trained = [("unet", pipe.unet)]
+    trained = [(family.denoiser_name, family.denoiser(pipe))]
     if cfg.text_encoder:
         trained.append(("text_encoder", pipe.text_encoder))
     for name, module in trained:
-        targets = cfg.target_modules if name == "unet" else cfg.text_encoder_target_modules
+        targets = cfg.text_encoder_target_modules if name == "text_encoder" else cfg.target_modules
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
                             target_modules=list(targets))
         try:
-            module.add_adapter(config)
+            if hasattr(module, "add_adapter"):
+                module.add_adapter(config)
+            else:  # a denoiser without diffusers' peft mixin (PixArt)
+                inject_adapter_in_model(config, module, adapter_name="default")
+                module.peft_config = {"default": config}
         except ValueError as exc:
             raise GenkitError(f"lora.target_modules: {str(exc).splitlines()[0][:200]}") from None
     return trained
@@ -429,14 +389,19 @@ def _adapter_params(trained) -> dict[str, torch.nn.Parameter]:
     return {f"{name}.{key}": p for name, module in trained for key, p in module.named_parameters() if p.requires_grad}
 
 
-def _lora_layers(trained) -> dict:
-    """{component: diffusers-layout state dict} of the adapters, as diffusers' training scripts save them, with
-    feed-forward and convolution adapters renamed too (see genkit.lora._LAYOUTS)."""
+def _lora_layers(trained, family) -> dict:
+    """{component: state dict} of the adapters as diffusers' training scripts save them for this family: UNet
+    families in diffusers' layout (feed-forward and convolution adapters renamed too, see genkit.lora._LAYOUTS),
+    transformers in peft's."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    return {name: diffusers_layout(convert_state_dict_to_diffusers(get_peft_model_state_dict(module)))
-            for name, module in trained}
+    def layout(name, state):
+        if family.lora_layout == "peft" and name == family.denoiser_name:
+            return state
+        return diffusers_layout(convert_state_dict_to_diffusers(state))
+
+    return {name: layout(name, get_peft_model_state_dict(module)) for name, module in trained}
 
 
 def _check_finite(params: dict, step: int) -> None:
@@ -468,21 +433,17 @@ def _load_checkpoint(ckpt: Path, params: dict, optimizer) -> dict:
     return meta
 
 
-def _export(out: Path, trained, record: dict) -> tuple[Path, Path]:
-    """Write the weights (diffusers' layout and header) and the record, each by an atomic rename."""
-    from diffusers import StableDiffusionPipeline
-
+def _export(out: Path, pipeline, trained, record: dict) -> tuple[Path, Path]:
+    """Write the weights (the family's diffusers layout and header) and the record, each by an atomic rename."""
     from genkit.outputs import atomic_write
 
-    layers = _lora_layers(trained)
+    layers = _lora_layers(trained, pipeline.family)
     metadata = {name: module.peft_config["default"].to_dict() for name, module in trained}
+    for meta in metadata.values():  # JSON-safe (peft keeps sets)
+        meta.update({k: sorted(v) for k, v in meta.items() if isinstance(v, set)})
     tmp = out / ".tmp-lora"
     shutil.rmtree(tmp, ignore_errors=True)
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers=layers["unet"], text_encoder_lora_layers=layers.get("text_encoder"),
-        unet_lora_adapter_metadata=metadata["unet"], text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
-        safe_serialization=True, weight_name=WEIGHTS_NAME,
-    )
+    pipeline.family.save_lora(pipeline.pipe, tmp, layers, metadata, WEIGHTS_NAME)
     os.replace(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME)
     shutil.rmtree(tmp, ignore_errors=True)
     atomic_write(out / RECORD_NAME, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
@@ -535,7 +496,7 @@ class _Loop:
     models: list  # as accelerate prepared them; the decoder first
     encoders: _Encoders
     items: list
-    scheduler: object  # diffusers' DDPMScheduler with the base model's noise schedule
+    scheduler: object  # the noise schedule to train on (DDPM from the base model's config; None for flow matching)
     params: dict[str, torch.nn.Parameter]
     optimizer: object
     recipe: LoraRecipe
@@ -549,7 +510,8 @@ class _Loop:
         return float(np.mean([self._pass(step, micro) for micro in range(cfg.gradient_accumulation_steps)]))
 
     def _pass(self, step: int, micro: int) -> float:
-        cfg, accelerator, unet = self.recipe.train, self.accelerator, self.models[0]
+        cfg, accelerator, denoiser = self.recipe.train, self.accelerator, self.models[0]
+        family, pipe = self.encoders.family, self.encoders.pipe
         rank = accelerator.process_index
         picked = batch_items(step, micro, cfg, len(self.items), self.recipe.data.flip, accelerator.num_processes, rank)
         # one generator per sample, keyed by its place in the whole run: one process with batch 2 and two
@@ -559,15 +521,13 @@ class _Loop:
         with accelerator.accumulate(*self.models):
             clean = self.encoders.clean(self.items, picked, gens)
             noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
-            steps = self.scheduler.config.num_train_timesteps
-            t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in gens]).to(clean.device)
-            hidden, mask = self.encoders.text([self.items[i].caption for i, _, _ in picked])
-            noisy = self.scheduler.add_noise(clean, noise, t)
-            dtype = self.encoders.pipe.unet.dtype
+            noisy, t, target = family.noisy(self.scheduler, clean, noise, gens)
+            cond = self.encoders.text([self.items[i].caption for i, _, _ in picked])
+            dtype = family.denoiser(pipe).dtype
+            cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
             with accelerator.autocast():
-                output = unet(noisy.to(dtype), t, encoder_hidden_states=hidden.to(dtype), encoder_attention_mask=mask)
-            prediction = Prediction(self.scheduler.config.prediction_type)
-            loss = F.mse_loss(output.sample.float(), target(prediction, self.scheduler, clean, noise, t).float())
+                output = family.forward(pipe, denoiser, noisy.to(dtype), t, cond)
+            loss = F.mse_loss(output.float(), target.float())
             if not torch.isfinite(loss):
                 raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the last "
                                   "checkpoint is untouched (lower train.learning_rate and --resume)")
@@ -614,7 +574,6 @@ def train_lora(
     `config` is a `LoraRecipe`, a TOML recipe path, or None for the defaults; `overrides` are
     `section.key=value` strings; `instance_prompt` captions the images that have no caption.
     """
-    from diffusers import DDPMScheduler
     from diffusers.training_utils import cast_training_params
     from tqdm.auto import tqdm
 
@@ -640,17 +599,17 @@ def train_lora(
     recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
     if ckpt is not None:
         _check_resume(checkpoint.load(ckpt)[1], recipe, model_name, dataset)
-    for part in (pipe.unet, pipe.text_encoder, getattr(pipe, "vae", None)):
+    for part in (pipeline.denoiser, *pipeline.family.text_encoders(pipe), getattr(pipe, "vae", None)):
         if part is not None:
             part.requires_grad_(False)
 
     # 3. Adapters (seeded; trained in fp32 whatever the base's dtype), optimizer, and the state to resume
     torch.manual_seed(cfg.seed)
-    trained = _add_adapters(pipe, recipe.lora)
+    trained = _add_adapters(pipe, pipeline.family, recipe.lora)
     cast_training_params([module for _, module in trained], dtype=torch.float32)
     params = _adapter_params(trained)
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        pipeline.denoiser.enable_gradient_checkpointing()
         if recipe.lora.text_encoder:
             pipe.text_encoder.gradient_checkpointing_enable()
     optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -670,8 +629,8 @@ def train_lora(
     if recipe.data.cache_latents:
         mirrored = (False, True) if recipe.data.flip else (False,)
         encoders.fill_image_cache([(item.path, m) for item in items for m in mirrored])
-    loop = _Loop(accelerator, models, encoders, items, DDPMScheduler.from_config(pipe.scheduler.config), params,
-                 optimizer, recipe)
+    loop = _Loop(accelerator, models, encoders, items, pipeline.family.training_scheduler(pipe), params, optimizer,
+                 recipe)
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
     start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every
@@ -706,8 +665,8 @@ def train_lora(
     _check_finite(params, cfg.steps)
     weights, record = out / WEIGHTS_NAME, out / RECORD_NAME
     if main:
-        weights, record = _export(out, trained, {
-            "base_model": model_name, "kind": pipeline.kind, "steps": cfg.steps, "dataset": dataset,
+        weights, record = _export(out, pipeline, trained, {
+            "base_model": model_name, "kind": pipeline.kind, "family": pipeline.family.name, "steps": cfg.steps, "dataset": dataset,
             "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
             "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": _trigger_words(items),
             "effective_batch_size": effective, "processes": accelerator.num_processes,
