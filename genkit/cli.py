@@ -286,5 +286,9 @@ def data_check(data_dir, instance_prompt, model):
         sys.exit(2)
 
 
+from genkit.serve.command import serve as _serve  # noqa: E402 - click only; fastapi and torch load when it runs
+
+main.add_command(_serve)
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,271 @@
+"""AUTOMATIC1111's API (`/sdapi/v1/*`), with A1111's field names and response shapes.
+
+`txt2img` returns `{"images": [base64 PNG], "parameters": {...}, "info": "<JSON string>"}`;
+info carries `seed`, `all_seeds`, `infotexts` and the rest A1111 writes. Unlike A1111, each
+image carries its infotext (and genkit's record) in the PNG, no grid image is prepended
+(`index_of_first_image` is 0), and image k of a batch can be remade alone from its seed.
+LoRAs: `<lora:name:weight>` in the prompt, or `"loras": [{"name", "weight"}]`, from --lora-dir.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import time
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from genkit import schedulers
+from genkit.errors import GenkitError
+from genkit.outputs import infotext
+from genkit.serve.bodies import Body, LoraRef, read_model
+from genkit.serve.errors import ApiError
+from genkit.serve.service import Order
+
+router = APIRouter(prefix="/sdapi/v1")
+
+FIELDS = {"n": "batch_size", "guidance": "cfg_scale", "scheduler": "sampler_name",
+          "model": "override_settings.sd_model_checkpoint"}
+SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
+             "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # A1111's noise schedules; genkit has one
+
+
+class Txt2Img(Body):
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = -1
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    sampler_name: str | None = None
+    sampler_index: str | None = None  # older clients' word for sampler_name
+    scheduler: str | None = None
+    batch_size: int = 1
+    n_iter: int = 1
+    override_settings: dict = {}
+    loras: list[LoraRef] = []  # genkit's extension
+    enable_hr: bool = False
+    send_images: bool = True
+
+
+class Img2Img(Txt2Img):
+    init_images: list[str] = []
+    mask: str | None = None
+    denoising_strength: float = 0.75
+
+
+def server(request: Request):
+    return request.app.state.genkit
+
+
+@router.post("/txt2img")
+async def txt2img(request: Request):
+    body = await read_model(request, Txt2Img)
+    return await _generate(request, body, _order(request, body))
+
+
+@router.post("/img2img")
+async def img2img(request: Request):
+    body = await read_model(request, Img2Img)
+    order = _order(request, body)
+    if not body.init_images:
+        raise ApiError(422, "init_images: img2img needs at least one base64 image", param="init_images")
+    order.image = _decode_image(body.init_images[0], "init_images.0")
+    order.mask = _decode_image(body.mask, "mask") if body.mask else None
+    order.strength = body.denoising_strength
+    return await _generate(request, body, order)
+
+
+def _order(request: Request, body: Txt2Img) -> Order:
+    if body.enable_hr:
+        raise ApiError(422, "enable_hr: the hires fix is not offered by genkit serve (send enable_hr false)",
+                       param="enable_hr")
+    for name in ("batch_size", "n_iter"):
+        if getattr(body, name) < 1:
+            raise ApiError(422, f"{name} must be at least 1, got {getattr(body, name)}", param=name)
+    limit = server(request).limits.max_images
+    if body.batch_size * body.n_iter > limit:
+        raise ApiError(422, f"batch_size * n_iter asks for {body.batch_size * body.n_iter} images; this server makes "
+                            f"at most {limit} per request (--max-images)", param="batch_size", code="limit")
+    if body.seed < -1:
+        raise ApiError(422, f"seed must be -1 (random) or from 0 up, got {body.seed}", param="seed")
+    model = body.override_settings.get("sd_model_checkpoint")
+    if model is not None and not isinstance(model, str):
+        raise ApiError(422, "override_settings.sd_model_checkpoint must be a string",
+                       param="override_settings.sd_model_checkpoint")
+    return Order(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.batch_size * body.n_iter,
+                 seed=None if body.seed == -1 else body.seed, steps=body.steps, guidance=body.cfg_scale,
+                 width=body.width, height=body.height, scheduler=_sampler(body), model=model,
+                 loras=[(ref.name, ref.value) for ref in body.loras], fields=FIELDS)
+
+
+def _sampler(body: Txt2Img) -> str | None:
+    """genkit's sampler for A1111's sampler_name (+ scheduler; 'DPM++ 2M Karras' is both in one)."""
+    name = (body.sampler_name or body.sampler_index or "").strip()
+    schedule = (body.scheduler or "").strip()
+    for suffix in SCHEDULES[1:]:
+        if name.lower().endswith(" " + suffix.lower()):
+            name, schedule = name[: -len(suffix) - 1], suffix
+    if schedule and schedule.lower() not in ("automatic", "default"):
+        raise ApiError(422, f"scheduler {schedule!r} is not offered (valid: Automatic; genkit samples with trailing "
+                            "timestep spacing)", param="scheduler")
+    if not name or name.lower() in ("default", "automatic"):
+        return "default" if name.lower() == "default" else None
+    try:
+        return schedulers.parse(name).value
+    except (GenkitError, ValueError):
+        valid = ", ".join(entry["name"] for entry in _samplers())
+        raise ApiError(422, f"sampler_name: unknown sampler {name!r} (valid: {valid})", param="sampler_name") from None
+
+
+def _decode_image(text: str, field: str):
+    from io import BytesIO
+
+    from PIL import Image
+
+    data = text.split(",", 1)[1] if text.startswith("data:") else text
+    try:
+        image = Image.open(BytesIO(base64.b64decode(data, validate=True)))
+        image.load()
+    except (binascii.Error, ValueError, OSError):
+        raise ApiError(422, f"{field}: not a base64-encoded image", param=field) from None
+    return image
+
+
+async def _generate(request: Request, body: Txt2Img, order: Order):
+    state = server(request)
+    delivery = await state.service.run(order, request)
+    if delivery is None:  # the client went away
+        return Response(status_code=499)
+    records = [entry.record for entry in delivery.entries]
+    images = [base64.b64encode(state.store.path(e.file).read_bytes()).decode() for e in delivery.entries] \
+        if body.send_images else []
+    return {"images": images, "parameters": body.model_dump(), "info": json.dumps(_info(body, records, delivery))}
+
+
+def _info(body: Txt2Img, records: list, delivery) -> dict:
+    first = records[0] if records else {}
+    seeds = [r["seed"] for r in records]
+    sampler = first.get("scheduler", body.sampler_name)
+    try:
+        sampler = schedulers.a1111_name(sampler) if sampler else sampler
+    except GenkitError:
+        pass
+    return {
+        "prompt": body.prompt, "all_prompts": [r["prompt"] for r in records],
+        "negative_prompt": body.negative_prompt, "all_negative_prompts": [r["negative_prompt"] for r in records],
+        "seed": seeds[0] if seeds else body.seed, "all_seeds": seeds, "subseed": seeds[0] if seeds else -1,
+        "all_subseeds": seeds, "subseed_strength": 0, "width": first.get("width", body.width),
+        "height": first.get("height", body.height), "sampler_name": sampler,
+        "cfg_scale": first.get("guidance_scale", body.cfg_scale), "steps": first.get("num_inference_steps", body.steps),
+        "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
+        "sd_model_name": delivery.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "extra_generation_params": {"Lora": ", ".join(f"{lo['name']}: {lo['scale']}" for lo in first["lora"])}
+        if first.get("lora") else {},
+        "index_of_first_image": 0, "infotexts": [infotext(r) for r in records], "styles": [],
+        "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "is_using_inpainting_conditioning": False,
+        "version": f"genkit {first.get('versions', {}).get('genkit', '')}".strip(),
+        "interrupted": delivery.interrupted, "files": [e.file for e in delivery.entries],
+    }
+
+
+def _samplers() -> list[dict]:
+    entries = []
+    for name in schedulers.NAMES:
+        try:
+            entries.append({"name": schedulers.a1111_name(name), "aliases": [name], "options": {}})
+        except GenkitError:
+            entries.append({"name": name, "aliases": [], "options": {}})
+    return entries
+
+
+@router.get("/samplers")
+def samplers():
+    return _samplers()
+
+
+@router.get("/schedulers")
+def schedules():
+    return [{"name": "automatic", "label": "Automatic", "aliases": None, "default_rho": -1,
+             "need_inner_model": False}]
+
+
+@router.get("/sd-models")
+def sd_models(request: Request):
+    from pathlib import Path
+
+    return [{"title": name, "model_name": Path(name).name, "hash": None, "sha256": None, "filename": name,
+             "config": None} for name in server(request).pool.names()]
+
+
+@router.get("/options")
+def get_options(request: Request):
+    return {"sd_model_checkpoint": server(request).pool.current, "sd_checkpoint_hash": None, "samples_format": "png",
+            "CLIP_stop_at_last_layers": 1, "sd_vae": "Automatic"}
+
+
+@router.post("/options")
+async def set_options(request: Request):
+    from genkit.serve.bodies import read_json
+
+    body = await read_json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, "the request body must be a JSON object of options", param="body")
+    if "sd_model_checkpoint" in body:
+        value = body["sd_model_checkpoint"]
+        if not isinstance(value, str):
+            raise ApiError(422, "sd_model_checkpoint must be a string", param="sd_model_checkpoint")
+        pool = server(request).pool
+        pool.current = pool.resolve(value, "sd_model_checkpoint")
+    return None  # other options are accepted and ignored, as A1111 stores what it does not use
+
+
+@router.get("/loras")
+def loras(request: Request):
+    return server(request).library.a1111_list()
+
+
+@router.post("/refresh-loras")
+def refresh_loras(request: Request):
+    server(request).library.refresh()
+    return None
+
+
+@router.get("/sd-vae")
+def sd_vae():
+    return []
+
+
+@router.get("/upscalers")
+def upscalers():
+    return []
+
+
+@router.get("/progress")
+def progress(request: Request, skip_current_image: bool = False):
+    status = server(request).queue.status()
+    fraction = status["step"] / status["steps"] if status["running"] and status["steps"] else 0.0
+    elapsed = time.monotonic() - status["started"] if status["running"] else 0.0
+    eta = elapsed / fraction - elapsed if fraction > 0 else 0.0
+    return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "current_image": None, "textinfo": None,
+            "current_task": None,
+            "state": {"skipped": False, "interrupted": status["interrupted"], "stopping_generation": False,
+                      "job": "txt2img" if status["running"] else "", "job_count": status["requests"],
+                      "job_timestamp": "0", "job_no": 0, "sampling_step": status["step"],
+                      "sampling_steps": status["steps"], "images_waiting": status["waiting"]}}
+
+
+@router.post("/interrupt")
+def interrupt(request: Request):
+    server(request).queue.interrupt()
+    return {}
+
+
+@router.post("/skip")
+def skip(request: Request):
+    server(request).queue.interrupt()
+    return {}

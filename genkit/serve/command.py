@@ -1,0 +1,63 @@
+"""The `genkit serve` command (registered in genkit/cli.py). Only click is imported here, so
+`genkit --help` stays instant; FastAPI, uvicorn and torch load when the command runs."""
+
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--model", "-m", "models", multiple=True, envvar="GENKIT_MODEL",
+              help="Model to serve (preset, folder or hub id); repeat to serve several, the first is current "
+                   "(env GENKIT_MODEL; default genkit-mini).")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on; anything but loopback needs --api-key.")
+@click.option("--port", default=7860, show_default=True, type=int)
+@click.option("--api-key", envvar="GENKIT_API_KEY", default=None,
+              help="Require Authorization: Bearer KEY on every route (env GENKIT_API_KEY).")
+@click.option("--out", "-o", default=None, type=click.Path(file_okay=False),
+              help="Keep images here, named and recorded as genkit generate does (default: a temporary folder).")
+@click.option("--lora-dir", "lora_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of LoRAs that requests may name (<lora:name:weight>); repeatable.")
+@click.option("--max-batch", default=8, show_default=True, help="Images per engine batch, across requests.")
+@click.option("--max-queue", default=64, show_default=True, help="Images that may wait; past it 429 + Retry-After.")
+@click.option("--max-images", default=16, show_default=True, help="Images one request may ask for.")
+@click.option("--max-steps", default=150, show_default=True, help="Steps one request may ask for.")
+@click.option("--max-size", default=2048, show_default=True, help="Largest width or height, pixels.")
+@click.option("--cors", "cors", multiple=True, metavar="ORIGIN",
+              help="Allow browser pages from ORIGIN to call the API (off by default); repeatable.")
+@click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
+@click.option("--dtype", default=None, help="fp32, fp16 or bf16.")
+@click.option("--attention", default="auto", show_default=True, help="auto, xformers, sdpa, sliced or math.")
+def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max_images, max_steps, max_size, cors,
+          device, dtype, attention):
+    """Serve models over HTTP: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1/images, and a gallery at /."""
+    from genkit.errors import GenkitError
+    from genkit.serve.security import check_bind
+
+    check_bind(host, api_key)
+    for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-images", max_images),
+                        ("--max-steps", max_steps), ("--max-size", max_size)):
+        if value < 1:
+            raise GenkitError(f"{name} must be at least 1, got {value}")
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as exc:
+        raise GenkitError(f"genkit serve needs {exc.name}: pip install 'genkit[serve]'") from None
+    from genkit.cli import _quiet_libraries
+    from genkit.outputs import check_out_dir
+    from genkit.serve.app import create_app
+    from genkit.serve.limits import Limits
+    from genkit.serve.runner import bind, serve as run
+
+    if out is not None:
+        check_out_dir(out)
+    bind(host, port).close()  # a port in use is one line, before the slow model load
+    _quiet_libraries()
+    limits = Limits(max_batch=max_batch, max_queue=max(max_queue, max_images), max_images=max_images,
+                    max_steps=max_steps, max_side=max_size)
+    app = create_app(list(models) or None, out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors,
+                     device=device, dtype=dtype, attention=attention)
+    click.echo(f"genkit serve: http://{host}:{port} (gallery at /, A1111 at /sdapi/v1, OpenAI at /v1)", err=True)
+    run(app, host, port)

@@ -1,0 +1,88 @@
+"""The gallery page (`GET /`) and the JSON it reads (`/genkit/v1/*`).
+
+- `GET /genkit/v1/images?q=&limit=`: recent images, newest first, each with its record;
+- `GET /genkit/v1/images/{file}`: one image's entry; `GET /genkit/v1/files/{file}`: the PNG;
+- `POST /genkit/v1/images/{file}/variation`: the same settings (model, LoRAs) with a new seed.
+
+The page is one static file (gallery.html, no build step, nothing from a CDN).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import FileResponse, HTMLResponse, Response
+
+from genkit.serve.errors import ApiError
+from genkit.serve.service import Order
+
+router = APIRouter()
+
+
+def _page() -> str:
+    return resources.files("genkit.serve").joinpath("gallery.html").read_text(encoding="utf-8")
+
+
+@router.get("/", response_class=HTMLResponse)
+def page():
+    return HTMLResponse(_page(), headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/genkit/v1/images")
+def images(request: Request, q: str = Query("", max_length=500), limit: int = Query(100, ge=1, le=1000)):
+    state = request.app.state.genkit
+    return {"images": [_entry(e) for e in state.store.newest(limit, q)], "models": state.pool.names(),
+            "loras": state.library.names(), "auth": bool(state.api_key)}
+
+
+@router.get("/genkit/v1/images/{name}")
+def image(request: Request, name: str):
+    return _entry(_find(request, name))
+
+
+@router.get("/genkit/v1/files/{name}")
+def file(request: Request, name: str):
+    path = request.app.state.genkit.store.path(name)
+    if path is None:
+        raise ApiError(404, f"no image {name!r} here", param="name")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.post("/genkit/v1/images/{name}/variation")
+async def variation(request: Request, name: str):
+    state = request.app.state.genkit
+    record = _find(request, name).record
+    loras = []
+    for lora in record.get("lora", []):
+        served = state.library.name_of(lora.get("path", ""))
+        if served is None:
+            raise ApiError(422, f"LoRA {lora.get('name')!r} of this image is not served now", param="loras")
+        loras.append((served, float(lora["scale"])))
+    order = Order(prompt=record["prompt"], negative_prompt=record.get("negative_prompt", ""),
+                  steps=record["num_inference_steps"], guidance=record["guidance_scale"], width=record["width"],
+                  height=record["height"], scheduler=record["scheduler"], model=record["model"], loras=loras)
+    delivery = await state.service.run(order, request)
+    if delivery is None:
+        return Response(status_code=499)
+    return {"images": [_entry(e) for e in delivery.entries], "interrupted": delivery.interrupted}
+
+
+def _find(request: Request, name: str):
+    entry = request.app.state.genkit.store.find(name)
+    if entry is None:
+        raise ApiError(404, f"no image {name!r} here", param="name")
+    return entry
+
+
+def _entry(entry) -> dict:
+    from genkit.outputs import infotext
+
+    record = entry.record
+    return {"file": entry.file, "url": f"/genkit/v1/files/{entry.file}", "time": entry.time,
+            "prompt": record.get("prompt"), "negative_prompt": record.get("negative_prompt"),
+            "seed": record.get("seed"), "steps": record.get("num_inference_steps"),
+            "guidance": record.get("guidance_scale"), "width": record.get("width"), "height": record.get("height"),
+            "scheduler": record.get("scheduler"), "model": record.get("model"),
+            "loras": [{"name": lo.get("name"), "scale": lo.get("scale")} for lo in record.get("lora", [])],
+            "infotext": infotext(record), "record": record}

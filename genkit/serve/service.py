@@ -1,0 +1,171 @@
+"""One image request, whatever the dialect: check it, plan it, queue it, wait for it.
+
+Each dialect turns its body into an `Order` (with its own field names in `fields`, so errors
+name what the client sent) and gets back `Delivery` entries; everything between is here:
+limits, LoRA tags and names, the model, `Pipeline.plan` (the engine's own validation), the
+coalescing queue, and waiting while watching for a client that goes away.
+
+Image editing (A1111 img2img, OpenAI edits) arrives as `image`/`mask`/`strength` on the order;
+once the engine's GenerationConfig takes them, `_config` passes them on and `_check_editing`
+goes away: the queue and the records need nothing more (Job.batch_key keeps unlike jobs apart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field, replace
+
+from genkit.errors import GenkitError
+from genkit.serve.errors import ApiError, one_line
+from genkit.serve.loras import LoraLibrary, split_tags
+from genkit.serve.queue import Coalescer, QueueFull, Ticket
+
+DISCONNECT_POLL_S = 0.2
+
+
+@dataclass
+class Order:
+    """What a client asked for, in genkit's terms; None means the model's default."""
+
+    prompt: str
+    negative_prompt: str = ""
+    n: int = 1
+    seed: int | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
+    model: str | None = None
+    loras: list = field(default_factory=list)  # [(name, scale)] besides the prompt's <lora:...> tags
+    image: object = None  # image editing (img2img, inpaint), when the engine has it
+    mask: object = None
+    strength: float | None = None
+    fields: dict = field(default_factory=dict)  # genkit's word -> the dialect's (errors name the client's field)
+
+    def field(self, name: str) -> str:
+        return self.fields.get(name, name)
+
+
+@dataclass
+class Delivery:
+    entries: list  # store.Entry per image made, in order
+    interrupted: bool = False
+    model: str = ""
+
+
+class Service:
+    def __init__(self, pool, library: LoraLibrary, store, limits, coalescer: Coalescer):
+        self.pool, self.library, self.store, self.limits, self.queue = pool, library, store, limits, coalescer
+
+    # -- from an order to a ticket ------------------------------------------------------------
+    def ticket(self, order: Order) -> Ticket:
+        limits = self.limits
+        limits.check_prompt(order.prompt, order.field("prompt"))
+        limits.check_prompt(order.negative_prompt, order.field("negative_prompt"))
+        limits.check_count(order.n, order.field("n"))
+        limits.check_steps(order.steps, order.field("steps"))
+        limits.check_side(order.width, order.field("width"))
+        limits.check_side(order.height, order.field("height"))
+        self._check_editing(order)
+        prompt, tags = split_tags(order.prompt, order.field("prompt"))
+        loras = self._loras(tags, order)
+        model = self.pool.resolve(order.model, order.field("model"))
+        pipeline = self.pool.get(model)
+        try:
+            jobs = pipeline.plan([prompt], self._config(order))
+        except GenkitError as exc:
+            param = order.field(_field_of(str(exc)))
+            raise ApiError(422, f"{param}: {exc}" if param and not str(exc).startswith(param) else str(exc),
+                           param=param) from None
+        return Ticket(key=(model, loras, jobs[0].batch_key()), jobs=jobs)
+
+    @staticmethod
+    def _check_editing(order: Order) -> None:
+        if order.image is not None or order.mask is not None:
+            raise ApiError(501, "image editing (img2img, inpainting) is not in genkit's engine yet; only text-to-image "
+                                "is served", code="not_implemented")
+
+    @staticmethod
+    def _config(order: Order):
+        from genkit.generate import GenerationConfig
+
+        return GenerationConfig(negative_prompt=order.negative_prompt, num_images_per_prompt=order.n, seed=order.seed,
+                                num_inference_steps=order.steps, guidance_scale=order.guidance, width=order.width,
+                                height=order.height, scheduler=order.scheduler)
+
+    def _loras(self, tags: list, order: Order) -> tuple:
+        named = [(name, scale, order.field("prompt")) for name, scale in tags]
+        named += [(name, scale, order.field("loras")) for name, scale in order.loras]
+        if len(named) > self.limits.max_loras:
+            raise ApiError(422, f"{order.field('loras')}: {len(named)} LoRAs asked for; at most "
+                                f"{self.limits.max_loras} per request", param=order.field("loras"), code="limit")
+        seen, key = set(), []
+        for name, scale, where in named:
+            if name in seen:
+                raise ApiError(422, f"{where}: LoRA {name!r} is named twice", param=where)
+            if abs(scale) > self.limits.max_lora_weight:
+                raise ApiError(422, f"{where}: LoRA weight {scale} is outside +-{self.limits.max_lora_weight}",
+                               param=where, code="limit")
+            seen.add(name)
+            key.append((str(self.library.resolve(name, where)), float(scale)))
+        return tuple(key)
+
+    # -- running --------------------------------------------------------------------------------
+    async def run(self, order: Order, request) -> Delivery | None:
+        """Queue the order and wait; None when the client went away (its jobs are dropped)."""
+        ticket = self.ticket(order)
+        try:
+            self.queue.submit(ticket)
+        except QueueFull as full:
+            raise ApiError(429, f"the server is busy ({self.queue.max_queue} images already wait); retry in "
+                                f"{full.retry_after} s", code="queue_full",
+                           headers={"Retry-After": str(full.retry_after)}) from None
+        waiting = asyncio.wrap_future(ticket.future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_S)
+                if done:
+                    break
+                if await request.is_disconnected():
+                    self.queue.cancel(ticket)
+                    return None
+        except asyncio.CancelledError:  # the server is cancelling this request's task
+            self.queue.cancel(ticket)
+            raise
+        if waiting.cancelled():
+            return None
+        exc = waiting.exception()
+        if exc is not None:
+            if isinstance(exc, GenkitError):
+                raise ApiError(422, str(exc), param=order.field("loras") if "--lora" in str(exc) else None)
+            raise ApiError(500, f"generation failed: {one_line(exc)}", code="generation_failed")
+        return Delivery(entries=ticket.outputs_done(), interrupted=ticket.interrupted, model=ticket.key[0])
+
+    def run_batch(self, key, jobs, check):
+        """The worker thread's side: make one batch on the right pipeline, return (image, record) pairs."""
+        from genkit.generate import GenerationConfig
+
+        model, loras, _ = key
+        pipeline = self.pool.pipeline_for(model, loras)
+        jobs = [replace(job, index=self.store.next_index()) for job in jobs]
+        outputs = []
+        for result in pipeline.iter_generate([job.prompt for job in jobs], GenerationConfig(batch_size=len(jobs)),
+                                             jobs=jobs, callback=lambda info: check(info["step"], info["steps"])):
+            outputs += zip(result.images, result.metadata)
+        return outputs
+
+    def deliver(self, ticket, job, output):
+        image, record = output
+        return self.store.save(image, record)
+
+
+def _field_of(message: str) -> str | None:
+    """Which setting a GenkitError from Pipeline.plan is about, from its first words."""
+    head = message.lower()
+    for prefix, name in (("width", "width"), ("height", "height"), ("steps", "steps"), ("guidance", "guidance"),
+                         ("seed", "seed"), ("unknown scheduler", "scheduler"), ("a prompt", "prompt"),
+                         ("no prompts", "prompt"), ("n must", "n"), ("num_images", "n")):
+        if head.startswith(prefix):
+            return name
+    return None
