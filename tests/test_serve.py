@@ -134,7 +134,7 @@ def test_txt2img_answers_as_a1111_and_records_as_the_cli(server, client, models,
 def test_coalesced_images_equal_the_images_made_alone(server, models):
     prompts = [(f"a {colour} square", seed) for colour, seed in
                (("red", 1), ("blue", 2), ("green", 3), ("yellow", 4), ("purple", 5), ("orange", 6))]
-    before = len(server.state.queue.batch_tickets)
+    before = server.state.queue.stats["shared_batches"]
 
     def ask(prompt_seed):
         prompt, seed = prompt_seed
@@ -143,7 +143,7 @@ def test_coalesced_images_equal_the_images_made_alone(server, models):
 
     with ThreadPoolExecutor(len(prompts)) as pool:
         bodies = list(pool.map(ask, prompts))
-    assert max(server.state.queue.batch_tickets[before:]) > 1, "no batch held images of two requests"
+    assert server.state.queue.stats["shared_batches"] > before, "no batch held images of two requests"
     for (prompt, seed), body in zip(prompts, bodies):
         assert np.array_equal(pixels(body["images"][0]), alone(models.mini, prompt, seed)[0]), prompt
 
@@ -419,6 +419,8 @@ def test_gallery_json_lists_newest_first_filters_and_makes_a_variation(server, c
     assert variation["prompt"] == "a purple zebra circle" and variation["seed"] != 42
     assert (variation["steps"], variation["model"]) == (STEPS, found[0]["model"])
     assert client.get("/", headers={"accept": "text/html"}).text.startswith("<!doctype html>")
+    status = client.get("/genkit/v1/status").json()
+    assert status["queue"]["batches"] >= 1 and status["queue"]["waiting"] == 0 and status["max_batch"] == 8
 
 
 def test_a_served_image_replays_identically(server, client):

@@ -2,7 +2,7 @@
 
 FastAPI's own body parsing would answer in FastAPI's shape only; reading the body here lets
 each dialect answer in its own (see errors.py). Models are strict: a string where a number
-belongs is refused, not coerced.
+belongs is refused, not coerced. A top-level `null` means the field's default.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def parse(model: type[BaseModel], data, *, status: int = 422):
     """Validate `data` against `model`; the first problem becomes an ApiError naming its field."""
     if not isinstance(data, dict):
         raise ApiError(status, f"the request body must be a JSON object, got {type(data).__name__}", param="body")
+    data = {key: value for key, value in data.items() if value is not None}  # null: the default, as clients mean it
     try:
         return model.model_validate(data)
     except ValidationError as exc:

@@ -2,7 +2,8 @@
 
 - `GET /genkit/v1/images?q=&limit=`: recent images, newest first, each with its record;
 - `GET /genkit/v1/images/{file}`: one image's entry; `GET /genkit/v1/files/{file}`: the PNG;
-- `POST /genkit/v1/images/{file}/variation`: the same settings (model, LoRAs) with a new seed.
+- `POST /genkit/v1/images/{file}/variation`: the same settings (model, LoRAs) with a new seed;
+- `GET /genkit/v1/status`: models, the queue, batch counts.
 
 The page is one static file (gallery.html, no build step, nothing from a CDN).
 """
@@ -34,6 +35,14 @@ def images(request: Request, q: str = Query("", max_length=500), limit: int = Qu
     state = request.app.state.genkit
     return {"images": [_entry(e) for e in state.store.newest(limit, q)], "models": state.pool.names(),
             "loras": state.library.names(), "auth": bool(state.api_key)}
+
+
+@router.get("/genkit/v1/status")
+def status(request: Request):
+    """Models, the queue now, and batch counts since start (shared_batches: batches that held several requests)."""
+    state = request.app.state.genkit
+    return {"models": state.pool.names(), "current": state.pool.current, "queue": state.queue.status(),
+            "max_batch": state.limits.max_batch, "max_queue": state.limits.max_queue}
 
 
 @router.get("/genkit/v1/images/{name}")

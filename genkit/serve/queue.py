@@ -75,8 +75,7 @@ class Coalescer:
         self.pending: deque = deque()  # (ticket, position) in arrival order
         self.running: list = []
         self.progress = Progress()
-        self.batch_sizes: list[int] = []  # per batch: images (for tests and benchmarks)
-        self.batch_tickets: list[int] = []  # per batch: distinct requests in it
+        self.stats = {"batches": 0, "images": 0, "shared_batches": 0, "largest_batch": 0}  # shared: >1 request
         self._seconds_per_batch = 0.0
         self._interrupt = False
         self._stopping = False
@@ -120,7 +119,7 @@ class Coalescer:
     def status(self) -> dict:
         with self._cond:
             progress = self.progress
-            return {"running": len(self.running), "waiting": len(self.pending), "step": progress.step,
+            return {**self.stats, "running": len(self.running), "waiting": len(self.pending), "step": progress.step,
                     "steps": progress.steps, "started": progress.started, "interrupted": progress.interrupted,
                     "requests": len({id(t) for t, _ in [*self.running, *self.pending]})}
 
@@ -170,8 +169,10 @@ class Coalescer:
             else:
                 rest.append(item)
         self.pending = rest
-        self.batch_sizes.append(len(batch))
-        self.batch_tickets.append(len({id(t) for t, _ in batch}))
+        self.stats["batches"] += 1
+        self.stats["images"] += len(batch)
+        self.stats["shared_batches"] += len({id(t) for t, _ in batch}) > 1
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(batch))
         return batch
 
     def _check(self, step: int, steps: int) -> None:

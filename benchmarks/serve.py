@@ -1,0 +1,286 @@
+"""genkit serve under load, on genkit-mini: coalescing, exactness, a soak. One command:
+
+    python benchmarks/serve.py [--clients 32] [--steps 20] [--soak 500] [--soak-clients 8] [--threads N]
+
+The server is the real command (`genkit serve`, a subprocess); clients are asyncio + httpx here.
+
+1. throughput: 32 clients each ask one image (distinct prompts and seeds, the same settings) at
+   once, so the server coalesces them; then the same 32 requests one at a time. Images/s and
+   p50/p95 latency of both.
+2. exactness: the served images (coalesced and alone) against `genkit generate` with the same
+   prompts, seeds and settings, pixel for pixel.
+3. soak: `--soak` requests from `--soak-clients` clients: valid A1111 and OpenAI bodies, invalid ones
+   (bad JSON, wrong types, unknown sampler, too large, unknown LoRA...), clients that hang up,
+   interrupts. Counts 5xx on valid input (must be 0), valid requests answered, invalid ones refused
+   with 4xx, the queue empty at the end, and the server's RSS after the soak against after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+COLOURS = ("red", "orange", "yellow", "green", "blue", "purple")
+SHAPES = ("circle", "square", "triangle")
+PLACES = ("on the left", "on the right", "at the top", "at the bottom", "in the middle")
+SAMPLERS = ("DPM++ 2M", "Euler a", "Euler", "DDIM", "UniPC", "DDPM")
+
+
+def prompt(rng: random.Random) -> str:
+    return f"a {rng.choice(COLOURS)} {rng.choice(SHAPES)} {rng.choice(PLACES)}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(out: Path, args) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    command = [sys.executable, "-m", "genkit", "serve", "--port", str(port), "--out", str(out), "--max-batch",
+               str(args.max_batch), "--max-queue", "256"]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=open(out.parent / "server.log", "w"))
+    url = f"http://127.0.0.1:{port}"
+    import httpx
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the server exited with {process.returncode}: {(out.parent / 'server.log').read_text()}")
+        try:
+            if httpx.get(url + "/sdapi/v1/sd-models", timeout=2).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise SystemExit("the server did not start in 300 s")
+
+
+def rss_mib(pid: int) -> float:
+    import psutil
+
+    return psutil.Process(pid).memory_info().rss / 2**20
+
+
+async def timed_post(client, path: str, body: dict) -> tuple[float, object]:
+    start = time.perf_counter()
+    response = await client.post(path, json=body)
+    return time.perf_counter() - start, response
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def throughput(url: str, requests: list[dict]) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(requests) + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        together = await asyncio.gather(*(timed_post(client, "/sdapi/v1/txt2img", body) for body in requests))
+        together_s = time.perf_counter() - start
+        start = time.perf_counter()
+        alone = [await timed_post(client, "/sdapi/v1/txt2img", body) for body in requests]
+        alone_s = time.perf_counter() - start
+    for _, response in together + alone:
+        assert response.status_code == 200, response.text
+    return {"together": (together_s, [s for s, _ in together], [r.json() for _, r in together]),
+            "alone": (alone_s, [s for s, _ in alone], [r.json() for _, r in alone])}
+
+
+def cli_images(requests: list[dict], steps: int, out: Path, threads: int | None) -> list:
+    """`genkit generate` for the first requests: prompts in order from the first seed (image i: seed + i)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    command = [sys.executable, "-m", "genkit", "generate", *[r["prompt"] for r in requests], "--seed",
+               str(requests[0]["seed"]), "--steps", str(steps), "--out", str(out), "--quiet", "--json"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    records = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda r: r["index"])
+    return [pixels((out / r["file"]).read_bytes()) for r in records]
+
+
+def pixels(data: bytes):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+# -- the soak ---------------------------------------------------------------------------------------
+
+def soak_case(rng: random.Random, steps: int) -> tuple[str, str, object]:
+    """(kind, path, body): kind is valid, invalid, disconnect or interrupt."""
+    roll = rng.random()
+    a1111 = {"prompt": prompt(rng), "seed": rng.randrange(10**6), "steps": steps,
+             "sampler_name": rng.choice(SAMPLERS), "cfg_scale": rng.choice((1.0, 3.0, 4.0)),
+             "batch_size": rng.choice((1, 1, 2))}
+    if roll < 0.55:
+        return "valid", "/sdapi/v1/txt2img", a1111
+    if roll < 0.67:
+        return "valid", "/v1/images/generations", {"prompt": prompt(rng), "n": rng.choice((1, 2)), "size": "32x32",
+                                                    "seed": rng.randrange(10**6), "steps": steps}
+    if roll < 0.72:
+        return "disconnect", "/sdapi/v1/txt2img", {**a1111, "batch_size": 2}
+    if roll < 0.75:
+        return "interrupt", "/sdapi/v1/interrupt", {}
+    bad = rng.choice([
+        b"{not json", b"[1, 2, 3]", b"", {"prompt": 5}, {"prompt": "x", "steps": "many"}, {"prompt": "x", "seed": -7},
+        {"prompt": "x", "sampler_name": "Heun++ 9000"}, {"prompt": "x", "width": 33}, {"prompt": "x", "width": 10**6},
+        {"prompt": "x", "batch_size": 99}, {"prompt": "x", "steps": 10**4}, {"prompt": "x", "cfg_scale": -3},
+        {"prompt": ""}, {"prompt": "x <lora:nothing:1>"}, {"prompt": "x", "loras": "star"},
+        {"prompt": "x", "override_settings": {"sd_model_checkpoint": "sd99"}}, {"prompt": "x" * (5 << 20)},
+        {"prompt": "x", "enable_hr": True}, {"prompt": "x", "batch_size": 0},
+    ])
+    openai_bad = rng.choice([{"prompt": "x", "n": "2"}, {"prompt": "x", "size": "huge"}, {"n": 1},
+                             {"prompt": "x", "model": "dall-e-3"}, {"prompt": "x", "response_format": "gif"}])
+    return ("invalid", "/v1/images/generations", openai_bad) if rng.random() < 0.3 else \
+        ("invalid", "/sdapi/v1/txt2img", bad)
+
+
+async def soak(url: str, total: int, clients: int, steps: int, seed: int = 0) -> dict:
+    import httpx
+
+    rng = random.Random(seed)
+    cases = [soak_case(rng, steps) for _ in range(total)]
+    counts = {"valid": 0, "valid answered": 0, "valid 5xx": 0, "valid interrupted": 0, "valid 429": 0, "invalid": 0,
+              "invalid 4xx": 0, "invalid 5xx": 0, "disconnects": 0, "interrupts": 0, "other": 0}
+    todo = list(enumerate(cases))
+
+    async def client_loop(number: int):
+        async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+            while todo:
+                _, (kind, path, body) = todo.pop(0)
+                raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+                headers = {"content-type": "application/json"}
+                if kind == "disconnect":  # hang up a moment after sending: the server must drop its jobs
+                    counts["disconnects"] += 1
+                    async with httpx.AsyncClient(base_url=url, timeout=600) as once:
+                        try:
+                            await asyncio.wait_for(once.post(path, content=raw, headers=headers), 0.05)
+                        except asyncio.TimeoutError:
+                            pass
+                    continue
+                response = await client.post(path, content=raw, headers=headers)
+                if kind == "interrupt":
+                    counts["interrupts"] += 1
+                    counts["other"] += response.status_code != 200
+                elif kind == "valid":
+                    counts["valid"] += 1
+                    if response.status_code >= 500:
+                        counts["valid 5xx"] += 1
+                        print(f"  5xx on valid input: {response.status_code} {response.text[:200]}")
+                    elif response.status_code == 429:
+                        counts["valid 429"] += 1
+                    elif response.status_code in (200, 409):
+                        counts["valid answered"] += 1
+                        data = response.json()
+                        made = len(data.get("images", data.get("data", [])))
+                        wanted = body.get("batch_size", body.get("n", 1))
+                        counts["valid interrupted"] += made < wanted
+                    else:
+                        print(f"  unexpected answer to valid input: {response.status_code} {response.text[:200]}")
+                else:
+                    counts["invalid"] += 1
+                    counts["invalid 4xx"] += 400 <= response.status_code < 500
+                    counts["invalid 5xx"] += response.status_code >= 500
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client_loop(i) for i in range(clients)))
+    counts["seconds"] = time.perf_counter() - start
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=20, help="steps of the throughput requests (genkit-mini: 20)")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--soak", type=int, default=500)
+    parser.add_argument("--soak-clients", type=int, default=8)
+    parser.add_argument("--soak-steps", type=int, default=4, help="steps of the soak's valid requests")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server and the CLI")
+    args = parser.parse_args()
+    import numpy as np
+    import httpx
+
+    print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start")
+    rng = random.Random(1)
+    requests = [{"prompt": prompt(rng), "seed": 1000 + i, "steps": args.steps} for i in range(args.clients)]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "out").mkdir()
+        server, url = start_server(tmp / "out", args)
+        try:
+            asyncio.run(throughput(url, requests[:4]))  # warm-up: batch shapes seen, pages touched
+            runs = asyncio.run(throughput(url, requests))
+            warm_rss = rss_mib(server.pid)
+            status = httpx.get(url + "/genkit/v1/status").json()["queue"]
+            cli = cli_images(requests[:8], args.steps, tmp / "cli", args.threads)
+            soaked = asyncio.run(soak(url, args.soak, args.soak_clients, args.soak_steps))
+            time.sleep(1)
+            after = httpx.get(url + "/genkit/v1/status").json()["queue"]
+            alive = httpx.get(url + "/sdapi/v1/progress").status_code == 200
+            soak_rss = rss_mib(server.pid)
+        finally:
+            server.terminate()
+            server.wait(60)
+
+    import base64
+
+    n = len(requests)
+    print(f"\nthroughput: {n} requests of one image each, genkit-mini, {args.steps} steps, --max-batch {args.max_batch}")
+    print(f"{'':<22}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'wall s':>9}")
+    for name, key in (("32 at once (coalesced)".replace("32", str(n)), "together"), ("one at a time", "alone")):
+        seconds, latencies, _ = runs[key]
+        print(f"{name:<22}{n / seconds:>10.2f}{statistics.median(latencies):>9.2f}"
+              f"{percentile(latencies, 0.95):>9.2f}{seconds:>9.1f}")
+    ratio = runs["alone"][0] / runs["together"][0]
+    print(f"coalescing speed-up: {ratio:.2f}x (target >= 3x); batches so far: {status['batches']}, "
+          f"{status['shared_batches']} holding several requests, largest {status['largest_batch']} images")
+
+    served = {key: [pixels(base64.b64decode(r["images"][0])) for r in runs[key][2][:len(cli)]] for key in runs}
+    for key, label in (("together", "coalesced"), ("alone", "alone")):
+        same = sum(np.array_equal(a, b) for a, b in zip(served[key], cli))
+        print(f"server == genkit generate ({label}, same prompt/seed/settings): {'yes' if same == len(cli) else 'no'} "
+              f"({same}/{len(cli)})")
+
+    print(f"\nsoak: {args.soak} requests from {args.soak_clients} clients in {soaked['seconds']:.0f} s "
+          f"({args.soak_steps} steps per valid image)")
+    rows = [("valid requests", soaked["valid"]), ("  answered (200)", soaked["valid answered"]),
+            ("  of them interrupted", soaked["valid interrupted"]), ("  429 (queue full)", soaked["valid 429"]),
+            ("  5xx (must be 0)", soaked["valid 5xx"]), ("invalid requests", soaked["invalid"]),
+            ("  refused with 4xx", soaked["invalid 4xx"]), ("  5xx", soaked["invalid 5xx"]),
+            ("clients that hung up", soaked["disconnects"]), ("interrupts sent", soaked["interrupts"]),
+            ("images waiting after", after["waiting"]), ("server alive after", "yes" if alive else "no")]
+    for name, value in rows:
+        print(f"  {name:<24}{value:>8}")
+    growth = (soak_rss - warm_rss) / warm_rss * 100
+    print(f"  {'RSS after warm-up':<24}{warm_rss:>8.0f} MiB")
+    print(f"  {'RSS after soak':<24}{soak_rss:>8.0f} MiB ({growth:+.1f}%, limit +-10%)")
+    print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
+    ok = (soaked["valid 5xx"] == 0 and soaked["invalid 5xx"] == 0 and soaked["valid answered"] + soaked["valid 429"]
+          == soaked["valid"] and after["waiting"] == 0 and alive and abs(growth) <= 10)
+    print("soak: " + ("pass" if ok else "FAIL"))
+
+
+if __name__ == "__main__":
+    main()
