@@ -1,0 +1,511 @@
+"""Tiny random-weight pipelines of every model family genkit drives, built offline.
+
+`build_tiny(family, folder)` makes a real diffusers pipeline (or a genkit-mini folder) out of
+config classes, with tokenizers made in memory from the small vocabulary below, and saves it
+with `save_pretrained(folder, safe_serialization=True)`: the folder loads back with
+`diffusers.DiffusionPipeline.from_pretrained(folder)` (or `genkit.load`) like a user's model.
+Nothing is downloaded. `random_arch(family, rng)` draws a random valid architecture (widths,
+group counts, head sizes and counts, depths, VAE depth, cross-/joint-attention sizes) for
+property tests; `build_tiny(..., arch=random_arch(...))` builds it.
+
+The weights are random, so images are noise; the models exist to exercise code paths in seconds
+on a CPU. `TINY_SIZE[family]` is a small (height, width) every default and random architecture
+of the family accepts, and `CALL_ARGS[family]` the extra call arguments a quick test should pass.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FAMILIES", "TINY_SIZE", "CALL_ARGS", "WORDS", "DEFAULT_ARCH", "build_tiny", "random_arch", "build_tiny_sd",
+    "build_tiny_mini", "clip_tokenizer", "t5_tokenizer", "gemma_tokenizer",
+]
+
+import random
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart-sigma", "sana", "genkit-mini")
+
+# (height, width) in pixels: valid for the default and every random architecture of the family
+TINY_SIZE = {"sd": (32, 32), "sdxl": (32, 32), "sd3": (32, 32), "flux": (32, 32), "pixart-sigma": (32, 32),
+             "sana": (32, 32), "genkit-mini": (32, 32)}
+# extra call arguments for a quick test: the resolution binning of PixArt/Sana would generate at >= 256 pixels
+CALL_ARGS = {"pixart-sigma": {"use_resolution_binning": False, "clean_caption": False},
+             "sana": {"use_resolution_binning": False}}
+
+# Words of typical prompts: each becomes one token, so prompts tokenize to real, meaningful ids.
+WORDS = """
+a an the of on in at to with and or by from near under over above below behind next left right top bottom
+center middle corner side front back is are two three one small large big tiny huge red green blue yellow purple
+orange pink brown black white gray grey dark light bright circle square triangle star shape shapes object
+photo picture painting drawing sketch render image portrait landscape cat dog bird horse car tree house sky sea
+mountain flower city street man woman person face sun moon water forest sitting standing eating burger squirrel
+detailed style high quality realistic beautiful blurry background foreground
+""".split()
+ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'\"-:;()"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizers, built in memory
+
+
+def _apply_merges(symbols: list[str], ranks: dict) -> list[str]:
+    """BPE on one word: merge the lowest-ranked adjacent pair until no pair has a merge."""
+    while len(symbols) > 1:
+        pairs = [(ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == len(ranks):
+            break
+        symbols = symbols[:i] + [symbols[i] + symbols[i + 1]] + symbols[i + 2:]
+    return symbols
+
+
+def _word_merges(words: list[list[str]]) -> list[tuple[str, str]]:
+    """BPE merges that turn each word (a list of symbols) into a single token.
+
+    A word's merges go after all earlier ones, joining what the earlier merges leave of it, so
+    they never change how an earlier word splits."""
+    merges, ranks = [], {}
+    for symbols in words:
+        pieces = _apply_merges(list(symbols), ranks)
+        current = pieces[0]
+        for piece in pieces[1:]:
+            ranks[(current, piece)] = len(merges)
+            merges.append((current, piece))
+            current += piece
+    return merges
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's byte -> printable character table (bytes that print stay themselves)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
+
+
+def clip_tokenizer(max_length: int = 77):
+    """A CLIPTokenizer: the 256 byte symbols (alone and word-final), one token per word of WORDS."""
+    from transformers import CLIPTokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    merges = _word_merges([list(w[:-1]) + [w[-1] + "</w>"] for w in WORDS])
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def t5_tokenizer(max_length: int = 512):
+    """A T5Tokenizer (unigram): "▁word" for each word of WORDS, single characters for the rest."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    vocab += [("▁" + w, -1.0) for w in WORDS] + [(c, -5.0) for c in ALPHABET]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def gemma_tokenizer(max_length: int = 8192):
+    """A GemmaTokenizer (BPE on "▁"-joined text): "▁word" for each word of WORDS, characters for the rest."""
+    from transformers import GemmaTokenizer
+
+    merges = _word_merges([["▁", *w] for w in WORDS] + [list(w) for w in WORDS])
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "▁", *ALPHABET, *("".join(m) for m in merges)]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, model_max_length=max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text encoders and VAEs shared by several families
+
+
+def _clip_encoder(tokenizer, hidden: int, layers: int, heads: int, projection_dim: int | None = None):
+    """CLIPTextModel, or CLIPTextModelWithProjection when `projection_dim` is given."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=37, num_hidden_layers=layers,
+        num_attention_heads=heads, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim or hidden,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+def _t5_encoder(tokenizer, d_model: int, layers: int, heads: int):
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=d_model, d_kv=max(4, d_model // heads), d_ff=2 * d_model,
+        num_layers=layers, num_heads=heads, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,
+    )
+    return T5EncoderModel(config)
+
+
+def _vae(arch: dict, latent_channels: int = 4, **extra):
+    """AutoencoderKL with one down/up block per entry of arch["vae_block_out_channels"] (factor 2 ** (n - 1))."""
+    from diffusers import AutoencoderKL
+
+    channels = tuple(arch["vae_block_out_channels"])
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=channels,
+        norm_num_groups=arch["vae_norm_num_groups"], layers_per_block=arch["vae_layers_per_block"],
+        down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=TINY_SIZE["sd"][0], **extra,
+    )
+
+
+def _vae_factor(arch: dict) -> int:
+    return 2 ** (len(arch["vae_block_out_channels"]) - 1)
+
+
+def _unet(arch: dict, **extra):
+    """UNet2DConditionModel; arch["cross_attention"] says which levels (finest first) have cross-attention."""
+    from diffusers import UNet2DConditionModel
+
+    cross = arch["cross_attention"]
+    return UNet2DConditionModel(
+        sample_size=arch["sample_size"], in_channels=4, out_channels=4,
+        block_out_channels=tuple(arch["block_out_channels"]), layers_per_block=arch["layers_per_block"],
+        down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+        up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
+        attention_head_dim=arch["attention_head_dim"],  # diffusers' name for the number of heads
+        norm_num_groups=arch["norm_num_groups"], use_linear_projection=arch["use_linear_projection"], **extra,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The families: a default architecture, a builder, and a random architecture each
+
+DEFAULT_ARCH = {
+    "sd": dict(  # the tiny SD 1.x the tests have always used
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention=(True, False),
+        attention_head_dim=2, norm_num_groups=4, use_linear_projection=False, cross_attention_dim=32,
+        text_layers=2, text_heads=4, vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4,
+        vae_layers_per_block=1,
+    ),
+    "sdxl": dict(
+        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention=(False, True),
+        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=4,
+        use_linear_projection=True, addition_time_embed_dim=8, text_hidden=(16, 16), text_layers=2, text_heads=2,
+        projection_dim=16, vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4, vae_layers_per_block=1,
+    ),
+    "sd3": dict(
+        patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, dual_attention_layers=(),
+        qk_norm=None, clip_hidden=(16, 16), projection_dim=(16, 16), text_layers=1, text_heads=2, t5_d_model=32,
+        t5_layers=1, t5_heads=2, latent_channels=4, vae_block_out_channels=(8, 8), vae_norm_num_groups=4,
+        vae_layers_per_block=1,
+    ),
+    "flux": dict(
+        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 4, 8),
+        guidance_embeds=True, clip_hidden=16, text_layers=1, text_heads=2, t5_d_model=32, t5_layers=1, t5_heads=2,
+        latent_channels=4, vae_block_out_channels=(8, 8), vae_norm_num_groups=4, vae_layers_per_block=1,
+    ),
+    "pixart-sigma": dict(
+        sample_size=32, patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, learned_sigma=True,
+        t5_d_model=32, t5_layers=1, t5_heads=2, latent_channels=4, vae_block_out_channels=(8, 8, 16, 16),
+        vae_norm_num_groups=4, vae_layers_per_block=1,
+    ),
+    "sana": dict(
+        sample_size=16, patch_size=1, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, mlp_ratio=2.5, gemma_hidden=16, gemma_layers=1,
+        gemma_heads=2, gemma_kv_heads=1, gemma_head_dim=8, latent_channels=4, vae_block_out_channels=(8, 8, 16),
+        vae_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), vae_attention_head_dim=4,
+    ),
+    "genkit-mini": dict(sample_size=16, channels=(8, 16), cross_attention_levels=1, head_dim=8),
+}
+
+
+def _build_sd(arch: dict):
+    from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+    tokenizer = clip_tokenizer()
+    text_encoder = _clip_encoder(tokenizer, arch["cross_attention_dim"], arch["text_layers"], arch["text_heads"])
+    unet = _unet(arch, cross_attention_dim=arch["cross_attention_dim"])
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                              steps_offset=1)
+    return StableDiffusionPipeline(vae=_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def _build_sdxl(arch: dict):
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), clip_tokenizer()
+    hidden, hidden_2 = arch["text_hidden"]
+    text_encoder = _clip_encoder(tokenizer, hidden, arch["text_layers"], arch["text_heads"])
+    text_encoder_2 = _clip_encoder(tokenizer_2, hidden_2, arch["text_layers"], arch["text_heads"],
+                                   projection_dim=arch["projection_dim"])
+    unet = _unet(
+        arch, cross_attention_dim=hidden + hidden_2,  # the pipeline concatenates both encoders' hidden states
+        transformer_layers_per_block=tuple(arch["transformer_layers_per_block"]), addition_embed_type="text_time",
+        addition_time_embed_dim=arch["addition_time_embed_dim"],
+        # six size/crop numbers, each embedded, plus the second encoder's pooled projection
+        projection_class_embeddings_input_dim=6 * arch["addition_time_embed_dim"] + arch["projection_dim"],
+    )
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    return StableDiffusionXLPipeline(vae=_vae(arch), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
+
+
+def _build_sd3(arch: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    tokenizer, tokenizer_2, tokenizer_3 = clip_tokenizer(), clip_tokenizer(), t5_tokenizer()
+    encoders = [
+        _clip_encoder(tok, hidden, arch["text_layers"], arch["text_heads"], projection)
+        for tok, hidden, projection in zip((tokenizer, tokenizer_2), arch["clip_hidden"], arch["projection_dim"])
+    ]
+    text_encoder_3 = _t5_encoder(tokenizer_3, arch["t5_d_model"], arch["t5_layers"], arch["t5_heads"])
+    inner = arch["num_attention_heads"] * arch["attention_head_dim"]
+    factor = _vae_factor(arch)
+    transformer = SD3Transformer2DModel(
+        sample_size=TINY_SIZE["sd3"][0] // factor, patch_size=arch["patch_size"],
+        in_channels=arch["latent_channels"], out_channels=arch["latent_channels"], num_layers=arch["num_layers"],
+        attention_head_dim=arch["attention_head_dim"], num_attention_heads=arch["num_attention_heads"],
+        caption_projection_dim=inner,  # the text stream runs at the image stream's width
+        # the CLIP hidden states are padded (or cut) to the T5 width and joined with T5's along the sequence
+        joint_attention_dim=arch["t5_d_model"], pooled_projection_dim=sum(arch["projection_dim"]),
+        pos_embed_max_size=64, dual_attention_layers=tuple(arch["dual_attention_layers"]), qk_norm=arch["qk_norm"],
+    )
+    vae = _vae(arch, arch["latent_channels"], use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.0609,
+               scaling_factor=1.5305)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
+    )
+
+
+def _build_flux(arch: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    tokenizer, tokenizer_2 = clip_tokenizer(), t5_tokenizer()
+    text_encoder = _clip_encoder(tokenizer, arch["clip_hidden"], arch["text_layers"], arch["text_heads"])
+    text_encoder_2 = _t5_encoder(tokenizer_2, arch["t5_d_model"], arch["t5_layers"], arch["t5_heads"])
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4 * arch["latent_channels"],  # latents are packed in 2x2 patches
+        num_layers=arch["num_layers"], num_single_layers=arch["num_single_layers"],
+        attention_head_dim=arch["attention_head_dim"], num_attention_heads=arch["num_attention_heads"],
+        joint_attention_dim=arch["t5_d_model"], pooled_projection_dim=arch["clip_hidden"],
+        guidance_embeds=arch["guidance_embeds"], axes_dims_rope=tuple(arch["axes_dims_rope"]),
+    )
+    vae = _vae(arch, arch["latent_channels"], use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+               scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                        text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
+
+
+def _build_pixart_sigma(arch: dict):
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    tokenizer = t5_tokenizer(max_length=300)
+    text_encoder = _t5_encoder(tokenizer, arch["t5_d_model"], arch["t5_layers"], arch["t5_heads"])
+    latent = arch["latent_channels"]
+    transformer = PixArtTransformer2DModel(
+        sample_size=arch["sample_size"], patch_size=arch["patch_size"], num_layers=arch["num_layers"],
+        num_attention_heads=arch["num_attention_heads"], attention_head_dim=arch["attention_head_dim"],
+        cross_attention_dim=arch["num_attention_heads"] * arch["attention_head_dim"],
+        caption_channels=arch["t5_d_model"],
+        in_channels=latent, out_channels=2 * latent if arch["learned_sigma"] else latent, norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000, norm_elementwise_affine=False, norm_eps=1e-6, attention_bias=True,
+        activation_fn="gelu-approximate",
+    )
+    return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(arch, latent),
+                               transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+
+
+def _build_sana(arch: dict):
+    from diffusers import AutoencoderDC, DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
+    from transformers import Gemma2Config, Gemma2Model
+
+    tokenizer = gemma_tokenizer()
+    text_encoder = Gemma2Model(Gemma2Config(
+        vocab_size=len(tokenizer), hidden_size=arch["gemma_hidden"], intermediate_size=2 * arch["gemma_hidden"],
+        num_hidden_layers=arch["gemma_layers"], num_attention_heads=arch["gemma_heads"],
+        num_key_value_heads=arch["gemma_kv_heads"], head_dim=arch["gemma_head_dim"], max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    inner = arch["num_attention_heads"] * arch["attention_head_dim"]
+    latent = arch["latent_channels"]
+    transformer = SanaTransformer2DModel(
+        sample_size=arch["sample_size"], patch_size=arch["patch_size"], in_channels=latent, out_channels=latent,
+        num_layers=arch["num_layers"], num_attention_heads=arch["num_attention_heads"],
+        attention_head_dim=arch["attention_head_dim"], num_cross_attention_heads=arch["num_cross_attention_heads"],
+        cross_attention_head_dim=arch["cross_attention_head_dim"], cross_attention_dim=inner,
+        caption_channels=arch["gemma_hidden"], mlp_ratio=arch["mlp_ratio"],
+    )
+    channels, types = tuple(arch["vae_block_out_channels"]), tuple(arch["vae_block_types"])
+    multiscales = tuple((5,) if t == "EfficientViTBlock" else () for t in types)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=latent, attention_head_dim=arch["vae_attention_head_dim"],
+        encoder_block_types=types, decoder_block_types=types, encoder_block_out_channels=channels,
+        decoder_block_out_channels=channels, encoder_layers_per_block=(1,) * len(types),
+        decoder_layers_per_block=(1,) * len(types), encoder_qkv_multiscales=multiscales,
+        decoder_qkv_multiscales=multiscales, downsample_block_type="conv", upsample_block_type="interpolate",
+        decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    )
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return SanaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                        scheduler=scheduler)
+
+
+BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
+            "pixart-sigma": _build_pixart_sigma, "sana": _build_sana}
+
+
+def build_tiny(family: str, folder: str | Path, *, seed: int = 0, arch: dict | None = None) -> Path:
+    """Build `family`'s tiny pipeline with random weights from `seed` and save it in `folder`; returns the folder.
+
+    `arch` overrides keys of DEFAULT_ARCH[family] (see random_arch); None keeps the default."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    unknown = set(arch or ()) - set(DEFAULT_ARCH[family])
+    if unknown:
+        raise ValueError(f"{family} has no architecture keys {sorted(unknown)}; "
+                         f"known: {sorted(DEFAULT_ARCH[family])}")
+    arch = {**DEFAULT_ARCH[family], **(arch or {})}
+    folder = Path(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if family == "genkit-mini":
+            from genkit.train.base import ModelConfig, build_unet, export
+
+            return export(build_unet(ModelConfig(**arch)), folder)
+        pipe = BUILDERS[family](arch)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Random architectures: every choice below is valid for its family at TINY_SIZE (32x32 pixels)
+
+WIDTHS = (4, 8, 12, 16, 24, 32)  # multiples of every group count and head count drawn below
+
+
+def _pick(rng: random.Random, choices, n: int) -> tuple:
+    return tuple(rng.choice(choices) for _ in range(n))
+
+
+def _random_vae(rng: random.Random, max_blocks: int = 4) -> dict:
+    """AutoencoderKL: 1..max_blocks levels (factor 1..2 ** (max_blocks - 1))."""
+    return dict(vae_block_out_channels=_pick(rng, (4, 8, 16), rng.randint(1, max_blocks)),
+                vae_norm_num_groups=rng.choice((1, 2, 4)), vae_layers_per_block=rng.randint(1, 2))
+
+
+def _random_unet(rng: random.Random) -> dict:
+    levels = rng.randint(1, 3)
+    arch = dict(
+        block_out_channels=_pick(rng, WIDTHS, levels), layers_per_block=rng.randint(1, 2),
+        cross_attention=tuple(rng.random() < 0.6 for _ in range(levels)),
+        attention_head_dim=_pick(rng, (1, 2, 4), levels), norm_num_groups=rng.choice((1, 2, 4)),
+        use_linear_projection=rng.random() < 0.5, text_layers=rng.randint(1, 2), text_heads=rng.choice((1, 2, 4)),
+        **_random_vae(rng),
+    )
+    arch["sample_size"] = TINY_SIZE["sd"][0] // _vae_factor(arch)
+    return arch
+
+
+def _random_sd(rng: random.Random) -> dict:
+    return dict(_random_unet(rng), cross_attention_dim=rng.choice((8, 16, 24, 32)))
+
+
+def _random_sdxl(rng: random.Random) -> dict:
+    arch = _random_unet(rng)
+    levels = len(arch["block_out_channels"])
+    return dict(arch, transformer_layers_per_block=_pick(rng, (1, 2), levels),
+                text_hidden=_pick(rng, (8, 16, 24, 32), 2), projection_dim=rng.choice((8, 16, 32)),
+                addition_time_embed_dim=rng.choice((4, 8, 16)))
+
+
+def _random_t5(rng: random.Random) -> dict:
+    return dict(t5_d_model=rng.choice((16, 32, 48)), t5_layers=rng.randint(1, 2), t5_heads=rng.choice((1, 2, 4)))
+
+
+def _random_sd3(rng: random.Random) -> dict:
+    layers = rng.randint(1, 2)
+    return dict(
+        patch_size=rng.choice((1, 2)), num_layers=layers, num_attention_heads=rng.choice((1, 2, 4)),
+        attention_head_dim=rng.choice((4, 8, 16)), qk_norm=rng.choice((None, "rms_norm")),
+        dual_attention_layers=tuple(range(rng.randint(0, layers))),  # SD3.5's extra self-attention
+        clip_hidden=_pick(rng, (8, 16, 24, 32), 2), projection_dim=_pick(rng, (8, 16, 32), 2),
+        text_layers=rng.randint(1, 2), text_heads=rng.choice((1, 2, 4)), latent_channels=rng.choice((4, 8, 16)),
+        **_random_t5(rng), **_random_vae(rng),
+    )
+
+
+def _random_flux(rng: random.Random) -> dict:
+    head_dim = rng.choice((8, 12, 16, 24))
+    first = 2 * rng.randint(1, head_dim // 2 - 2)  # rotary dims per axis (index, row, column): even, sum head_dim
+    second = 2 * rng.randint(1, (head_dim - first) // 2 - 1)
+    return dict(
+        num_layers=rng.randint(1, 2), num_single_layers=rng.randint(0, 2), num_attention_heads=rng.choice((1, 2, 4)),
+        attention_head_dim=head_dim, axes_dims_rope=(first, second, head_dim - first - second),
+        guidance_embeds=rng.random() < 0.5, clip_hidden=rng.choice((8, 16, 32)), text_layers=rng.randint(1, 2),
+        text_heads=rng.choice((1, 2, 4)), latent_channels=rng.choice((1, 4, 8, 16)), **_random_t5(rng),
+        **_random_vae(rng, max_blocks=3),
+    )
+
+
+def _random_pixart_sigma(rng: random.Random) -> dict:
+    return dict(
+        sample_size=rng.choice((32, 64)), patch_size=rng.choice((1, 2)), num_layers=rng.randint(1, 2),
+        num_attention_heads=rng.choice((1, 2, 4)), attention_head_dim=rng.choice((4, 8, 16)),
+        learned_sigma=rng.random() < 0.5, latent_channels=rng.choice((4, 8)), **_random_t5(rng), **_random_vae(rng),
+    )
+
+
+def _random_sana(rng: random.Random) -> dict:
+    channels = [rng.choice((4, 8))]
+    for _ in range(rng.randint(0, 3)):  # the DC-AE's shortcuts need each level 1x or 2x the one before
+        channels.append(min(32, channels[-1] * rng.choice((1, 2))))
+    heads = rng.choice((1, 2, 4))
+    return dict(
+        sample_size=16, patch_size=rng.choice((1, 2)), num_layers=rng.randint(1, 2), num_attention_heads=heads,
+        attention_head_dim=rng.choice((4, 8, 16)), num_cross_attention_heads=rng.choice((1, 2, 4)),
+        cross_attention_head_dim=rng.choice((4, 8)), mlp_ratio=rng.choice((1.0, 2.5)),
+        gemma_hidden=rng.choice((8, 16, 32)), gemma_layers=rng.randint(1, 2), gemma_heads=heads,
+        gemma_kv_heads=rng.choice([k for k in (1, 2, 4) if heads % k == 0]), gemma_head_dim=rng.choice((4, 8, 16)),
+        latent_channels=rng.choice([c for c in (2, 4, 8) if channels[-1] % c == 0]),
+        vae_block_out_channels=tuple(channels),
+        vae_block_types=("ResBlock",) + _pick(rng, ("ResBlock", "EfficientViTBlock"), len(channels) - 1),
+        vae_attention_head_dim=rng.choice((2, 4)),
+    )
+
+
+def _random_genkit_mini(rng: random.Random) -> dict:
+    levels = rng.randint(1, 3)
+    return dict(sample_size=TINY_SIZE["genkit-mini"][0], channels=_pick(rng, (8, 16, 24, 32), levels),
+                cross_attention_levels=rng.randint(1, levels), head_dim=rng.choice((4, 8)))
+
+
+RANDOM_ARCH = {"sd": _random_sd, "sdxl": _random_sdxl, "sd3": _random_sd3, "flux": _random_flux,
+               "pixart-sigma": _random_pixart_sigma, "sana": _random_sana, "genkit-mini": _random_genkit_mini}
+
+
+def random_arch(family: str, rng: random.Random) -> dict:
+    """A random valid architecture for `family` (a full dict of DEFAULT_ARCH[family]'s keys), drawn from `rng`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    return {**DEFAULT_ARCH[family], **RANDOM_ARCH[family](rng)}
+
+
+def build_tiny_sd(folder: str | Path) -> Path:
+    """The default tiny Stable Diffusion 1.x pipeline (UNet, VAE with factor 8, CLIP text encoder) in `folder`."""
+    return build_tiny("sd", folder)
+
+
+def build_tiny_mini(folder: str | Path) -> Path:
+    """The default tiny genkit-mini folder (the real MiniLM encoder from its package, a tiny random UNet)."""
+    return build_tiny("genkit-mini", folder)
