@@ -209,7 +209,8 @@ def inject_peft(model, state_dict: dict, prefix: str, metadata: dict | None, ada
     part = {k.removeprefix(f"{prefix}."): v for k, v in state_dict.items() if k.startswith(f"{prefix}.")}
     layers = {_SUFFIXES.sub("", k) for k in part}
     ranks = {v.shape[0] for k, v in part.items() if ".lora_A." in k}
-    saved = (metadata or {}).get(prefix) or metadata or {}
+    metadata = metadata or {}  # peft's LoraConfig as diffusers stores it: flat keys `<prefix>.r`, `<prefix>.lora_alpha`
+    saved = {k.removeprefix(f"{prefix}."): v for k, v in metadata.items() if k.startswith(f"{prefix}.")} or metadata
     config = LoraConfig(**{k: v for k, v in saved.items() if k in ("r", "lora_alpha", "target_modules")}) if \
         "r" in saved else LoraConfig(r=max(ranks), lora_alpha=max(ranks), target_modules=sorted(layers))
     inject_adapter_in_model(config, model, adapter_name=adapter)
