@@ -8,6 +8,7 @@ belongs is refused, not coerced. A top-level `null` means the field's default.
 from __future__ import annotations
 
 import json
+import math
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -37,10 +38,14 @@ async def read_json(request) -> object:
     if not raw.strip():
         raise ApiError(400, "the request body is empty; send a JSON object", param="body")
     try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         where = f" at line {exc.lineno} column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         raise ApiError(400, f"the request body is not valid JSON{where}", param="body") from None
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
 
 
 def parse(model: type[BaseModel], data, *, status: int = 422):
@@ -48,6 +53,9 @@ def parse(model: type[BaseModel], data, *, status: int = 422):
     if not isinstance(data, dict):
         raise ApiError(status, f"the request body must be a JSON object, got {type(data).__name__}", param="body")
     data = {key: value for key, value in data.items() if value is not None}  # null: the default, as clients mean it
+    for field, value in _numbers(data):
+        if not math.isfinite(value):
+            raise ApiError(status, f"{field}: {value} is not a finite number", param=field)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -59,6 +67,17 @@ def parse(model: type[BaseModel], data, *, status: int = 422):
 
 async def read_model(request, model: type[BaseModel], *, status: int = 422):
     return parse(model, await read_json(request), status=status)
+
+
+def _numbers(data, path: str = ""):
+    """(field path, value) of every float in the body (1e400 parses as infinity)."""
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else ()
+    for key, value in items:
+        where = f"{path}.{key}" if path else str(key)
+        if isinstance(value, float):
+            yield where, value
+        elif isinstance(value, (dict, list)):
+            yield from _numbers(value, where)
 
 
 def _short(value) -> str:

@@ -17,6 +17,7 @@ class Limits:
     max_side: int = 2048  # width and height, pixels
     max_images: int = 16  # images one request may ask for (A1111 batch_size * n_iter, OpenAI n)
     max_steps: int = 150  # denoising steps (A1111's own slider stops at 150)
+    max_guidance: float = 100.0  # classifier-free guidance (A1111's slider stops at 30)
     max_prompt_chars: int = 4000
     max_loras: int = 4  # LoRAs in one request
     max_lora_weight: float = 10.0
@@ -33,6 +34,11 @@ class Limits:
     def check_steps(self, value: int | None, field: str) -> None:
         if value is not None and value > self.max_steps:
             raise ApiError(422, f"{field} is {value}; this server runs at most {self.max_steps} steps (--max-steps)",
+                           param=field, code="limit")
+
+    def check_guidance(self, value: float | None, field: str) -> None:
+        if value is not None and value > self.max_guidance:
+            raise ApiError(422, f"{field} is {value}; this server accepts guidance up to {self.max_guidance}",
                            param=field, code="limit")
 
     def check_side(self, value: int | None, field: str) -> None:

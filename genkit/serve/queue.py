@@ -34,6 +34,10 @@ class QueueFull(Exception):
         self.retry_after = retry_after
 
 
+class ShuttingDown(Exception):
+    """The server stopped before this request's images were made."""
+
+
 class Stopped(Exception):
     """The batch was stopped before its end (interrupt, or every requester left)."""
 
@@ -134,7 +138,7 @@ class Coalescer:
             self._interrupt = bool(self.running)
             for ticket in {id(t): t for t, _ in self.pending}.values():
                 self._drop(ticket)
-                self._fail(ticket, RuntimeError("the server is shutting down"))
+                self._fail(ticket, ShuttingDown("the server is shutting down; retry later"))
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)

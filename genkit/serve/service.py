@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from genkit.errors import GenkitError
 from genkit.serve.errors import ApiError, one_line
 from genkit.serve.loras import LoraLibrary, split_tags
-from genkit.serve.queue import Coalescer, QueueFull, Ticket
+from genkit.serve.queue import Coalescer, QueueFull, ShuttingDown, Ticket
 
 DISCONNECT_POLL_S = 0.2
 
@@ -65,6 +65,7 @@ class Service:
         limits.check_prompt(order.negative_prompt, order.field("negative_prompt"))
         limits.check_count(order.n, order.field("n"))
         limits.check_steps(order.steps, order.field("steps"))
+        limits.check_guidance(order.guidance, order.field("guidance"))
         limits.check_side(order.width, order.field("width"))
         limits.check_side(order.height, order.field("height"))
         self._check_editing(order)
@@ -137,6 +138,8 @@ class Service:
             return None
         exc = waiting.exception()
         if exc is not None:
+            if isinstance(exc, ShuttingDown):
+                raise ApiError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
             if isinstance(exc, GenkitError):
                 raise ApiError(422, str(exc), param=order.field("loras") if "--lora" in str(exc) else None)
             raise ApiError(500, f"generation failed: {one_line(exc)}", code="generation_failed")
