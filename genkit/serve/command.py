@@ -59,5 +59,6 @@ def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max
                     max_steps=max_steps, max_side=max_size)
     app = create_app(list(models) or None, out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors,
                      device=device, dtype=dtype, attention=attention)
-    click.echo(f"genkit serve: http://{host}:{port} (gallery at /, A1111 at /sdapi/v1, OpenAI at /v1)", err=True)
+    where = f"[{host}]" if ":" in host else host
+    click.echo(f"genkit serve: http://{where}:{port} (gallery at /, A1111 at /sdapi/v1, OpenAI at /v1)", err=True)
     run(app, host, port)
