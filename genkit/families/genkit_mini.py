@@ -29,6 +29,14 @@ class GenkitMini(Family):
     def latents(self, pipe, encoded, generators) -> torch.Tensor:
         return encoded
 
+    def save_lora(self, pipe, folder, layers, metadata, weight_name) -> None:
+        """In Stable Diffusion's layout (`unet.` keys): the loader genkit-mini borrows (genkit.lora)."""
+        from diffusers import StableDiffusionPipeline
+
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers["unet"],
+                                                  unet_lora_adapter_metadata=metadata["unet"], safe_serialization=True,
+                                                  weight_name=weight_name)
+
     def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
         return denoiser(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
                         encoder_attention_mask=cond["encoder_attention_mask"]).sample
