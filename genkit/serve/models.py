@@ -68,7 +68,8 @@ def _load_with_loras(base, loras: LoraKey):
     from genkit import lora
 
     settings = base.record(base.plan(["x"])[0])  # how the served model was loaded: device, dtype, attention
+    exact = {"exact": settings["exact"]} if "exact" in settings else {}  # engines that record --exact/--fast
     pipeline = genkit.load(base.name, device=settings["device"], dtype=settings.get("dtype"),
-                           attention=settings.get("attention", "auto"))
+                           attention=settings.get("attention", "auto"), **exact)
     lora.apply(pipeline, [lora.LoraSpec(Path(path), float(scale)) for path, scale in loras])
     return pipeline
