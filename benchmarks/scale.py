@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args()
-    from tests.tiny_models import build_tiny_sd
+    from genkit.testing import build_tiny_sd
 
     with tempfile.TemporaryDirectory() as tmp:
         model = build_tiny_sd(Path(tmp) / "tiny-sd")

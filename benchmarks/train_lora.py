@@ -1,7 +1,7 @@
 """Steps per second of `genkit train lora` against a plain diffusers + peft loop that re-encodes every step.
 
 Both train the same LoRA (rank, alpha, target layers, AdamW, learning rate) on the same tiny
-Stable Diffusion model (tests.tiny_models.build_tiny_sd, in a temporary folder), on the same
+Stable Diffusion model (genkit.testing.build_tiny_sd, in a temporary folder), on the same
 images and captions with the same batch size, on the same device and thread count. The plain
 loop does what diffusers' train_text_to_image_lora.py does each step: load and crop the images,
 tokenize and encode the captions, encode the images with the VAE. genkit encodes each caption
@@ -27,7 +27,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.tiny_models import build_tiny_sd  # noqa: E402
+from genkit.testing import build_tiny_sd  # noqa: E402
 
 RANK, ALPHA, LEARNING_RATE, TARGETS = 4, 4.0, 1e-4, ["to_q", "to_k", "to_v", "to_out.0"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (140, 30, 160), (240, 140, 20),

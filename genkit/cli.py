@@ -88,6 +88,9 @@ def model_options(f):
 @click.option("--vae-tiling", is_flag=True, help="Decode in tiles, for large sizes (SD-family models).")
 @click.option("--cpu-offload", is_flag=True, help="Keep models on the CPU until used (CUDA only).")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet: slow first batch, faster after (long runs).")
+@click.option("--exact/--fast", default=True, show_default=True,
+              help="--exact: an image's pixels never depend on its batch-mates or the batch size (the default); "
+                   "--fast: skip that guard (see the README's Seeds section for the cost).")
 @click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also write grid.png with every image of the run.")
 @click.option("--overwrite", is_flag=True, help="Regenerate images that already exist in --out.")
@@ -125,10 +128,10 @@ def replay(image, out, model, device, check):
     from genkit.run import replay_image
 
     _quiet_libraries()
-    path, identical = replay_image(image, out=out, model=model, device=device)
-    click.echo(str(path))
+    replay = replay_image(image, out=out, model=model, device=device)
+    click.echo(str(replay.path))
     if check:
-        click.echo("identical to the original" if identical else "differs from the original", err=True)
+        click.echo(replay.summary(), err=True)
 
 
 @main.command()

@@ -7,6 +7,7 @@ or on which process makes it. Jobs run in batches; results are yielded batch by 
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
@@ -86,13 +87,14 @@ class Pipeline:
     `self.family` (genkit.families); the engine itself never names a UNet or a family.
     """
 
-    def __init__(self, pipe, *, name: str, family, defaults: dict, device: str, attention):
+    def __init__(self, pipe, *, name: str, family, defaults: dict, device: str, attention, exact: bool = True):
         self.pipe, self.name, self.family, self.device = pipe, name, family, device
         self.base_scheduler_config = dict(pipe.scheduler.config)
         self.base_scheduler_class = type(pipe.scheduler)
         self.defaults = {**family.defaults(pipe), **defaults}
         self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
         self.compiled = False
+        self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
         self.attention = None
         self.set_attention(attention)
 
@@ -248,7 +250,8 @@ class Pipeline:
                           "images": [job.index for job in batch]})
             return tensors
 
-        with BatchInvariant(), rows_apart(*self.family.text_encoders(self.pipe)), \
+        with (BatchInvariant() if self.exact else contextlib.nullcontext()), \
+                rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ())), \
                 self.family.attention_context(self.attention):
             output = self.pipe(**self.family.call_args(batch, generators, on_step))
         return GenerationResult(images=list(output.images), seeds=[job.seed for job in batch],
@@ -267,8 +270,15 @@ class Pipeline:
             "width": job.width, "height": job.height, "scheduler": job.scheduler, "model": self.name,
             "family": self.family.name,
             "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
-            "device": self.device, "versions": versions(), **({"compiled": True} if self.compiled else {}),
+            "device": self.device, "exact": self.exact, "threads": _threads(),
+            "versions": versions(), **({"compiled": True} if self.compiled else {}),
         }
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _batches(jobs: list[Job], size: int):

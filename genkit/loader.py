@@ -102,10 +102,12 @@ def load(
     vae_tiling: bool = False,
     cpu_offload: bool = False,
     keep_freed_memory: bool = True,
+    exact: bool = True,
 ):
     """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`.
 
-    On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
+    `exact` (the default) makes an image's pixels independent of its batch (genkit.invariance); False
+    (`--fast`) skips that guard. On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
     sampling; the process keeps its peak memory until it exits).
     """
     from genkit import families
@@ -158,5 +160,5 @@ def load(
     if vae_tiling:
         vae.enable_tiling()
     return Pipeline(pipe, name=name if preset is not None else source, family=family, defaults=defaults,
-                    device=backend_device, attention=backend)
+                    device=backend_device, attention=backend, exact=exact)
 

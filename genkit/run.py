@@ -40,6 +40,7 @@ class GenerateRequest:
     vae_tiling: bool = False
     cpu_offload: bool = False
     compile: bool = False
+    exact: bool = True  # pixels independent of the batch (genkit.invariance); False is --fast
     overwrite: bool = False
     grid: bool = False
     progress: bool = True
@@ -62,7 +63,7 @@ def load_for(request, device: str | None = None) -> "object":
     pipeline = genkit.load(request.model, device=device or request.device, dtype=request.dtype, attention=request.attention,
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
-                           cpu_offload=getattr(request, "cpu_offload", False))
+                           cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", True))
     if request.loras:
         lora.apply(pipeline, [lora.parse_spec(spec) for spec in request.loras], allow_pickle=request.allow_pickle)
     if getattr(request, "compile", False):
@@ -126,8 +127,35 @@ def _write_grid(writer: OutputWriter, jobs, pipeline) -> Path:
     return path
 
 
-def replay_image(image: str | Path, *, out=None, model=None, device=None) -> tuple[Path, bool]:
-    """Regenerate an image from its stored record; return the new path and whether pixels match."""
+@dataclass
+class Replay:
+    """What `genkit replay` found: the new image, whether every pixel matches, and if not by how much and why.
+
+    Unpacks as `(path, identical)`."""
+
+    path: Path
+    identical: bool
+    largest_difference: int = 0  # in levels of 255
+    reasons: list[str] = field(default_factory=list)  # recorded settings that differ from this run's
+
+    def __iter__(self):
+        return iter((self.path, self.identical))
+
+    def summary(self) -> str:
+        if self.identical:
+            return "identical to the original"
+        why = "; ".join(self.reasons) or "no recorded setting differs (another CPU kind or library build sums " \
+                                          "in another order)"
+        return f"differs from the original by up to {self.largest_difference} of 255 ({why})"
+
+
+# recorded settings that change floating-point results without changing what was asked for
+_ENVIRONMENT = {"threads": "CPU threads", "device": "device", "dtype": "dtype", "compiled": "--compile",
+                "exact": "--exact/--fast", "attention": "attention backend", "versions": "library versions"}
+
+
+def replay_image(image: str | Path, *, out=None, model=None, device=None) -> Replay:
+    """Regenerate an image from its stored record; say whether pixels match, and if not, what differs."""
     import numpy as np
     from PIL import Image
 
@@ -138,16 +166,23 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None) -> tup
     out_dir = check_out_dir(out or Path(image).parent)
     request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
                               attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
-                              dtype=record.get("dtype"))
+                              dtype=record.get("dtype"), exact=record.get("exact", True))
     pipeline = load_for(request)
     job = Job(**{key: record[key] for key in Job.__dataclass_fields__})
     result = pipeline.generate([record["prompt"]], jobs=[job])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"replay-{Path(image).name}"
-    save_png(result.images[0], path, pipeline.record(job))
+    now = pipeline.record(job)
+    save_png(result.images[0], path, now)
     with Image.open(image) as original:
-        identical = bool(np.array_equal(np.asarray(original.convert("RGB")), np.asarray(result.images[0])))
-    return path, identical
+        before = np.asarray(original.convert("RGB")).astype(int)
+    after = np.asarray(result.images[0]).astype(int)
+    if before.shape != after.shape:
+        return Replay(path, False, 255, [f"size {before.shape[1]}x{before.shape[0]} -> {after.shape[1]}x{after.shape[0]}"])
+    largest = int(np.abs(before - after).max())
+    reasons = [f"{label} {record.get(key)} -> {now.get(key)}" for key, label in _ENVIRONMENT.items()
+               if key in record and record.get(key) != now.get(key)]
+    return Replay(path, largest == 0, largest, reasons)
 
 
 def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_phrasing=100, two_object=200,

@@ -8,6 +8,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models on one thread: when the machine's other core is busy, two OpenMP threads spin-wait for each
+    other (measured: a tiny SD image in 0.97 s on one thread, 20 s on two beside another job). Pixel comparisons
+    are within one process, so they hold at any thread count; tests/test_exactness.py checks two threads too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_sd(tmp_path_factory):
     return build_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd")

@@ -157,3 +157,22 @@ def test_info_and_models():
     result = run("info")
     assert result.exit_code == 0 and "attention xformers" in result.stdout and "diffusers" in result.stdout
     assert "genkit-mini" in run("models").stdout
+
+
+def test_replay_names_the_largest_difference_and_what_changed(tiny_sd, tmp_path):
+    """A record made on another thread count, with pixels that differ: the replay says by how much and why."""
+    from PIL.PngImagePlugin import PngInfo
+
+    assert generate(tiny_sd, tmp_path, "a red circle", "--seed", 9).exit_code == 0
+    original = next(tmp_path.glob("*.png"))
+    with Image.open(original) as image:
+        record, pixels = json.loads(image.text["genkit"]), np.asarray(image.convert("RGB")).copy()
+    pixels[0, 0] = (pixels[0, 0].astype(int) + 3) % 256
+    record["threads"] = 99
+    info = PngInfo()
+    info.add_text("genkit", json.dumps(record))
+    Image.fromarray(pixels).save(original, pnginfo=info)
+    result = run("replay", original, "--out", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    assert "differs from the original by up to 3 of 255" in result.stderr
+    assert "CPU threads 99 ->" in result.stderr
