@@ -224,8 +224,9 @@ class Pipeline:
         jobs = self.plan(prompts, config) if jobs is None else jobs
         todo = [job for job in jobs if not (skip and skip(self.record(job)))]
         bar = tqdm(total=len(todo), unit="img", desc="generate", disable=not progress, leave=False)
+        encoded: dict = {}  # each distinct prompt's text encoding, once per run (genkit.invariance.rows_apart)
         for number, batch in enumerate(_batches(todo, config.batch_size)):
-            result = self._run_batch(batch, number, callback)
+            result = self._run_batch(batch, number, callback, encoded)
             bar.update(len(batch))
             yield result
         bar.close()
@@ -237,7 +238,7 @@ class Pipeline:
             total.extend(result)
         return total
 
-    def _run_batch(self, batch: list[Job], number: int, callback) -> GenerationResult:
+    def _run_batch(self, batch: list[Job], number: int, callback, encoded: dict | None = None) -> GenerationResult:
         import torch
 
         first = batch[0]
@@ -251,7 +252,7 @@ class Pipeline:
             return tensors
 
         with (BatchInvariant() if self.exact else contextlib.nullcontext()), \
-                rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ())), \
+                rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
                 self.family.attention_context(self.attention):
             output = self.pipe(**self.family.call_args(batch, generators, on_step))
         return GenerationResult(images=list(output.images), seeds=[job.seed for job in batch],

@@ -15,6 +15,7 @@ distinct prompt alone, as two copies, so a prompt's embedding never depends on i
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from contextlib import contextmanager
 
 import torch
@@ -87,11 +88,17 @@ def _block(x: torch.Tensor, start: int) -> torch.Tensor:
 
 
 @contextmanager
-def rows_apart(*modules):
-    """While active, each module's forward runs once per distinct batch row, on two copies of it."""
+def rows_apart(*modules, memo: dict | None = None):
+    """While active, each module's forward runs once per distinct batch row, on two copies of it.
+
+    With `memo` (a dict the caller keeps for a whole run), a row already encoded in an earlier batch of
+    the run is not encoded again: each distinct prompt and negative prompt is encoded once per run (the
+    newest MEMO_ROWS rows per module are kept, so a run of 100,000 prompts does not keep them all).
+    """
     patched = [(m, m.__dict__.get("forward")) for m in modules if m is not None]
     for module, _ in patched:
-        module.forward = _row_by_row(module.forward)  # wraps accelerate's offload hook too, if any
+        done = memo.setdefault(id(module), OrderedDict()) if memo is not None else OrderedDict()
+        module.forward = _row_by_row(module.forward, done)  # wraps accelerate's offload hook too, if any
     try:
         yield
     finally:
@@ -102,23 +109,31 @@ def rows_apart(*modules):
                 module.forward = own
 
 
-def _row_by_row(forward):
+MEMO_ROWS = 256
+
+
+def _row_by_row(forward, done: OrderedDict):
     def run(*args, **kwargs):
         tensors = [a for a in (*args, *kwargs.values()) if torch.is_tensor(a) and a.dim() >= 1]
         if not tensors:
             return forward(*args, **kwargs)
         size = tensors[0].shape[0]
         tensors = [t for t in tensors if t.shape[0] == size]
+        options = repr([(k, v) for k, v in (*enumerate(args), *kwargs.items()) if not torch.is_tensor(v)])
 
         def row(x, i):
             return x[i:i + 1].expand(2, *x.shape[1:]).contiguous() if torch.is_tensor(x) and x.dim() >= 1 and \
                 x.shape[0] == size else x
 
-        done, rows = {}, []
+        rows = []
         for i in range(size):
-            key = tuple(tuple(t[i].flatten().tolist()) for t in tensors)  # token ids, masks (any dtype)
-            if key not in done:
+            key = (options, *(tuple(t[i].flatten().tolist()) for t in tensors))  # token ids, masks (any dtype)
+            if key in done:
+                done.move_to_end(key)
+            else:
                 done[key] = forward(*(row(a, i) for a in args), **{k: row(v, i) for k, v in kwargs.items()})
+                if len(done) > MEMO_ROWS:
+                    done.popitem(last=False)
             rows.append(done[key])
         return _first_rows(rows)
 

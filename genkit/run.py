@@ -89,16 +89,13 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     all_jobs = pipeline.plan(request.prompts, config) if jobs is None else jobs
     jobs = distributed.share(all_jobs, processes)
     writer = OutputWriter(request.out, overwrite=request.overwrite)
-    kept = [pipeline.record(job) for job in jobs if writer.exists(pipeline.record(job))]
+    kept = [record for record in map(pipeline.record, jobs) if writer.exists(record)]
     kept_indices = {record["index"] for record in kept}
     todo = [job for job in jobs if job.index not in kept_indices]
     main_process = processes is None or processes.is_main_process
     try:
-        for result in pipeline.iter_generate(request.prompts, config, jobs=todo,
-                                             progress=request.progress and main_process):
-            for image, record in zip(result.images, result.metadata):
-                path = writer.write(image, record)
-                yield {**record, "file": path.name}
+        yield from _write_behind(writer, pipeline.iter_generate(request.prompts, config, jobs=todo,
+                                                                progress=request.progress and main_process))
     finally:
         if processes is not None:
             processes.wait_for_everyone()  # every share written before the manifest is merged
@@ -108,6 +105,28 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
         yield {**record, "file": writer.path_for(record).name, "skipped": True}
     if request.grid and all_jobs and main_process:
         _write_grid(writer, all_jobs, pipeline)
+
+
+def _write_behind(writer: OutputWriter, results) -> Iterator[dict]:
+    """Write each batch's PNGs on a second thread while the next batch is computed; yield records once written.
+
+    PNG encoding and the record's text chunks take the denoising thread's time otherwise (zlib and
+    Pillow release the GIL). One writer thread, so files and manifest lines appear in order.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    def write(batch) -> list[dict]:
+        return [{**record, "file": writer.write(image, record).name} for image, record in batch]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="genkit-writer") as pool:
+        pending = None
+        for result in results:
+            submitted = pool.submit(write, list(zip(result.images, result.metadata)))
+            if pending is not None:
+                yield from pending.result()  # the previous batch: written while this one was computed
+            pending = submitted
+        if pending is not None:
+            yield from pending.result()
 
 
 def _write_grid(writer: OutputWriter, jobs, pipeline) -> Path:

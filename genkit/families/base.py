@@ -178,6 +178,10 @@ class TransformerFamily(Family):
     def patch(self, pipe) -> int:
         return int(getattr(self.denoiser(pipe).config, "patch_size", 1) or 1)
 
+    def multiple(self, pipe) -> int:
+        """A latent side must hold whole patches (PixArt's own check says 8 and then crashes on 24 or 40)."""
+        return int(pipe.vae_scale_factor) * self.patch(pipe)
+
     def apply_attention(self, pipe, backend: Attention) -> None:
         """Their processors are their own (joint, linear, rotary): never replaced; SDPA's kernel is chosen per call."""
         if backend is Attention.SLICED:

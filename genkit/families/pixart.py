@@ -20,9 +20,6 @@ class PixArtSigma(TransformerFamily):
     num_inference_steps = 20
     peft_loader = True  # no diffusers LoRA loader: adapters go in through peft
 
-    def multiple(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * self.patch(pipe)
-
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, None)
         del args["callback_on_step_end"]  # PixArt's pipeline has only the legacy per-step callback

@@ -12,9 +12,6 @@ class StableDiffusion3(FlowFamily):
     guidance_scale = 7.0
     num_inference_steps = 28
 
-    def multiple(self, pipe) -> int:
-        return int(pipe.vae_scale_factor) * self.patch(pipe)
-
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
