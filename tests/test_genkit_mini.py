@@ -41,3 +41,24 @@ def test_eval_command_runs(tmp_path):
                                        4, "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 0, result.output
     assert "two-object" in result.stdout and (tmp_path / "grid.png").is_file() and (tmp_path / "report.json").is_file()
+
+
+def test_inference_never_imports_training():
+    """genkit-mini's format and text encoder live in its family module: generating imports no trainer."""
+    import subprocess
+    import sys
+
+    code = ("import sys, genkit; genkit.load(device='cpu').generate(['a red circle'], seed=0, num_inference_steps=1); "
+            "print(sorted(m for m in sys.modules if m.startswith('genkit.train')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_models_command_shows_each_presets_family():
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0
+    rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:]}
+    assert rows["genkit-mini"] == "genkit-mini" and rows["sdxl"] == "sdxl" and rows["sd35-medium"] == "sd3"
+    assert rows["flux-dev"] == rows["flux-schnell"] == "flux" and rows["pixart-sigma"] == "pixart-sigma"
+    assert rows["sana"] == "sana"
