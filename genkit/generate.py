@@ -134,6 +134,8 @@ class Pipeline:
                                   "(install g++ or set CXX, or drop --compile)") from None
         self.denoiser.compile()
         self.compiled = True
+        self.exact = False  # compiled kernels are not bitwise equal across batch sizes anyway, and tracing the
+        # fixed-block mode would compile every block's copy of the graph (minutes on 2 cores)
         return self
 
     @property
