@@ -20,7 +20,12 @@ inside `BatchInvariant` / `rows_apart`, so an image does not depend on the batch
    difference outside the mask (must be 0), the judge's verdict on both objects and the relation, and
    whether the asked object was drawn inside the masked half; per way of re-imposing the known region
    (`GenkitMiniPipeline.inpaint_noise`) and strength, with text-to-image of the same prompts as a reference.
-3. outpainting. The same one-object 32x32 inputs, the object on the side away from the extension,
+3. inpainting, replace one object: a two-object scene (any relation) with a square box around one
+   object masked; the prompt asks for another colour-shape pair in its place. Harder than the half
+   masks: the model must draw the object inside the box, at the box's size. Reported: the max
+   difference outside the mask, the judge's verdict on both objects and the relation, whether the asked
+   object's centre lies in the box, and whether exactly two objects are seen (no leftover, no extra).
+4. outpainting. The same one-object 32x32 inputs, the object on the side away from the extension,
    are extended by 16 pixels (`genkit.images.outpaint`) to 48x32, and the prompt asks for the second
    object in the new strip. The judge reads square images of any size, so the 48x32 output is
    letterboxed to 48x48 (8 rows above and below in the median colour of the output's border; no
@@ -55,6 +60,9 @@ EXTEND = 16
 SIDE_PHRASE = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
                "center": "in the center"}
 REL_PHRASE = {"left of": "to the left of", "right of": "to the right of"}
+INPAINT_VARIANTS = "fixed:1,fresh:1,none:1,fixed+r2:1,fresh+r2:1,fixed:0.8,fresh:0.8"
+BOX_VARIANTS = "fixed:1,fresh:1,none:1,fixed+r2:1,fresh+r2:1,fixed:0.8"
+OUTPAINT_VARIANTS = "mean/fixed:1,edge/fixed:1,mean/fixed:0.8,edge/fixed:0.8"
 
 
 # --- running the model --------------------------------------------------------------------
@@ -66,11 +74,18 @@ class Runner:
         self.pipe = self.model.pipe
         self.steps, self.guidance, self.batch_size, self.scheduler = steps, guidance, batch_size, scheduler
         self.images = 0
+        self.defaults = (self.pipe.inpaint_noise, self.pipe.inpaint_resample)
+        # the pipeline's own way, in the notation of `inpaint_noise` below
+        self.default_method = self.defaults[0] + (f"+r{self.defaults[1]}" if self.defaults[1] > 1 else "")
 
-    def __call__(self, prompts, seeds, *, image=None, mask_image=None, strength=None, inpaint_noise="fixed"):
-        """One image per prompt; `image` and `mask_image` are lists (one per prompt) or None."""
+    def __call__(self, prompts, seeds, *, image=None, mask_image=None, strength=None, inpaint_noise=None):
+        """One image per prompt; `image` and `mask_image` are lists (one per prompt) or None.
+
+        `inpaint_noise` is GenkitMiniPipeline.inpaint_noise, optionally with "+rN": N passes per step
+        (RePaint's resampling, `inpaint_resample`)."""
         out = []
-        self.pipe.inpaint_noise = inpaint_noise
+        noise, _, passes = (inpaint_noise or self.default_method).partition("+r")
+        self.pipe.inpaint_noise, self.pipe.inpaint_resample = noise, int(passes or 1)
         for start in range(0, len(prompts), self.batch_size):
             part = slice(start, start + self.batch_size)
             self.pipe.scheduler = schedulers.build(self.scheduler, self.model.base_scheduler_config)
@@ -85,6 +100,7 @@ class Runner:
                                    guidance_scale=self.guidance, **extra)
             out += result.images
             self.images += len(result.images)
+        self.pipe.inpaint_noise, self.pipe.inpaint_resample = self.defaults
         return out
 
 
@@ -126,6 +142,35 @@ def half_cases(n: int, seed: int):
     return cases
 
 
+def box_cases(n: int, seed: int):
+    """A two-object scene with one object boxed by the mask, and a prompt that asks for another object there."""
+    cases = []
+    for k in range(n):
+        rng = random.Random(seed * 100_043 + k)
+        scene = shapes.two_object_scene(rng, relation=rng.choice(("left of", "right of", "above", "below")))
+        image = shapes.render(scene, SIZE, seed=k)
+        replace = rng.randrange(2)
+        old, other = scene.objects[replace], scene.objects[1 - replace]
+        pairs = [p for p in shapes.allowed_pairs() if p not in ((old.color, old.shape), (other.color, other.shape))]
+        color, shape = rng.choice(pairs)
+        # a square box around the replaced object: 1.6 radii (the triangle's and star's reach) plus a pixel
+        half = old.radius * SIZE * 1.6 + 1
+        box = tuple(int(round(v)) for v in (old.x * SIZE - half, old.y * SIZE - half, old.x * SIZE + half,
+                                             old.y * SIZE + half))
+        box = (max(0, box[0]), max(0, box[1]), min(SIZE, box[2]), min(SIZE, box[3]))
+        mask = Image.new("L", (SIZE, SIZE), 0)
+        mask.paste(255, box)
+        a, b = ((color, shape), (other.color, other.shape)) if replace == 0 else \
+            ((other.color, other.shape), (color, shape))
+        relation = "left of" if scene.relation == "and" else scene.relation
+        rel = REL_PHRASE.get(relation, relation)
+        prompt = shapes._tidy(f"a {a[0]} {a[1]} {rel} a {b[0]} {b[1]}")
+        spec = Spec((ObjectSpec(*a), ObjectSpec(*b)), relation)
+        new = shapes.ShapeObject(shape=shape, color=color, x=old.x, y=old.y, radius=old.radius)
+        cases.append(dict(image=image, mask=mask, prompt=prompt, spec=spec, new=new, box=box))
+    return cases
+
+
 # --- measuring --------------------------------------------------------------------------------
 
 
@@ -154,6 +199,19 @@ def max_kept_diff(outputs, inputs, masks) -> int:
         diff = np.abs(np.asarray(out, dtype=int) - np.asarray(inp, dtype=int))[keep]
         worst = max(worst, int(diff.max()))
     return worst
+
+
+def seam(image: Image.Image, mask: Image.Image) -> float:
+    """How far the repainted background is from the kept one: the mean over R, G, B of the difference of
+    their median background colours, in levels (background: pixels with max - min of RGB under 20;
+    the shapes world's backgrounds are near-grey and its objects saturated)."""
+    pixels = np.asarray(image, dtype=float)
+    grey = (pixels.max(axis=-1) - pixels.min(axis=-1)) < 20
+    repaint = np.asarray(mask) >= 128
+    inside, outside = pixels[grey & repaint], pixels[grey & ~repaint]
+    if len(inside) == 0 or len(outside) == 0:
+        return float("nan")
+    return float(np.abs(np.median(inside, axis=0) - np.median(outside, axis=0)).mean())
 
 
 def letterbox(image: Image.Image) -> Image.Image:
@@ -218,25 +276,57 @@ def inpaint_section(run: Runner, cases, variants):
     prompts = [c["prompt"] for c in cases]
     seeds = list(range(len(cases)))
     rows, outputs = [], {}
-    reference = run(prompts, seeds)
     for method, strength in [("text-to-image", None)] + variants:
         start = time.perf_counter()
-        images = reference if method == "text-to-image" else run(
+        images = run(prompts, seeds) if method == "text-to-image" else run(
             prompts, seeds, image=inputs, mask_image=masks, strength=strength, inpaint_noise=method)
         outputs[(method, strength)] = images
-        right = new = 0
+        right = new = two = 0
+        seams = [seam(image, case["mask"]) for image, case in zip(images, cases)]
         for image, case in zip(images, cases):
             judgement = judge(image)
             right += score(judgement, case["spec"]).all_correct
             region = (0.5, 1.0) if case["kept_side"] == "left" else (0.0, 0.5)
             new += found_new(judgement, case["new"], region)
+            two += judgement.count == 2
         kept = "-" if method == "text-to-image" else max_kept_diff(images, inputs, masks)
         rows.append((method, "-" if strength is None else f"{strength:g}", kept, pct(right, len(cases)),
-                     pct(new, len(cases)), f"{time.perf_counter() - start:5.0f} s"))
+                     pct(new, len(cases)), pct(two, len(cases)), f"{np.nanmean(seams):.2f}",
+                     f"{time.perf_counter() - start:5.0f} s"))
     print(f"\ninpainting: one object kept, the other half masked, prompt names both and their relation; "
           f"{len(cases)} scenes")
     print(table(("known region", "strength", "max diff outside mask", "both objects + relation",
-                 "asked object in the mask", "time"), rows))
+                 "asked object in the mask", "exactly two objects", "seam (levels)", "time"), rows))
+    return outputs
+
+
+def box_section(run: Runner, cases, variants):
+    inputs = [c["image"] for c in cases]
+    masks = [c["mask"] for c in cases]
+    prompts = [c["prompt"] for c in cases]
+    seeds = list(range(len(cases)))
+    rows, outputs = [], {}
+    for method, strength in variants:
+        start = time.perf_counter()
+        images = run(prompts, seeds, image=inputs, mask_image=masks, strength=strength, inpaint_noise=method)
+        outputs[(method, strength)] = images
+        right = new = two = 0
+        seams = [seam(image, case["mask"]) for image, case in zip(images, cases)]
+        for image, case in zip(images, cases):
+            judgement = judge(image)
+            right += score(judgement, case["spec"]).all_correct
+            x0, y0, x1, y1 = case["box"]
+            new += any(o.color == case["new"].color and o.shape == case["new"].shape
+                       and x0 <= o.center[0] * SIZE <= x1 and y0 <= o.center[1] * SIZE <= y1
+                       for o in judgement.objects)
+            two += judgement.count == 2
+        rows.append((method, f"{strength:g}", max_kept_diff(images, inputs, masks), pct(right, len(cases)),
+                     pct(new, len(cases)), pct(two, len(cases)), f"{np.nanmean(seams):.2f}",
+                     f"{time.perf_counter() - start:5.0f} s"))
+    print(f"\ninpainting, replace one object: a box around one of two objects is masked and the prompt asks for "
+          f"another colour-shape pair there; {len(cases)} scenes")
+    print(table(("known region", "strength", "max diff outside mask", "both objects + relation",
+                 "asked object in the box", "exactly two objects", "seam (levels)", "time"), rows))
     return outputs
 
 
@@ -244,7 +334,7 @@ def outpaint_section(run: Runner, cases, variants):
     prompts = [c["prompt"] for c in cases]
     seeds = list(range(len(cases)))
     rows, outputs = [], {}
-    for fill, strength, method in variants:
+    for fill, method, strength in variants:
         start = time.perf_counter()
         padded, masks, regions = [], [], []
         for case in cases:
@@ -256,18 +346,19 @@ def outpaint_section(run: Runner, cases, variants):
             width = SIZE + EXTEND
             regions.append((SIZE / width, 1.0) if "right" in side else (0.0, EXTEND / width))
         images = run(prompts, seeds, image=padded, mask_image=masks, strength=strength, inpaint_noise=method)
-        outputs[(fill, strength, method)] = (padded, masks, images)
+        outputs[(fill, method, strength)] = (padded, masks, images)
         right = new = 0
+        seams = [seam(image, mask) for image, mask in zip(images, masks)]
         for image, case, region in zip(images, cases, regions):
             judgement = judge(letterbox(image))
             right += score(judgement, case["spec"]).all_correct
             new += found_new(judgement, case["new"], region)
         rows.append((fill, f"{strength:g}", method, max_kept_diff(images, padded, masks), pct(right, len(cases)),
-                     pct(new, len(cases)), f"{time.perf_counter() - start:5.0f} s"))
+                     pct(new, len(cases)), f"{np.nanmean(seams):.2f}", f"{time.perf_counter() - start:5.0f} s"))
     print(f"\noutpainting: 32x32 one-object scenes extended by {EXTEND} px on the far side to 48x32, the prompt asks "
           f"for a second object there; judged letterboxed to 48x48; {len(cases)} scenes")
     print(table(("fill", "strength", "known region", "max diff on the original", "both objects + relation",
-                 "asked object in the new strip", "time"), rows))
+                 "asked object in the new strip", "seam (levels)", "time"), rows))
     return outputs
 
 
@@ -308,7 +399,11 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--strengths", default="0.1,0.3,0.5,0.6,0.7,0.8,0.9,1.0")
     parser.add_argument("--quick", action="store_true", help="only the defaults in the inpainting/outpainting tables")
-    parser.add_argument("--only", default="img2img,inpaint,outpaint", help="sections to run")
+    parser.add_argument("--inpaint-variants", default=INPAINT_VARIANTS,
+                        help="known-region method:strength list for the half-mask table (+rN: N passes per step)")
+    parser.add_argument("--box-variants", default=BOX_VARIANTS, help="the same for the replace-one-object table")
+    parser.add_argument("--outpaint-variants", default=OUTPAINT_VARIANTS, help="fill/method:strength list")
+    parser.add_argument("--only", default="img2img,inpaint,box,outpaint", help="sections to run")
     parser.add_argument("--picture", type=Path, default=None, help="write a grid of examples (PNG)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -329,24 +424,52 @@ def main(argv=None):
             for s in (0.3, edit.IMG2IMG_STRENGTH):
                 if s in outs:
                     shown.append((f"img2img {s:g}\n{recolor[k][1]}", recolor[k][0], None, outs[s][k]))
+    default = (run.default_method, edit.INPAINT_STRENGTH)
     if "inpaint" in sections:
-        variants = [("fixed", 1.0)] if args.quick else [
-            ("fixed", 1.0), ("fresh", 1.0), ("none", 1.0), ("fixed", 0.8), ("fresh", 0.8)]
+        variants = [default] if args.quick else _variants(args.inpaint_variants)
         outs = inpaint_section(run, halves, variants)
         for k in range(2):
-            out = outs[(edit.INPAINT_NOISE[0], edit.INPAINT_STRENGTH)][k]
-            shown.append((f"inpaint\n{halves[k]['prompt']}", halves[k]["image"], halves[k]["mask"], out))
-    if "outpaint" in sections:
-        variants = [(readers.OUTPAINT_FILL, 1.0, "fixed")] if args.quick else [
-            ("mean", 1.0, "fixed"), ("edge", 1.0, "fixed"), ("mean", 0.8, "fixed"), ("edge", 0.8, "fixed")]
-        outs = outpaint_section(run, halves, variants)
-        padded, masks, images = outs[(readers.OUTPAINT_FILL, edit.INPAINT_STRENGTH, "fixed")]
+            if default in outs:
+                shown.append((f"inpaint\n{halves[k]['prompt']}", halves[k]["image"], halves[k]["mask"], outs[default][k]))
+    if "box" in sections:
+        boxes = box_cases(args.scenes, args.seed)
+        variants = [default] if args.quick else _variants(args.box_variants)
+        outs = box_section(run, boxes, variants)
         for k in range(2):
-            shown.append((f"outpaint +{EXTEND}\n{halves[k]['prompt']}", padded[k], masks[k], images[k]))
+            if default in outs:
+                shown.append((f"inpaint (box)\n{boxes[k]['prompt']}", boxes[k]["image"], boxes[k]["mask"],
+                              outs[default][k]))
+    if "outpaint" in sections:
+        variants = [(readers.OUTPAINT_FILL, *default)] if args.quick else _fill_variants(args.outpaint_variants)
+        outs = outpaint_section(run, halves, variants)
+        chosen = (readers.OUTPAINT_FILL, *default)
+        if chosen in outs:
+            padded, masks, images = outs[chosen]
+            for k in range(2):
+                shown.append((f"outpaint +{EXTEND}\n{halves[k]['prompt']}", padded[k], masks[k], images[k]))
     print(f"\n{run.images} images in {time.perf_counter() - started:.0f} s")
     if args.picture and shown:
         size = picture(args.picture, [(_wrap(label), i, m, o) for label, i, m, o in shown])
         print(f"picture: {args.picture} ({size / 1024:.0f} KB)")
+
+
+def _variants(text: str) -> list[tuple[str, float]]:
+    """"fixed:1,fresh+r2:0.8" -> [("fixed", 1.0), ("fresh+r2", 0.8)]: way of re-imposing the known region
+    (GenkitMiniPipeline.inpaint_noise, "+rN" for N passes per step) and strength."""
+    out = []
+    for part in text.split(","):
+        method, _, strength = part.strip().partition(":")
+        out.append((method, float(strength or 1.0)))
+    return out
+
+
+def _fill_variants(text: str) -> list[tuple[str, str, float]]:
+    """"mean/fixed:1,edge/fixed:0.8" -> [("mean", "fixed", 1.0), ("edge", "fixed", 0.8)]."""
+    out = []
+    for part in text.split(","):
+        fill, _, rest = part.strip().partition("/")
+        out.append((fill, *_variants(rest)[0]))
+    return out
 
 
 def _wrap(label: str, width: int = 16) -> str:
