@@ -8,12 +8,13 @@ loaded, so they are refused unless the caller passes `allow_pickle=True`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 from genkit import attention as attn
 from genkit import presets
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, first_line
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
@@ -24,14 +25,42 @@ def pick_device(device: str | None) -> str:
     import torch
 
     if device:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise GenkitError(f"--device {device}: CUDA is not available here (use --device cpu)")
-        return device
+        return _check_device(device)
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if _mps():
         return "mps"
     return "cpu"
+
+
+def _check_device(device: str) -> str:
+    """`device` when torch can place tensors there on this machine, else a GenkitError naming what is."""
+    import torch
+
+    here = ", ".join(["cpu", *(["cuda"] if torch.cuda.is_available() else []), *(["mps"] if _mps() else [])])
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise GenkitError(f"--device {device}: not a device torch knows (available here: {here})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise GenkitError(f"--device {device}: CUDA is not available here (available here: {here})")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise GenkitError(f"--device {device}: this machine has {count} CUDA device(s), numbered from 0 "
+                              f"(try cuda:0)")
+    elif parsed.type == "mps" and not _mps():
+        raise GenkitError(f"--device {device}: Apple's MPS is not available here (available here: {here})")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise GenkitError(f"--device {device}: genkit runs on cpu, cuda or mps (available here: {here})")
+    return device
+
+
+def _mps() -> bool:
+    import torch
+
+    backend = getattr(torch.backends, "mps", None)
+    return bool(backend and backend.is_available())
 
 
 def pick_dtype(dtype: str | None, device: str, family):
@@ -52,9 +81,16 @@ def check_folder(folder: Path, allow_pickle: bool) -> dict:
         raise GenkitError(f"{folder} has no model_index.json, so it is not a diffusers pipeline folder "
                           "(save one with pipe.save_pretrained(folder), or pass a preset name)")
     try:
-        config = json.loads(index.read_text())
-    except json.JSONDecodeError as exc:
-        raise GenkitError(f"{index} is not valid JSON: {exc}") from None
+        config = json.loads(index.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise GenkitError(f"{index} is not valid JSON ({first_line(exc)}); save the pipeline again with "
+                          "pipe.save_pretrained(folder)") from None
+    except OSError as exc:
+        raise GenkitError(f"cannot read {index}: {exc.strerror or exc}") from None
+    if not isinstance(config, dict) or not isinstance(config.get("_class_name", ""), str):
+        raise GenkitError(f"{index} must be a JSON object with a \"_class_name\" string, like diffusers writes, got "
+                          f"{type(config).__name__ if not isinstance(config, dict) else 'a non-string _class_name'} "
+                          "(save the pipeline again with pipe.save_pretrained(folder))")
     for component in sorted(config):
         sub = folder / component
         if component.startswith("_") or not sub.is_dir():
@@ -75,20 +111,42 @@ def _load_genkit(folder: Path, dtype, use_safetensors):
         from genkit.families.genkit_mini import load_text_encoder
 
         extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
-    return GenkitMiniPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=use_safetensors, **extra)
+    with load_errors(str(folder), True):
+        return GenkitMiniPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=use_safetensors, **extra)
 
 
 def _load_diffusers(source: str, dtype, use_safetensors, local: bool):
     from diffusers import DiffusionPipeline
 
-    try:
+    with load_errors(source, local):
         return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors,
                                                  local_files_only=local)
-    except (OSError, ValueError) as exc:
-        where = "folder" if local else "hub id"
-        hint = "" if local else " (a hub id needs a network or a filled local cache; or pass a local folder)"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise GenkitError(f"could not load {where} {source}: {first}{hint}") from None
+
+
+@contextlib.contextmanager
+def load_errors(source: str, local: bool):
+    """The one place where loading a model's files fails: every library error becomes one GenkitError line.
+
+    diffusers, transformers and safetensors raise OSError, ValueError, RuntimeError, KeyError, TypeError,
+    json errors or safetensors' own SafetensorError for truncated weights, tensors of the wrong shape, corrupt
+    config.json files or missing components; the user can only fix the folder (or pick another model).
+    """
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except GenkitError:
+        raise
+    except MemoryError:
+        raise GenkitError(f"not enough memory to load {source} (close other programs, or pick a smaller model "
+                          "or --dtype fp16/bf16)") from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError,
+            SafetensorError) as exc:
+        if local:
+            hint = "the folder's files are damaged or incomplete: download or save the model again"
+            raise GenkitError(f"could not load folder {source}: {first_line(exc)} ({hint})") from None
+        hint = "a hub id needs a network or a filled local cache; or pass a local folder"
+        raise GenkitError(f"could not load hub id {source}: {first_line(exc)} ({hint})") from None
 
 
 def load(

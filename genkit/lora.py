@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import math
 import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, first_line
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _SUFFIXES = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.[\w]+)?\.weight$|\.alpha$")
@@ -43,9 +44,17 @@ class Fit:
     miss: str | None = None
 
 
+MAX_SCALE = 10.0  # |scale|: 1 is the adapter at full strength; far past a few it only paints noise
+
+
 def parse_spec(text: str | LoraSpec) -> LoraSpec:
-    """`PATH` or `PATH:SCALE` (a path containing ':' works when the part after it is not a number)."""
+    """`PATH` or `PATH:SCALE` (a path containing ':' works when the part after it is not a number).
+
+    The scale must be a finite number from -MAX_SCALE to MAX_SCALE; `PATH:abc` where PATH exists says that
+    abc is not a number (rather than that no file `PATH:abc` exists).
+    """
     if isinstance(text, LoraSpec):
+        check_scale(text.scale, text.path)
         return text
     path, scale = str(text), 1.0
     head, sep, tail = path.rpartition(":")
@@ -53,8 +62,17 @@ def parse_spec(text: str | LoraSpec) -> LoraSpec:
         try:
             path, scale = head, float(tail)
         except ValueError:
-            pass
+            if not Path(path).expanduser().exists() and Path(head).expanduser().exists():
+                raise GenkitError(f"--lora {text}: the scale {tail!r} after the last ':' is not a number "
+                                  f"(write {head}:0.8, or {head} for scale 1)") from None
+    check_scale(scale, path)
     return LoraSpec(Path(path).expanduser(), scale)
+
+
+def check_scale(scale: float, path) -> None:
+    if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
+        raise GenkitError(f"--lora {path}: scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got "
+                          f"{scale:g} (1 is full strength; most adapters work from 0.5 to 1.2)")
 
 
 def weights_file(path: Path, allow_pickle: bool = False) -> Path:
@@ -76,6 +94,18 @@ def weights_file(path: Path, allow_pickle: bool = False) -> Path:
     return path
 
 
+def check_safetensors(file: Path) -> None:
+    """Read a .safetensors file's header (not its tensors): a file that is not one gets one line, not a traceback."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise GenkitError(f"--lora {file} is not a valid safetensors file ({first_line(exc)}); pass the LoRA's "
+                          ".safetensors file as it was saved (is it truncated, or another format renamed?)") from None
+
+
 def layer_names(state_dict: dict) -> set[str]:
     """The distinct layers a LoRA state dict names (A/B or down/up pairs and alphas count once)."""
     return {_SUFFIXES.sub("", key) for key in state_dict if _SUFFIXES.search(key)}
@@ -92,14 +122,16 @@ def _loader(pipe):
 
 def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
     """(state dict in diffusers layout, network alphas, adapter metadata); kohya keys are converted."""
+    from safetensors import SafetensorError
+
     loader = _loader(pipe)
     extra = {"unet_config": pipe.unet.config} if "unet_config" in inspect.signature(loader.lora_state_dict).parameters \
         and hasattr(pipe, "unet") else {}
     try:
         parts = loader.lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True,
                                        use_safetensors=file.suffix == ".safetensors", **extra)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise GenkitError(f"--lora {file}: cannot read it as a LoRA ({_first_line(exc)})") from None
+    except (ValueError, KeyError, RuntimeError, OSError, TypeError, SafetensorError) as exc:
+        raise GenkitError(f"--lora {file}: cannot read it as a LoRA ({first_line(exc)})") from None
     if len(parts) == 2:  # transformer loaders keep no network alphas
         return parts[0], None, parts[1]
     return parts
@@ -275,16 +307,13 @@ def _unload(pipe, family, adapter: str) -> None:
         pass
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:200] if text else type(exc).__name__
-
-
 def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> None:
     """Load each adapter into `pipeline` (a genkit Pipeline) and activate them with their scales."""
     pipe, family, names, scales = pipeline.pipe, pipeline.family, [], []
     for number, spec in enumerate(specs):
         file = weights_file(spec.path, allow_pickle)
+        if file.suffix == ".safetensors":
+            check_safetensors(file)
         state_dict, alphas, metadata = read(file, pipe)
         fit = check_fit(state_dict, pipe, family)
         if fit.wanted == 0:
@@ -302,7 +331,7 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
             _load(pipe, family, file, state_dict, alphas, metadata, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:
             _unload(pipe, family, adapter)
-            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {_first_line(exc)}") from None
+            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {first_line(exc)}") from None
         loaded = _adapter_layers(pipe, adapter)
         if loaded < fit.wanted:
             _unload(pipe, family, adapter)

@@ -14,17 +14,19 @@ removes it (each image has one writer, also across processes).
 
 from __future__ import annotations
 
+import errno
 import glob
 import json
 import os
 import re
+import secrets
 import tempfile
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, strict_json
 
 MANIFEST = "manifest.jsonl"
 
@@ -58,6 +60,10 @@ def infotext(record: dict) -> str:
         "Size": f"{record['width']}x{record['height']}",
         "Model": record["model"],
     }
+    if record.get("image") is not None:  # an edit, as A1111's img2img tab writes it
+        fields["Denoising strength"] = record["strength"]
+        if record.get("mask") is not None or record.get("outpaint"):
+            fields["Mask blur"] = 0  # genkit's masks are hard (binarised); the known region is the input's pixels
     if record.get("lora"):
         fields["Lora"] = '"' + ", ".join(f"{lo['name']}: {lo['scale']}" for lo in record["lora"]) + '"'
     fields["Version"] = f"genkit {record.get('versions', {}).get('genkit', '?')}"
@@ -81,17 +87,58 @@ def parse_infotext(text: str) -> dict:
     return {"prompt": "\n".join(prompt_lines), "negative_prompt": negative, **fields}
 
 
+# what replay needs from a record, and the type each must have (ranges are checked as for a new run)
+_RECORD_KEYS = {"index": int, "prompt": str, "negative_prompt": str, "seed": int, "num_inference_steps": int,
+                "guidance_scale": (int, float), "width": int, "height": int, "scheduler": str, "model": str,
+                "lora": list}
+
+
 def read_record(path: str | Path) -> dict:
-    """The `genkit` JSON record stored in an image written by genkit."""
+    """The `genkit` JSON record stored in an image written by genkit, checked like a new run's settings."""
     path = Path(path)
     try:
         with Image.open(path) as image:
             text = image.text.get("genkit") if hasattr(image, "text") else None
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SyntaxError) as exc:  # PIL raises SyntaxError for some broken PNG chunks
         raise GenkitError(f"cannot read {path}: {exc}") from None
     if not text:
         raise GenkitError(f"{path} holds no genkit record (was it written by genkit generate?)")
-    return json.loads(text)
+    try:
+        record = strict_json(text)
+    except (ValueError, RecursionError) as exc:
+        raise GenkitError(f"{path}: its genkit record is not valid JSON ({getattr(exc, 'msg', exc)}); the image was "
+                          "edited or damaged, so it cannot be replayed") from None
+    check_record(record, path)
+    return record
+
+
+def check_record(record, path) -> None:
+    """A GenkitError naming the field when a stored record cannot be replayed as it is."""
+    from genkit import prompts
+
+    where = f"{path}: genkit record"
+    if not isinstance(record, dict):
+        raise GenkitError(f"{where} is a JSON {type(record).__name__}, not an object; the image was edited or "
+                          "damaged, so it cannot be replayed")
+    for key, kind in _RECORD_KEYS.items():
+        if key not in record:
+            raise GenkitError(f"{where} has no {key!r}; the image was edited or damaged, so it cannot be replayed")
+        value = record[key]
+        if isinstance(value, bool) or not isinstance(value, kind):
+            raise GenkitError(f"{where}: {key} has the wrong type ({value!r:.60}); the image was edited or damaged")
+    prompts.check_count(record["index"] + 1, f"{where}: index + 1")
+    if not record["prompt"].strip():
+        raise GenkitError(f"{where}: prompt is empty; the image was edited or damaged")
+    prompts.check_seed(record["seed"], f"{where}: seed")
+    prompts.check_steps(record["num_inference_steps"], f"{where}: num_inference_steps")
+    prompts.check_guidance(record["guidance_scale"], f"{where}: guidance_scale")
+    for key in ("width", "height"):
+        prompts.check_side(record[key], f"{where}: {key}")
+    for number, entry in enumerate(record["lora"]):
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or \
+                isinstance(entry.get("scale"), bool) or not isinstance(entry.get("scale"), (int, float)):
+            raise GenkitError(f'{where}: lora[{number}] needs a "path" string and a "scale" number; the image was '
+                              "edited or damaged")
 
 
 def remove_stale_temporaries(path: Path) -> None:
@@ -101,16 +148,40 @@ def remove_stale_temporaries(path: Path) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename into place: readers never see a partial file."""
+    """Call `write(tmp_path)`, then rename into place: readers never see a partial file.
+
+    The temporary file is created with mode 0666 less the umask, as `open()` creates files (tempfile's 0600
+    would make every result unreadable to other users and web servers). A full disk (or quota, or a read-only
+    file system) is a GenkitError and leaves no partial file.
+    """
     remove_stale_temporaries(path)  # what a kill between the two steps left for this path
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix + ".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        tmp = _create_temporary(path)
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
+            raise GenkitError(f"cannot write {path}: {exc.strerror} (free some space or choose another --out; "
+                              "files written before are complete and a rerun keeps them)") from None
         raise
+
+
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
+def _create_temporary(path: Path) -> str:
+    """A new, empty, hidden file beside `path`, created with os.open's default mode so the umask applies."""
+    for _ in range(100):
+        name = str(path.parent / f".{path.stem}-{secrets.token_hex(4)}{path.suffix}.tmp")
+        try:
+            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def save_png(image: Image.Image, path: Path, record: dict) -> None:
@@ -121,8 +192,13 @@ def save_png(image: Image.Image, path: Path, record: dict) -> None:
 
 
 def check_out_dir(out: str | Path) -> Path:
-    """Fail before anything is generated when `out` cannot hold the images."""
-    out = Path(out)
+    """Fail before anything is generated when `out` cannot hold the images; creates nothing.
+
+    `a/../b` is taken as `b` (creating it would otherwise leave an empty `a/`). Writability is tried by
+    making (and removing) a temporary folder in the nearest existing parent, so /proc, read-only mounts
+    and folders of other users fail here, before the model loads.
+    """
+    out = Path(os.path.normpath(Path(out).expanduser()))
     if out.exists() and not out.is_dir():
         raise GenkitError(f"--out {out} is a file, not a folder (choose a folder path)")
     parent = out
@@ -132,6 +208,11 @@ def check_out_dir(out: str | Path) -> Path:
         raise GenkitError(f"--out {out}: {parent} is a file, so the folder cannot be created (choose another path)")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise GenkitError(f"--out {out}: {parent} is not writable (choose a folder you can write to)")
+    try:
+        tempfile.TemporaryDirectory(dir=parent, prefix=".genkit-probe-").cleanup()
+    except OSError as exc:
+        raise GenkitError(f"--out {out}: cannot create files in {parent} ({exc.strerror or exc}); choose a folder "
+                          "you can write to") from None
     return out
 
 
@@ -159,8 +240,14 @@ class OutputWriter:
         path = self.path_for(record)
         save_png(image, path, record)
         self.records[path.name] = {**record, "file": path.name}
-        with open(self.out / MANIFEST, "a") as manifest:  # progress record; rewritten whole by close()
-            manifest.write(json.dumps(self.records[path.name], ensure_ascii=False) + "\n")
+        try:
+            with open(self.out / MANIFEST, "a") as manifest:  # progress record; rewritten whole by close()
+                manifest.write(json.dumps(self.records[path.name], ensure_ascii=False) + "\n")
+        except OSError as exc:
+            if exc.errno not in _DISK_ERRORS:
+                raise
+            raise GenkitError(f"cannot write {self.out / MANIFEST}: {exc.strerror} (free some space or choose "
+                              "another --out; close() rewrites the manifest whole)") from None
         return path
 
     def close(self) -> Path | None:

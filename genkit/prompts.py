@@ -8,12 +8,87 @@ JSONL: one object per line with `prompt` and optional `negative_prompt`, `seed`,
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, strict_json
 
-JSONL_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "n": int, "steps": int, "guidance": (int, float)}
+JSONL_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "n": int, "steps": int, "guidance": (int, float),
+              "image": str, "mask": str, "strength": (int, float), "outpaint": (str, dict)}
+# image / mask paths in a .jsonl are relative to the file's own folder
+MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0  # A1111's slider stops at 30; serve's limit is the same 100
+DEFAULT_MAX_STEPS = 1000  # the schedulers' training timesteps: more steps cannot sample anything new
+
+
+def max_steps() -> int:
+    """The largest step count accepted: 1000, or $GENKIT_MAX_STEPS."""
+    return _env_int("GENKIT_MAX_STEPS", DEFAULT_MAX_STEPS)
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise GenkitError(f"${name} must be a whole number, got {text!r} (unset it for the default {default})") \
+            from None
+    if value < 1:
+        raise GenkitError(f"${name} must be at least 1, got {value} (unset it for the default {default})")
+    return value
+
+
+def check_steps(steps, where: str = "steps (num_inference_steps)") -> None:
+    """Steps from 1 to max_steps(); a billion steps would fill the memory with the scheduler's timesteps."""
+    limit = max_steps()
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise GenkitError(f"{where} must be at least 1, got {steps}")
+    if steps > limit:
+        raise GenkitError(f"{where} must be at most {limit}, got {steps} (samplers gain nothing past their "
+                          f"{DEFAULT_MAX_STEPS} training timesteps; set GENKIT_MAX_STEPS to raise the limit)")
+
+
+def check_guidance(guidance, where: str = "guidance (guidance_scale)") -> None:
+    """A finite guidance from 0 to MAX_GUIDANCE (inf paints black, nan turns guidance off unseen)."""
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+        raise GenkitError(f"{where} must be a finite number, got {guidance} (try 4 to 8; 1 or less turns it off)")
+    if guidance < 0:
+        raise GenkitError(f"{where} must be 0 or more, got {guidance} (1 or less turns it off)")
+    if guidance > MAX_GUIDANCE:
+        raise GenkitError(f"{where} must be at most {MAX_GUIDANCE:g}, got {guidance} (images burn out long before; "
+                          "try 4 to 8)")
+
+
+DEFAULT_MAX_SIDE = 4096  # pixels; SDXL and Flux make 1024-2048, and --vae-tiling decodes past that
+
+
+def max_side() -> int:
+    """The largest width or height accepted: 4096, or $GENKIT_MAX_SIZE."""
+    return _env_int("GENKIT_MAX_SIZE", DEFAULT_MAX_SIDE)
+
+
+def check_side(value, where: str) -> None:
+    """A width or height from 1 to max_side() pixels (the model's own multiple is checked by the engine)."""
+    limit = max_side()
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise GenkitError(f"{where} must be a positive whole number of pixels, got {value}")
+    if value > limit:
+        raise GenkitError(f"{where} must be at most {limit} pixels, got {value} (set GENKIT_MAX_SIZE to raise the "
+                          "limit; memory grows with width x height)")
+
+
+def check_count(count, where: str) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise GenkitError(f"{where} must be at least 1, got {count}")
+
+
+def check_seed(seed, where: str = "seed") -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise GenkitError(f"{where} must be an integer from 0 to {MAX_SEED}, got {seed}")
 
 
 @dataclass(frozen=True)
@@ -26,6 +101,10 @@ class PromptSpec:
     num_images_per_prompt: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    image: object = None  # an input to edit (path, PIL image or array; genkit.edit), with its mask and strength
+    mask: object = None
+    strength: float | None = None
+    outpaint: object = None  # "left=16,right=16"
 
 
 def from_strings(prompts) -> list[PromptSpec]:
@@ -36,13 +115,38 @@ def read_prompts_file(path: str | Path) -> list[PromptSpec]:
     path = Path(path)
     if not path.is_file():
         raise GenkitError(f"prompts file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = _read_lines(path)
     specs = _read_jsonl(path, lines) if path.suffix.lower() == ".jsonl" else [
         PromptSpec(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")
     ]
     if not specs:
         raise GenkitError(f"prompts file {path} holds no prompts (one per line; # starts a comment)")
     return specs
+
+
+def _read_lines(path: Path) -> list[str]:
+    """The file's lines as text; a binary or non-UTF-8 file is named with the line of its first bad byte."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise GenkitError(f"cannot read prompts file {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise GenkitError(f"prompts file {path} line {line} is not UTF-8 text (byte {exc.start}); "
+                          "give a text or .jsonl file saved as UTF-8") from None
+    if "\x00" in text:
+        line = text[:text.index("\x00")].count("\n") + 1
+        raise GenkitError(f"prompts file {path} line {line} holds a NUL byte, so it is binary, not text; "
+                          "give a text or .jsonl file")
+    return text.splitlines()
+
+
+_NUMBERS = {  # jsonl key -> (check, what the error calls it)
+    "seed": (check_seed, "seed"), "n": (check_count, "n"), "steps": (check_steps, "steps"),
+    "guidance": (check_guidance, "guidance"),
+}
 
 
 def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
@@ -52,10 +156,10 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
             continue
         where = f"{path} line {number}"
         try:
-            entry = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise GenkitError(f"{where} is not valid JSON ({exc.msg}); each line must be one object like "
-                              '{"prompt": "a red circle"}') from None
+            entry = strict_json(line)
+        except (json.JSONDecodeError, ValueError, RecursionError) as exc:
+            raise GenkitError(f"{where} is not valid JSON ({getattr(exc, 'msg', exc)}); each line must be one "
+                              'object like {"prompt": "a red circle"}') from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
             raise GenkitError(f'{where} needs a non-empty "prompt" string, like {{"prompt": "a red circle"}}')
         for key, value in entry.items():
@@ -63,6 +167,9 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
                 raise GenkitError(f"{where}: unknown key {key!r} (valid: {', '.join(JSONL_KEYS)})")
             if not isinstance(value, JSONL_KEYS[key]) or isinstance(value, bool):
                 raise GenkitError(f"{where}: {key} has the wrong type ({value!r})")
+            if key in _NUMBERS:
+                check, name = _NUMBERS[key]
+                check(value, f"{where}: {name}")
         specs.append(PromptSpec(
             prompt=entry["prompt"],
             negative_prompt=entry.get("negative_prompt"),
@@ -70,5 +177,8 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
             num_images_per_prompt=entry.get("n"),
             num_inference_steps=entry.get("steps"),
             guidance_scale=float(entry["guidance"]) if "guidance" in entry else None,
+            image=str(path.parent / entry["image"]) if "image" in entry else None,
+            mask=str(path.parent / entry["mask"]) if "mask" in entry else None,
+            strength=entry.get("strength"), outpaint=entry.get("outpaint"),
         ))
     return specs
