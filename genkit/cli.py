@@ -82,6 +82,18 @@ def model_options(f):
 @click.option("--width", "-W", type=int, default=None)
 @click.option("--height", "-H", type=int, default=None)
 @click.option("--scheduler", default=None, help=SCHEDULER_HELP)
+@click.option("--image", "-i", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Edit this image instead of starting from noise (img2img). It is resized (never cropped) to "
+                   "--width x --height, or without them to its own size rounded down to the model's size multiple.")
+@click.option("--strength", type=float, default=None,
+              help="How much of --image to redraw, in (0, 1]: small stays close to it, 1 redraws from noise "
+                   "(default 0.8; 1.0 with --mask or --outpaint).")
+@click.option("--mask", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Inpaint: repaint where this mask is white, keep --image's pixels where it is black "
+                   "(same size as --image).")
+@click.option("--outpaint", default=None, metavar="SIDES",
+              help="Extend --image's canvas and paint the new border, e.g. right=16 or left=16,top=8 "
+                   "(pixels per side; a bare number pads all four).")
 @model_options
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA folder or file; repeatable.")
 @click.option("--vae-slicing", is_flag=True, help="Decode one image at a time (SD-family models).")
@@ -123,12 +135,16 @@ def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, proces
 @click.option("--model", "-m", default=None, help="Use this model instead of the recorded one.")
 @click.option("--device", default=None)
 @click.option("--check/--no-check", default=True, show_default=True, help="Compare pixels with the original.")
-def replay(image, out, model, device, check):
+@click.option("--image", "input_image", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="An edited image's input, when it is no longer where the record says (its sha256 is checked).")
+@click.option("--mask", "input_mask", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+              help="Likewise for an inpainted image's mask.")
+def replay(image, out, model, device, check, input_image, input_mask):
     """Regenerate IMAGE from the genkit record stored in it."""
     from genkit.run import replay_image
 
     _quiet_libraries()
-    replay = replay_image(image, out=out, model=model, device=device)
+    replay = replay_image(image, out=out, model=model, device=device, input_image=input_image, input_mask=input_mask)
     click.echo(str(replay.path))
     if check:
         click.echo(replay.summary(), err=True)

@@ -3,6 +3,10 @@
 A call expands prompts × images into jobs; image i gets its own CPU `torch.Generator` seeded
 `seed + i`, so an image's pixels depend on its prompt and seed only, never on the batch size
 or on which process makes it. Jobs run in batches; results are yielded batch by batch.
+
+A job may start from an input image (img2img), a mask (inpainting) or a padded canvas
+(outpainting): the same engine runs the family's editing pipeline (genkit.edit), and the
+record holds each input's path and sha256 so `genkit replay` can find and check it.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from genkit import schedulers
+from genkit import edit, schedulers
 from genkit.errors import GenkitError
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
@@ -33,6 +37,12 @@ class GenerationConfig:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None  # a short name from genkit.schedulers.NAMES, or "default" (the model's own)
+    # editing (genkit.edit): an input image for every prompt (path, PIL image or array), a mask (white repaints),
+    # the strength (0-1], or outpaint sides ("left=16,right=16"); a PromptSpec's own values win
+    image: object = None
+    mask: object = None
+    strength: float | None = None  # default: 0.8 for img2img, 1.0 for inpainting (as diffusers)
+    outpaint: object = None
 
 
 @dataclass(frozen=True)
@@ -48,11 +58,22 @@ class Job:
     width: int
     height: int
     scheduler: str
+    image: edit.Picture | None = None  # the input of an edit
+    mask: edit.Picture | None = None  # white repaints (inpainting)
+    strength: float | None = None
+    outpaint: str | None = None  # "left=16,right=16": the input padded, the new border repainted
+
+    @property
+    def task(self) -> str | None:
+        """None (text-to-image), "img2img" or "inpaint"."""
+        if self.image is None:
+            return None
+        return "inpaint" if self.mask is not None or self.outpaint else "img2img"
 
     def batch_key(self) -> tuple:
         # an empty negative goes to the pipeline as None (SDXL: zeros), so it never shares a batch with a non-empty one
         return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler,
-                bool(self.negative_prompt))
+                bool(self.negative_prompt), self.task, self.strength)
 
 
 @dataclass
@@ -93,6 +114,7 @@ class Pipeline:
         self.base_scheduler_class = type(pipe.scheduler)
         self.defaults = {**family.defaults(pipe), **defaults}
         self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
+        self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
         self.compiled = False
         self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
         self.attention = None
@@ -157,7 +179,7 @@ class Pipeline:
         seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
         _check_count("num_images_per_prompt (-n)", config.num_images_per_prompt)
         _check_count("batch_size (--batch-size)", config.batch_size)
-        jobs = []
+        jobs, read = [], {}
         for spec in specs:
             if not spec.prompt.strip():
                 raise GenkitError("a prompt is empty (remove it or write some text)")
@@ -166,6 +188,7 @@ class Pipeline:
             steps = spec.num_inference_steps or base["num_inference_steps"]
             guidance = spec.guidance_scale if spec.guidance_scale is not None else base["guidance_scale"]
             self._check_numbers(steps, guidance)
+            edits = self._edit(spec, config, steps, read)
             for k in range(n):
                 image_seed = (spec.seed + k) if spec.seed is not None else seed + len(jobs)
                 _check_seed(image_seed)
@@ -173,10 +196,47 @@ class Pipeline:
                     index=len(jobs), prompt=spec.prompt,
                     negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"],
                     seed=image_seed, num_inference_steps=steps, guidance_scale=float(guidance),
-                    width=base["width"], height=base["height"], scheduler=base["scheduler"],
+                    scheduler=base["scheduler"], **{"width": base["width"], "height": base["height"], **edits},
                 ))
                 self.family.check_job(jobs[-1])
         return jobs
+
+    def _edit(self, spec: PromptSpec, config: GenerationConfig, steps: int, read: dict) -> dict:
+        """The job fields of a prompt's edit (input, mask, strength, outpaint, and the size they give), checked
+        before any work; {} for text-to-image. `read` holds each input once per plan."""
+        from genkit import images
+
+        def own(key):
+            value = getattr(spec, key, None)
+            return value if value is not None else getattr(config, key)
+
+        source, mask_source, strength, outpaint = own("image"), own("mask"), own("strength"), own("outpaint")
+        if source is None:
+            if mask_source is not None or outpaint is not None:
+                raise GenkitError(f"{'mask' if mask_source is not None else 'outpaint'} needs an input image to edit "
+                                  "(pass --image, or image= in the library)")
+            if strength is not None:
+                raise GenkitError(f"strength {strength} applies only to an input image (pass --image, or drop "
+                                  "--strength)")
+            return {}
+        if mask_source is not None and outpaint is not None:
+            raise GenkitError("outpaint makes its own mask (the new border); pass --mask or --outpaint, not both")
+        task = "inpaint" if mask_source is not None or outpaint is not None else "img2img"
+        self.family.check_edit(task)
+        strength = edit.check_strength(edit.default_strength(task == "inpaint") if strength is None else strength)
+        edit.check_kept_steps(steps, strength)
+        image = edit.picture(source, "image", read)
+        size, mask = image.pixels.size, None
+        if outpaint is not None:
+            pads = edit.parse_outpaint(outpaint)
+            outpaint = edit.outpaint_text(pads)
+            size = (size[0] + pads["left"] + pads["right"], size[1] + pads["top"] + pads["bottom"])
+        if mask_source is not None:
+            mask = edit.picture(mask_source, "mask", read)
+            edit.check_mask(mask, size)
+        width, height = images.target_size(size, config.width, config.height, self.size_factor)
+        return {"image": image, "mask": mask, "strength": strength, "outpaint": outpaint, "width": width,
+                "height": height}
 
     def _settings(self, config: GenerationConfig) -> dict:
         chosen = {key: getattr(config, key) for key in ("num_inference_steps", "guidance_scale", "width", "height",
@@ -244,7 +304,8 @@ class Pipeline:
         import torch
 
         first = batch[0]
-        self.pipe.scheduler = self._scheduler(first.scheduler)  # fresh: schedulers keep per-call state
+        pipe = self._pipe_for(first.task)
+        pipe.scheduler = self._scheduler(first.scheduler)  # fresh: schedulers keep per-call state
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
 
         def on_step(pipe, step, timestep, tensors):
@@ -256,9 +317,28 @@ class Pipeline:
         with (BatchInvariant() if self.exact else contextlib.nullcontext()), \
                 rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
                 self.family.attention_context(self.attention):
-            output = self.pipe(**self.family.call_args(batch, generators, on_step))
-        return GenerationResult(images=list(output.images), seeds=[job.seed for job in batch],
+            args = self.family.call_args(batch, generators, on_step)
+            if first.task is not None:
+                inputs = [edit.inputs_for(job.image, job.mask, job.outpaint, job.width, job.height, self.size_factor)
+                          for job in batch]
+                args.update(image=[image for image, _ in inputs], strength=first.strength)
+                if first.task == "inpaint":
+                    args["mask_image"] = [mask for _, mask in inputs]
+                args = _accepted(pipe, args)
+            output = pipe(**args)
+        images = list(output.images)
+        if first.task == "inpaint":  # the known region is the input's pixels (latent models only come close)
+            images = [_keep_known(out, image, mask) for out, (image, mask) in zip(images, inputs)]
+        return GenerationResult(images=images, seeds=[job.seed for job in batch],
                                 metadata=[self.record(job) for job in batch])
+
+    def _pipe_for(self, task: str | None):
+        """The pipeline that runs `task`: this one for text-to-image, else the family's editing pipeline."""
+        if task is None:
+            return self.pipe
+        if task not in self._edit_pipes:
+            self._edit_pipes[task] = self.family.edit_pipe(self.pipe, task)
+        return self._edit_pipes[task]
 
     def _scheduler(self, name: str):
         if name == "default":
@@ -274,8 +354,37 @@ class Pipeline:
             "family": self.family.name,
             "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device, "exact": self.exact, "threads": _threads(),
-            "versions": versions(), **({"compiled": True} if self.compiled else {}),
+            "versions": versions(), **({"compiled": True} if self.compiled else {}), **_edit_record(job),
         }
+
+
+def _edit_record(job: Job) -> dict:
+    """An edit's part of the record: where each input was read from, its sha256, the strength, the outpaint."""
+    if job.image is None:
+        return {}
+    out = {"image": job.image.source, "image_sha256": job.image.sha256, "strength": job.strength}
+    if job.mask is not None:
+        out.update(mask=job.mask.source, mask_sha256=job.mask.sha256)
+    if job.outpaint:
+        out["outpaint"] = job.outpaint
+    return out
+
+
+def _keep_known(generated, image, mask):
+    """The generated image where the mask is white, the input where it is black."""
+    from PIL import Image
+
+    return Image.composite(generated.convert("RGB"), image.convert("RGB"), mask.convert("L"))
+
+
+def _accepted(pipe, args: dict) -> dict:
+    """The call's arguments this pipeline takes (img2img pipelines size the output from the input, not width=)."""
+    import inspect
+
+    parameters = inspect.signature(type(pipe).__call__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return args
+    return {key: value for key, value in args.items() if key in parameters}
 
 
 def _threads() -> int:

@@ -17,7 +17,7 @@ this pipeline and any Stable Diffusion-family pipeline the same way; with `image
   (`scheduler.add_noise`), and the sample is denoised from there;
 - inpainting works in pixel space, so the known (black) region is re-imposed after every step
   (RePaint, Lugmayr et al. 2022, https://arxiv.org/abs/2201.09865): those pixels of the sample are
-  replaced by the input noised to the next timestep with the noise the image started from
+  replaced by the input noised to the next timestep with a new draw from each image's generator
   (`inpaint_noise`, see `genkit.edit`), and after the last step by the input itself, so they equal
   the input exactly. How these choices were measured: docs/edit-mini.md.
 
@@ -85,10 +85,10 @@ class GenkitMiniPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler)
         self.vae_scale_factor = 2 ** (len(unet.config.block_out_channels) - 1)  # pixel space: the UNet's own factor
-        # inpainting: how the known region is noised after each step ("fixed": the image's starting noise,
-        # "fresh": new noise from its generator, "none": only pasted back at the end); see docs/edit-mini.md
+        # inpainting: how the known region is noised after each step (genkit.edit.INPAINT_NOISE) and how many
+        # passes each step makes (RePaint's resampling); measured in docs/edit-mini.md
         self.inpaint_noise = edit.INPAINT_NOISE[0]
-        self.inpaint_resample = 1  # passes per step (RePaint's resampling, r); 1 = none
+        self.inpaint_resample = edit.INPAINT_RESAMPLE
 
     def encode_prompt(self, prompts, negative_prompts, guidance: bool):
         device, dtype = self._execution_device, self.unet.dtype

@@ -31,6 +31,10 @@ class GenerateRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    image: object = None  # editing (genkit.edit): the input image, its mask, strength, outpaint sides
+    mask: object = None
+    strength: float | None = None
+    outpaint: object = None
     attention: str = "auto"
     device: str | None = None
     dtype: str | None = None
@@ -52,6 +56,7 @@ class GenerateRequest:
             negative_prompt=self.negative_prompt, num_images_per_prompt=self.num_images_per_prompt,
             batch_size=self.batch_size, seed=self.seed, num_inference_steps=self.num_inference_steps,
             guidance_scale=self.guidance_scale, width=self.width, height=self.height, scheduler=self.scheduler,
+            image=self.image, mask=self.mask, strength=self.strength, outpaint=self.outpaint,
         )
 
 
@@ -81,6 +86,7 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     `jobs` restricts the run to a share of the plan (one process of several).
     """
     check_out_dir(request.out)  # before the slow model load
+    _check_edit_inputs(request)
     processes = distributed.state()  # None unless under accelerate launch / torchrun
     if processes is not None and request.seed is None:
         raise GenkitError("several processes need one shared --seed (pass --seed N)")
@@ -105,6 +111,21 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
         yield {**record, "file": writer.path_for(record).name, "skipped": True}
     if request.grid and all_jobs and main_process:
         _write_grid(writer, all_jobs, pipeline)
+
+
+def _check_edit_inputs(request: GenerateRequest) -> None:
+    """The edit's inputs read and checked before the slow model load (the plan checks them again, with the model)."""
+    from genkit import edit
+
+    if request.strength is not None:
+        edit.check_strength(request.strength)
+    if request.outpaint is not None:
+        edit.parse_outpaint(request.outpaint)
+    if request.image is None:
+        return
+    image = edit.picture(request.image, "image")
+    if request.mask is not None and request.outpaint is None:
+        edit.check_mask(edit.picture(request.mask, "mask"), image.pixels.size)
 
 
 def _write_behind(writer: OutputWriter, results) -> Iterator[dict]:
@@ -173,8 +194,12 @@ _ENVIRONMENT = {"threads": "CPU threads", "device": "device", "dtype": "dtype", 
                 "exact": "--exact/--fast", "attention": "attention backend", "versions": "library versions"}
 
 
-def replay_image(image: str | Path, *, out=None, model=None, device=None) -> Replay:
-    """Regenerate an image from its stored record; say whether pixels match, and if not, what differs."""
+def replay_image(image: str | Path, *, out=None, model=None, device=None, input_image=None, input_mask=None
+                 ) -> Replay:
+    """Regenerate an image from its stored record; say whether pixels match, and if not, what differs.
+
+    An edited image's input (and mask) is read again from the recorded path, else beside `image`, or from
+    `input_image` / `input_mask` when given, and must have the recorded sha256."""
     import numpy as np
     from PIL import Image
 
@@ -183,11 +208,14 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None) -> Rep
 
     record = read_record(image)
     out_dir = check_out_dir(out or Path(image).parent)
+    inputs = {key: _find_input(record, key, given, Path(image).parent)
+              for key, given in (("image", input_image), ("mask", input_mask)) if record.get(key) is not None}
     request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
                               attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
                               dtype=record.get("dtype"), exact=record.get("exact", True))
     pipeline = load_for(request)
-    job = Job(**{key: record[key] for key in Job.__dataclass_fields__})
+    job = Job(**{key: record[key] for key in Job.__dataclass_fields__
+                 if key in record and key not in ("image", "mask")}, **inputs)
     result = pipeline.generate([record["prompt"]], jobs=[job])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"replay-{Path(image).name}"
@@ -202,6 +230,28 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None) -> Rep
     reasons = [f"{label} {record.get(key)} -> {now.get(key)}" for key, label in _ENVIRONMENT.items()
                if key in record and record.get(key) != now.get(key)]
     return Replay(path, largest == 0, largest, reasons)
+
+
+def _find_input(record: dict, key: str, given, beside: Path):
+    """The recorded input `key` ("image" or "mask") as a genkit.edit.Picture, checked against its sha256."""
+    from genkit import edit
+
+    recorded, want = record[key], record.get(f"{key}_sha256")
+    flag = "--image" if key == "image" else "--mask"
+    if given is not None:
+        candidates = [given]
+    else:
+        candidates = [] if recorded.startswith("<") else [recorded, str(beside / Path(recorded).name)]
+        candidates = [c for c in dict.fromkeys(candidates) if Path(c).is_file()]
+        if not candidates:
+            where = "was given in memory" if recorded.startswith("<") else f"was read from {recorded}, not found"
+            raise GenkitError(f"this image was made from an input {key} that {where}; pass it with {flag} PATH")
+    for candidate in candidates:
+        found = edit.picture(candidate, key)
+        if found.sha256 == want:
+            return found
+    raise GenkitError(f"input {key} {candidates[-1]} is not the one this image was made from (sha256 "
+                      f"{found.sha256[:12]}..., recorded {str(want)[:12]}...); pass the original with {flag} PATH")
 
 
 def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_phrasing=100, two_object=200,

@@ -200,7 +200,8 @@ DEFAULT_ARCH = {
     "sd3": dict(
         patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, dual_attention_layers=(),
         qk_norm=None, clip_hidden=(16, 16), projection_dim=(16, 16), text_layers=1, text_heads=2, t5_d_model=32,
-        t5_layers=1, t5_heads=2, latent_channels=4, vae_block_out_channels=(8, 8), vae_norm_num_groups=4,
+        t5_layers=1, t5_heads=2, latent_channels=16,  # as SD3 (its inpainting pipeline requires 16)
+        vae_block_out_channels=(8, 8), vae_norm_num_groups=4,
         vae_layers_per_block=1,
     ),
     "flux": dict(

@@ -102,7 +102,7 @@ def test_batch_equals_singles(mini, scheduler, noise, passes):
                 single = call(mini, [PROMPTS[k]], [7 + k], scheduler=scheduler, image=[images[k]], **one)
                 np.testing.assert_array_equal(batch[k], single[0])
     finally:
-        mini.pipe.inpaint_noise, mini.pipe.inpaint_resample = edit.INPAINT_NOISE[0], 1
+        mini.pipe.inpaint_noise, mini.pipe.inpaint_resample = edit.INPAINT_NOISE[0], edit.INPAINT_RESAMPLE
 
 
 def test_one_image_for_all_rows_equals_one_per_row(mini):
@@ -128,7 +128,7 @@ def test_unmasked_region_equals_input(mini, noise, passes):
         out = mini.pipe(PROMPTS[:2], image=images, mask_image=masks, num_inference_steps=4,
                         generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images  # PIL, as saved
     finally:
-        mini.pipe.inpaint_noise, mini.pipe.inpaint_resample = edit.INPAINT_NOISE[0], 1
+        mini.pipe.inpaint_noise, mini.pipe.inpaint_resample = edit.INPAINT_NOISE[0], edit.INPAINT_RESAMPLE
     for image, mask, result in zip(images, masks, out):
         keep = np.asarray(mask) < 128
         got, want = np.asarray(result), np.asarray(image)

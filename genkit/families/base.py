@@ -48,6 +48,7 @@ class Family:
     size_multiple: int | None = None  # None: the VAE's factor (8)
     lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     lora_layout = "diffusers"  # "diffusers" (lora.down/up, what SD loaders expect) or "peft" (lora_A/B)
+    edit_tasks: tuple[str, ...] = ("img2img", "inpaint")  # diffusers has these pipelines for the family
 
     # -- what the engine asks ---------------------------------------------------------------
     def denoiser(self, pipe) -> torch.nn.Module:
@@ -92,6 +93,25 @@ class Family:
         """Refuse settings this family cannot honour (before any work)."""
         if job.negative_prompt and not self.negative_prompt:
             raise GenkitError(f"negative_prompt: {self.title} models take no negative prompt (drop --negative)")
+
+    # -- editing ----------------------------------------------------------------------------
+    def edit_pipe(self, pipe, task: str):
+        """The pipeline that runs `task` ("img2img" or "inpaint"): diffusers' own for the family, made with
+        `from_pipe`, so it shares `pipe`'s loaded components (weights, LoRAs, attention) without a second load."""
+        from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
+
+        self.check_edit(task)
+        auto = AutoPipelineForInpainting if task == "inpaint" else AutoPipelineForImage2Image
+        return auto.from_pipe(pipe)
+
+    def check_edit(self, task: str) -> None:
+        if task not in self.edit_tasks:
+            from genkit import families
+
+            have = [family.name for family in families.all_families() if task in family.edit_tasks]
+            what = {"img2img": "image-to-image (--image)", "inpaint": "inpainting (--mask / --outpaint)"}[task]
+            raise GenkitError(f"{what}: {self.title} models have no {task} pipeline in diffusers (families with it: "
+                              f"{', '.join(have)}); drop the input image or use one of those")
 
     # -- attention --------------------------------------------------------------------------
     def apply_attention(self, pipe, backend: Attention) -> None:

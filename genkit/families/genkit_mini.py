@@ -24,6 +24,9 @@ class GenkitMini(Family):
     num_inference_steps = 20
     scheduler = "dpm++"
 
+    def edit_pipe(self, pipe, task: str):
+        return pipe  # GenkitMiniPipeline edits natively (image=, mask_image=, strength=; genkit.edit)
+
     def text_encoders(self, pipe):
         return [pipe.text_encoder]
 

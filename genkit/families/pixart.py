@@ -18,6 +18,7 @@ class PixArtSigma(TransformerFamily):
     pipeline_classes = ("PixArtSigmaPipeline",)
     guidance_scale = 4.5
     num_inference_steps = 20
+    edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it
     peft_loader = True  # no diffusers LoRA loader: adapters go in through peft
 
     def call_args(self, batch, generators, on_step) -> dict:

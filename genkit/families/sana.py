@@ -17,6 +17,7 @@ class Sana(FlowFamily):
     pipeline_classes = ("SanaPipeline",)
     guidance_scale = 4.5
     num_inference_steps = 20
+    edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it
 
     def multiple(self, pipe) -> int:
         return max(32, int(pipe.vae_scale_factor) * self.patch(pipe))  # SanaPipeline checks 32 whatever its VAE
