@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import sys
+import time
+from typing import NamedTuple
 
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
 _done = False
@@ -104,3 +107,102 @@ def size_memory(pipeline, width: int, height: int, batch_size: int) -> int:
         return 0
     itemsize = getattr(pipeline.dtype, "itemsize", 4)
     return 3 * batch_size * min(channels) * width * height * itemsize
+
+
+# -- threads on a busy machine ---------------------------------------------------------------------------------
+# OpenMP threads spin-wait for each other at every parallel region's end: with one other process busy on a
+# 2-core machine, genkit-mini at two threads made 0.42 images/s and at one 0.83 (issue 16;
+# benchmarks/busy_machine.py measures it on yours). So the thread count comes from the cores free now.
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its CPU affinity, which containers and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def busy_cores(seconds: float = 0.25) -> float | None:
+    """How many cores other processes kept busy over `seconds` (from /proc/stat), or None off Linux."""
+    def sample():
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(v) for v in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
+def free_cores(seconds: float = 0.25) -> int:
+    """Usable cores less those other processes keep busy (at least 1); this process is idle while it measures."""
+    cores = usable_cores()
+    busy = busy_cores(seconds)
+    if busy is None:
+        return cores
+    return max(1, min(cores, cores - int(busy + 0.5)))
+
+
+def parse_threads(value) -> int | str | None:
+    """`--threads` / $GENKIT_THREADS: a whole number >= 1, "auto", or None (unset)."""
+    from genkit.errors import GenkitError
+
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        threads = int(value)
+    except (TypeError, ValueError):
+        threads = 0
+    if threads < 1 or isinstance(value, bool) or (isinstance(value, float) and value != threads):
+        raise GenkitError(f"threads must be a whole number (1 or more) or 'auto', got {value!r} (e.g. --threads 2; "
+                          f"this machine has {usable_cores()} usable cores)")
+    return threads
+
+
+class Threads(NamedTuple):
+    count: int  # torch's CPU threads from now on
+    why: str  # how they were chosen
+    advice: str | None = None  # for the user, when fewer cores are free than threads (--exact keeps the count)
+
+
+def choose_threads(value=None, *, exact: bool = False) -> Threads:
+    """Set torch's CPU thread count from `value` (or $GENKIT_THREADS); return it and why.
+
+    N: N threads. "auto": the cores free now. Unset: "auto" for --fast, never above torch's current count (so
+    a caller's torch.set_num_threads(1) holds); for --exact (the default) torch's count stays, since images
+    differ by a level between thread counts (measured: tiny SD and genkit-mini, 1 vs 2 threads), and a run
+    must not change its pixels with the machine's load. There, when fewer cores are free than threads,
+    `advice` says so and how to choose (genkit.load prints it). Records store the count (`threads`).
+    """
+    import torch
+
+    chosen = parse_threads(value) or parse_threads(os.environ.get("GENKIT_THREADS"))
+    current = torch.get_num_threads()
+    if isinstance(chosen, int):
+        threads, why, advice = chosen, "--threads / GENKIT_THREADS", None
+    elif chosen == "auto" or not exact:
+        if chosen is None and current == 1:  # nothing to lower: skip the measurement
+            return Threads(1, "auto: torch is set to one thread")
+        free = free_cores()
+        threads = free if chosen == "auto" else min(current, free)
+        why, advice = f"auto: {free} of {usable_cores()} cores free", None
+    else:
+        free = free_cores() if current > 1 else current
+        threads, why, advice = current, "torch's count (--exact)", None
+        if free < current:
+            advice = (f"{current - free} of {usable_cores()} cores are busy, and {current} threads wait for them; "
+                   f"--threads {free} (or GENKIT_THREADS=auto) is faster, with images a level apart from "
+                   f"{current}-thread ones")
+    if threads != current:
+        torch.set_num_threads(threads)
+    return Threads(threads, why, advice)

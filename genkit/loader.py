@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sys
 from pathlib import Path
 
 from genkit import attention as attn
@@ -161,12 +162,15 @@ def load(
     cpu_offload: bool = False,
     keep_freed_memory: bool = True,
     exact: bool = True,
+    threads: int | str | None = None,
 ):
     """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`.
 
     `exact` (the default) makes an image's pixels independent of its batch (genkit.invariance); False
     (`--fast`) skips that guard. On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
-    sampling; the process keeps its peak memory until it exits).
+    sampling; the process keeps its peak memory until it exits). `threads` (or $GENKIT_THREADS): CPU threads, a
+    number or "auto" (the cores free now); unset, --fast takes the free cores and --exact keeps torch's count and
+    says on stderr when cores are busy (genkit.cpu.choose_threads).
     """
     from genkit import families
     from genkit.generate import Pipeline
@@ -193,6 +197,12 @@ def load(
     backend_device = pick_device(device)
     backend = attn.resolve(attention, backend_device)  # fail on xformers before the slow load
     torch_dtype = pick_dtype(dtype, backend_device, family or families.get("sd"))
+    if backend_device == "cpu":
+        from genkit import cpu
+
+        advice = cpu.choose_threads(threads, exact=exact).advice  # before the load: measured while this idles
+        if advice:
+            print(f"genkit: {advice}", file=sys.stderr)
     use_safetensors = None if allow_pickle else True
     if family is not None and family.name == "genkit-mini":
         pipe = _load_genkit(Path(source), torch_dtype, use_safetensors)

@@ -216,13 +216,53 @@ def check_out_dir(out: str | Path) -> Path:
     return out
 
 
-class OutputWriter:
-    """Writes images and the manifest for one run; knows which images already exist."""
+RUN_SEEDS = ".genkit-seeds.json"  # {run key: base seed} of the runs in a folder that drew their seed
+_NOT_THE_RUN = ("seed", "out", "overwrite", "grid", "progress")  # request fields that do not change which images
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False):
+
+def run_key(request) -> str:
+    """What makes two `genkit generate` requests the same run (prompts, settings, model; not the seed or output
+    flags): a sha256 of their fields as JSON."""
+    import dataclasses
+    import hashlib
+
+    fields = {k: v for k, v in dataclasses.asdict(request).items() if k not in _NOT_THE_RUN}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_seeds(out: Path) -> dict:
+    try:
+        seeds = json.loads((out / RUN_SEEDS).read_text())
+    except (OSError, ValueError):
+        return {}
+    return seeds if isinstance(seeds, dict) else {}
+
+
+def recorded_seed(out: str | Path, key: str) -> int | None:
+    """The base seed an earlier run with this key drew in `out` (to finish it after a crash), or None."""
+    seed = _read_seeds(Path(out)).get(key)
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 else None
+
+
+def record_seed(out: str | Path, key: str, seed: int) -> None:
+    """Remember that the run `key` in `out` drew base seed `seed` (written once its first image is)."""
+    out = Path(out)
+    seeds = {**_read_seeds(out), key: seed}
+    atomic_write(out / RUN_SEEDS, lambda tmp: Path(tmp).write_text(json.dumps(seeds, indent=1) + "\n"))
+
+
+class OutputWriter:
+    """Writes images and the manifest for one run; knows which images already exist.
+
+    `run_seed=(run_key(request), seed)` for a run whose base seed was drawn, not given: it is recorded in the
+    folder with the first image, so rerunning the same command there finishes the run (`recorded_seed`).
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False, run_seed: tuple[str, int] | None = None):
         self.out = check_out_dir(out)
         self.overwrite = overwrite
         self.records: dict[str, dict] = {}
+        self.run_seed = run_seed
 
     def path_for(self, record: dict) -> Path:
         return self.out / image_name(record["index"], record["seed"], record["prompt"])
@@ -239,6 +279,9 @@ class OutputWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record)
         save_png(image, path, record)
+        if self.run_seed is not None:
+            record_seed(self.out, *self.run_seed)
+            self.run_seed = None
         self.records[path.name] = {**record, "file": path.name}
         try:
             with open(self.out / MANIFEST, "a") as manifest:  # progress record; rewritten whole by close()

@@ -79,6 +79,7 @@ class Case:
     needles: tuple = ()
     memory: bool = False  # run under MEMORY_LIMIT in a child process
     pending: str | None = None  # a fix waiting for a change elsewhere: the row is listed, not run (xfail)
+    env: dict = field(default_factory=dict)  # environment variables set for the row
     skip: Callable[[], str | None] = field(default=lambda: None)  # a reason to skip on this machine, or None
 
 
@@ -191,6 +192,10 @@ CASES = [
          ("heun", "ddim, euler, euler-a, dpm++, unipc, ddpm")),
     Case("attention-unknown", lambda c: c.gen("a", "--attention", "flash"), ("flash", "auto, xformers, sdpa")),
     Case("dtype-unknown", lambda c: c.gen("a", "--dtype", "fp8"), ("fp8", "fp32, fp16, bf16")),
+    Case("threads-0", lambda c: ["--threads", 0, *c.gen("a")], ("threads", "got '0'", "--threads 2")),
+    Case("threads-env-not-a-number", lambda c: c.gen("a"), ("threads", "'many'"), env={"GENKIT_THREADS": "many"}),
+    Case("max-steps-env-not-a-number", lambda c: c.gen("a"), ("$GENKIT_MAX_STEPS", "'lots'"),
+         env={"GENKIT_MAX_STEPS": "lots"}),
     # paths
     Case("out-is-a-file", lambda c: ["generate", "--model", c.sd, "--out", c.file("taken.png", b"x"), "a"],
          ("taken.png", "is a file")),
@@ -281,9 +286,11 @@ def _rows(memory: bool) -> list:
 
 
 @pytest.mark.parametrize("case", _rows(memory=False))
-def test_bad_input(case: Case, tmp_path, tiny_sd):
+def test_bad_input(case: Case, tmp_path, tiny_sd, monkeypatch):
     if reason := case.skip():
         pytest.skip(reason)
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
     ctx = _ctx(tmp_path, tiny_sd)
     result = CliRunner().invoke(main, [str(a) for a in case.args(ctx)])
     check(case, result.exit_code, result.stderr, result.output, ctx.out)
@@ -300,13 +307,54 @@ def test_bad_input_under_a_memory_limit(tmp_path, tiny_sd):
     def limit():
         resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT, MEMORY_LIMIT))
 
+    for case, ctx, result in zip(cases, ctxs, _run_child(argv, limit)):
+        check(case, result["exit_code"], result["stderr"], result["output"], ctx.out)
+
+
+def _run_child(argv: list[list[str]], preexec) -> list[dict]:
+    """Run each argv through the CLI in one child process (started with `preexec`); their exit codes and output."""
     env = {**os.environ, "GENKIT_MAX_STEPS": "", "GENKIT_MAX_SIZE": ""}
-    child = subprocess.run([sys.executable, "-m", "tests.test_bad_input", json.dumps(argv)], preexec_fn=limit,
+    child = subprocess.run([sys.executable, "-m", "tests.test_bad_input", json.dumps(argv)], preexec_fn=preexec,
                            cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
                            timeout=600)
     assert child.returncode == 0, child.stderr[-3000:]
-    for case, ctx, result in zip(cases, ctxs, json.loads(child.stdout.splitlines()[-1])):
-        check(case, result["exit_code"], result["stderr"], result["output"], ctx.out)
+    return json.loads(child.stdout.splitlines()[-1])
+
+
+def test_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, tiny_sd):
+    """A write that fails for lack of room (here: a file-size limit, EFBIG; ENOSPC takes the same path) stops the
+    run with one line, and no PNG or temporary is left behind."""
+    import signal
+
+    ctx = _ctx(tmp_path, tiny_sd)
+    case = Case("full-disk", lambda c: c.gen("a red circle", "--seed", 1), ("cannot write", "free some space"))
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead of killing
+        resource.setrlimit(resource.RLIMIT_FSIZE, (512, 512))
+
+    [result] = _run_child([[str(a) for a in case.args(ctx)]], small_files)
+    check(case, result["exit_code"], result["stderr"], result["output"], ctx.out)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_files_written_through_a_temporary_follow_the_umask(umask, tmp_path, tiny_sd):
+    """PNGs, manifest and grid are made under a temporary name and renamed, and get 0666 less the umask like any
+    file (tempfile's 0600 left results unreadable to other users and web servers)."""
+    from genkit.outputs import atomic_write
+
+    ctx = _ctx(tmp_path, tiny_sd)
+    before = os.umask(umask)
+    try:
+        result = CliRunner().invoke(main, [str(a) for a in ctx.gen("a red circle", "--seed", 1, "--grid")])
+        atomic_write(tmp_path / "direct.txt", lambda tmp: Path(tmp).write_text("x"))
+    finally:
+        os.umask(before)
+    assert result.exit_code == 0, result.output
+    written = [*ctx.out.iterdir(), tmp_path / "direct.txt"]
+    assert {p.suffix for p in written} == {".png", ".jsonl", ".txt"} and len(written) == 4
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o666 & ~umask, (path, oct(path.stat().st_mode))
 
 
 def test_size_bounds_before_any_allocation(tiny_sd, monkeypatch):
@@ -329,6 +377,29 @@ def test_size_bounds_before_any_allocation(tiny_sd, monkeypatch):
         cpu.check_size(pipeline, 32, 32, 1)
 
 
+def test_threads_chosen_or_given(monkeypatch):
+    """--threads N / GENKIT_THREADS=N set torch's count; unset, --exact keeps it (pixels differ by thread count),
+    and a caller's one thread is never raised."""
+    import torch
+
+    from genkit import cpu
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("GENKIT_THREADS", raising=False)
+        assert cpu.choose_threads(2).count == 2 == torch.get_num_threads()
+        assert cpu.choose_threads(None, exact=True).count == 2  # kept, whatever the load
+        torch.set_num_threads(1)
+        assert cpu.choose_threads(None, exact=False) == (1, "auto: torch is set to one thread", None)
+        monkeypatch.setenv("GENKIT_THREADS", "2")
+        assert cpu.choose_threads(None).count == 2 and cpu.choose_threads(1).count == 1  # the argument wins
+        monkeypatch.setenv("GENKIT_THREADS", "auto")
+        chosen = cpu.choose_threads(None, exact=True)
+        assert 1 <= chosen.count <= cpu.usable_cores() and chosen.why.startswith("auto:")
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_table_is_large_enough():
     assert len(CASES) >= 40 and len({c.id for c in CASES}) == len(CASES)
 
@@ -349,6 +420,33 @@ def test_compile_without_a_cpp_compiler(tiny_sd, tmp_path):
     with inductor_config.patch({"cpp.cxx": ("/no/such/g++",)}):
         result = CliRunner().invoke(main, [str(a) for a in case.args(ctx)])
     check(case, result.exit_code, result.stderr, result.output, ctx.out)
+
+
+def test_a_drawn_base_seed_is_recorded_with_the_first_image(tmp_path):
+    """Without --seed, the run's drawn base seed is kept in the folder once an image is written, under a key of
+    the run's prompts and settings, so the same command rerun there can finish the run instead of starting anew."""
+    from PIL import Image
+
+    from genkit.outputs import RUN_SEEDS, OutputWriter, recorded_seed, run_key
+    from genkit.prompts import PromptSpec
+    from genkit.run import GenerateRequest
+
+    request = GenerateRequest(prompts=[PromptSpec("a red circle")], out=tmp_path / "out", num_inference_steps=2)
+    key = run_key(request)
+    assert key == run_key(GenerateRequest(prompts=[PromptSpec("a red circle")], out=tmp_path / "elsewhere",
+                                          num_inference_steps=2, seed=5, overwrite=True, progress=False))
+    assert key != run_key(GenerateRequest(prompts=[PromptSpec("a blue circle")], num_inference_steps=2))
+    assert key != run_key(GenerateRequest(prompts=[PromptSpec("a red circle")], num_inference_steps=3))
+
+    writer = OutputWriter(request.out, run_seed=(key, 123456))
+    assert recorded_seed(request.out, key) is None and not request.out.exists()  # nothing before an image
+    record = {"index": 0, "seed": 123456, "prompt": "a red circle", "num_inference_steps": 2, "scheduler": "ddim",
+              "guidance_scale": 4.0, "width": 8, "height": 8, "model": "m"}
+    writer.write(Image.new("RGB", (8, 8)), record)
+    assert recorded_seed(request.out, key) == 123456
+    assert recorded_seed(request.out, "another run") is None
+    (request.out / RUN_SEEDS).write_text("[not, json")
+    assert recorded_seed(request.out, key) is None  # a damaged file draws a new seed, it does not stop the run
 
 
 if __name__ == "__main__":  # the child of test_bad_input_under_a_memory_limit: run each argv, print the results
