@@ -54,11 +54,23 @@ def build(cls, raw: dict, where: str = ""):
             value = build(sub, value, f"{where}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
+        _check_type(f"{where}{name}", fields[name].default, value)
         kwargs[name] = value
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
         raise GenkitError(f"invalid config: {exc}") from None
+
+
+def _check_type(key: str, default, value) -> None:
+    """A value of the default's kind (an int where the default is an int, a number where it is a float ...);
+    a key whose default is None takes any value."""
+    if default is None or default is dataclasses.MISSING or dataclasses.is_dataclass(default):
+        return
+    kinds = {bool: (bool,), int: (int,), float: (int, float), str: (str,), tuple: (tuple,)}.get(type(default))
+    if kinds and (not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)):
+        raise GenkitError(f"{key} must be {type(default).__name__.replace('tuple', 'a list')}, got {value!r} "
+                          f"(the default is {default!r})")
 
 
 def load(cls, path: str | Path | None, overrides=()):

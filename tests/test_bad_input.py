@@ -261,6 +261,11 @@ CASES = [
          ("bad.toml", "not valid TOML")),
     Case("train-config-unknown-key", lambda c: ["train", "base", "--config", c.file("bad.toml", "[train]\nstpes = 3\n"),
                                                 "--out", c.out], ("stpes", "valid:")),
+    Case("train-set-wrong-type", lambda c: ["train", "base", "--set", "train.steps=abc", "--out", c.out],
+         ("train.steps must be int", "'abc'")),
+    Case("train-set-negative", lambda c: ["train", "base", "--set", "train.steps=-5", "--out", c.out], ("got -5",)),
+    Case("train-lora-no-data", lambda c: ["train", "lora", c.tmp / "nodata", "--model", c.sd, "--out", c.out],
+         ("nodata", "does not exist")),
     Case("train-set-not-key-value", lambda c: ["train", "base", "--set", "train.steps", "--out", c.out],
          ("--set", "section.key=value")),
 ]
