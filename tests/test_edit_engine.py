@@ -233,3 +233,22 @@ def test_cli_refuses_an_edit_for_a_family_without_it(tmp_path, monkeypatch):
                                        "-o", "out"])
     assert result.exit_code == 2 and "PixArt-Sigma models have no img2img pipeline" in result.stderr
     assert "families with it: genkit-mini, sd, sdxl, sd3, flux" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_edit_loop_example_runs_and_its_images_replay(tmp_path):
+    """examples/edit_loop.py on the shipped genkit-mini: four images, each step's input recorded; the last replays."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "edit_loop.py"
+    done = subprocess.run([sys.executable, str(example), str(tmp_path / "loop")], capture_output=True, text=True,
+                          timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = sorted(p.name for p in (tmp_path / "loop").glob("[0-9]-*.png"))
+    assert names == ["0-generate.png", "1-inpaint.png", "2-img2img.png", "3-outpaint.png"]
+    last = read_record(tmp_path / "loop" / "3-outpaint.png")
+    assert last["outpaint"] == "bottom=16" and last["image"].endswith("2-img2img.png")
+    assert Image.open(tmp_path / "loop" / "3-outpaint.png").size == (32, 48)
+    replayed = CliRunner().invoke(main, ["replay", str(tmp_path / "loop" / "1-inpaint.png"), "-o", str(tmp_path / "r")])
+    assert replayed.exit_code == 0 and "identical" in replayed.stderr, replayed.output
