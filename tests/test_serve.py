@@ -58,14 +58,19 @@ def lora_dir(models, tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def server(models, lora_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("served")
-    app = create_app([models.mini, models.sd], out=out, lora_dirs=[lora_dir], limits=LIMITS, gather=0.05)
+def serving(app, out):
+    """Run `app` on a free localhost port for a fixture: yields what the tests use of it."""
     background = Background(app)
     url = background.start()
     yield SimpleNamespace(url=url, app=app, out=out, state=app.state.genkit)
     background.stop()
+
+
+@pytest.fixture(scope="module")
+def server(models, lora_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("served")
+    yield from serving(create_app([models.mini, models.sd], out=out, lora_dirs=[lora_dir], limits=LIMITS,
+                                  gather=0.05), out)
 
 
 @pytest.fixture
@@ -242,7 +247,8 @@ BAD = [  # (path, body, status, field)
      "override_settings.sd_model_checkpoint"),
     ("/sdapi/v1/txt2img", {"prompt": "x" * 70000}, 413, "body"),
     ("/sdapi/v1/img2img", {"prompt": "x", "init_images": ["not base64!"]}, 422, "init_images.0"),
-    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [_png()]}, 501, None),
+    ("/sdapi/v1/img2img", {"prompt": "x", "init_images": [_png()], "denoising_strength": 0}, 422,
+     "denoising_strength"),
     ("/v1/images/generations", {"prompt": "x", "n": "2"}, 400, "n"),
     ("/v1/images/generations", {"prompt": "x", "n": 9}, 422, "n"),
     ("/v1/images/generations", {"prompt": "x", "size": "4096x4096"}, 422, "size"),
@@ -267,9 +273,8 @@ def test_bad_requests_get_4xx_naming_the_field(client, path, body, status, field
     assert "Traceback" not in response.text
 
 
-def test_edits_and_unknown_routes_answer_in_the_dialect(client):
-    response = client.post("/v1/images/edits", files={"image": ("a.png", base64.b64decode(_png()), "image/png")},
-                           data={"prompt": "x"})
+def test_variations_and_unknown_routes_answer_in_the_dialect(client):
+    response = client.post("/v1/images/variations", files={"image": ("a.png", base64.b64decode(_png()), "image/png")})
     assert response.status_code == 501 and response.json()["error"]["code"] == "not_implemented"
     assert client.post("/v1/images/edits", data={"prompt": "x"}).json()["error"]["param"] == "image"
     assert client.get("/v1/nothing").json()["error"]["message"].startswith("no route")

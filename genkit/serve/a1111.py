@@ -5,12 +5,19 @@ info carries `seed`, `all_seeds`, `infotexts` and the rest A1111 writes. Unlike 
 image carries its infotext (and genkit's record) in the PNG, no grid image is prepended
 (`index_of_first_image` is 0), and image k of a batch can be remade alone from its seed.
 LoRAs: `<lora:name:weight>` in the prompt, or `"loras": [{"name", "weight"}]`, from --lora-dir.
+
+`img2img` takes one base64 `init_images` entry (a data: URL prefix allowed), an optional `mask`
+(white repaints; `inpainting_mask_invert` 1 flips it) and `denoising_strength` (A1111's default
+0.75), answering as txt2img. Without width/height the output has the input's size (rounded down
+to the model's multiple). A1111 options genkit does not do (mask blur, "only masked", other
+fills and resize modes, hires fix, face restoration, tiling, variation seeds) are refused with
+422 naming them when their value would change the image; absent, or genkit's own value, they pass
+(so with a mask, mask_blur must be absent or 0: A1111 blurs by 4 when it is absent, genkit never).
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import json
 import time
 
@@ -48,13 +55,55 @@ class Txt2Img(Body):
     override_settings: dict = {}
     loras: list[LoraRef] = []  # genkit's extension
     enable_hr: bool = False
+    restore_faces: bool = False
+    tiling: bool = False
+    subseed_strength: float = 0.0
     send_images: bool = True
 
 
 class Img2Img(Txt2Img):
     init_images: list[str] = []
-    mask: str | None = None
+    mask: str | None = None  # white repaints (A1111's convention), or the opaque part of a transparent layer
     denoising_strength: float = 0.75
+    inpainting_mask_invert: int = 0  # 1: black repaints
+    include_init_images: bool = False  # echo init_images and mask in `parameters`, as A1111
+    # A1111's, refused when they would change the image (see UNSUPPORTED); absent means genkit's way
+    resize_mode: int = 0
+    mask_blur: float | None = None
+    mask_blur_x: float | None = None
+    mask_blur_y: float | None = None
+    mask_round: bool = True
+    inpainting_fill: int | None = None
+    inpaint_full_res: bool | int | None = None
+    inpaint_full_res_padding: int = 0
+    initial_noise_multiplier: float | None = None
+    latent_mask: str | None = None
+    image_cfg_scale: float | None = None  # instruct-pix2pix models only: no effect on the models genkit serves
+
+
+# A1111 fields genkit does not do: (field, applies, the value genkit's way, why). A request whose value
+# would change the image is refused with 422 naming every such field; defaults and genkit's own value
+# pass. "mask" rows apply only with a mask (without one A1111 ignores them too).
+UNSUPPORTED = (
+    ("enable_hr", "all", lambda v: not v, "the hires fix is not offered by genkit serve (send enable_hr false)"),
+    ("restore_faces", "all", lambda v: not v, "face restoration is not offered (send restore_faces false)"),
+    ("tiling", "all", lambda v: not v, "tiling is not offered (send tiling false)"),
+    ("subseed_strength", "all", lambda v: v == 0, "variation seeds are not offered (send subseed_strength 0)"),
+    ("resize_mode", "edit", lambda v: v == 0, "only resize_mode 0 (just resize: the whole input scaled to width x "
+                                              "height) is offered"),
+    ("initial_noise_multiplier", "edit", lambda v: v is None or v == 1, "only initial_noise_multiplier 1 is offered"),
+    ("latent_mask", "edit", lambda v: v is None, "a separate latent_mask is not offered (send the mask only)"),
+    ("inpainting_mask_invert", "edit", lambda v: v in (0, 1), "inpainting_mask_invert must be 0 or 1"),
+    ("mask_blur", "mask", lambda v: v is None or v == 0, "genkit's masks are hard (binarised at 128, the kept region is "
+                                                        "the input's pixels): send mask_blur 0"),
+    ("mask_blur_x", "mask", lambda v: v is None or v == 0, "genkit's masks are hard: send mask_blur_x 0"),
+    ("mask_blur_y", "mask", lambda v: v is None or v == 0, "genkit's masks are hard: send mask_blur_y 0"),
+    ("mask_round", "mask", lambda v: v, "genkit's masks are binarised: send mask_round true"),
+    ("inpainting_fill", "mask", lambda v: v is None or v == 1, "the masked region starts from the input image "
+                                                              "(A1111's 'original', 1); 0, 2 and 3 are not offered"),
+    ("inpaint_full_res", "mask", lambda v: not v, "inpainting at full resolution ('only masked') is not offered: "
+                                                 "send inpaint_full_res false (the whole picture)"),
+)
 
 
 def server(request: Request):
@@ -69,20 +118,29 @@ async def txt2img(request: Request):
 
 @router.post("/img2img")
 async def img2img(request: Request):
+    from genkit.serve import inputs
+
     body = await read_model(request, Img2Img)
-    order = _order(request, body)
-    if not body.init_images:
-        raise ApiError(422, "init_images: img2img needs at least one base64 image", param="init_images")
-    order.image = _decode_image(body.init_images[0], "init_images.0")
-    order.mask = _decode_image(body.mask, "mask") if body.mask else None
+    order = _order(request, body, edit="mask" if body.mask else "edit")
+    if len(body.init_images) != 1:
+        raise ApiError(422, f"init_images: genkit serves one input image per request, got {len(body.init_images)} "
+                            "(use batch_size for several images of one input)", param="init_images")
+    max_side = server(request).limits.max_input_side
+    order.image = inputs.decode_base64(body.init_images[0], "init_images.0", max_side)
+    if body.mask:
+        order.mask = inputs.a1111_mask(inputs.decode_base64(body.mask, "mask", max_side),
+                                       invert=body.inpainting_mask_invert == 1)
+        inputs.check_mask(order.mask, order.image, "mask", 422)
     order.strength = body.denoising_strength
+    order.fields = {**order.fields, **EDIT_FIELDS}
     return await _generate(request, body, order)
 
 
-def _order(request: Request, body: Txt2Img) -> Order:
-    if body.enable_hr:
-        raise ApiError(422, "enable_hr: the hires fix is not offered by genkit serve (send enable_hr false)",
-                       param="enable_hr")
+EDIT_FIELDS = {"image": "init_images", "mask": "mask", "strength": "denoising_strength"}
+
+
+def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
+    _refuse_unsupported(body, edit)
     for name in ("batch_size", "n_iter"):
         if getattr(body, name) < 1:
             raise ApiError(422, f"{name} must be at least 1, got {getattr(body, name)}", param=name)
@@ -121,18 +179,17 @@ def _sampler(body: Txt2Img) -> str | None:
         raise ApiError(422, f"sampler_name: unknown sampler {name!r} (valid: {valid})", param="sampler_name") from None
 
 
-def _decode_image(text: str, field: str):
-    from io import BytesIO
-
-    from PIL import Image
-
-    data = text.split(",", 1)[1] if text.startswith("data:") else text
-    try:
-        image = Image.open(BytesIO(base64.b64decode(data, validate=True)))
-        image.load()
-    except (binascii.Error, ValueError, OSError):
-        raise ApiError(422, f"{field}: not a base64-encoded image", param=field) from None
-    return image
+def _refuse_unsupported(body: Txt2Img, edit: str | None) -> None:
+    """422 naming every field whose value asks for something genkit does not do (`edit`: None for txt2img,
+    "edit" for img2img, "mask" for img2img with a mask)."""
+    applies = {None: ("all",), "edit": ("all", "edit"), "mask": ("all", "edit", "mask")}[edit]
+    found = [(name, why) for name, scope, fine, why in UNSUPPORTED
+             if scope in applies and hasattr(body, name) and not fine(getattr(body, name))]
+    if found:
+        detail = "; ".join(f"{name} {json.dumps(getattr(body, name))}: {why}" for name, why in found)
+        raise ApiError(422, f"not offered by genkit serve: {detail}" if len(found) > 1 else
+                       f"{found[0][0]}: {found[0][1]} (got {json.dumps(getattr(body, found[0][0]))})",
+                       param=found[0][0], code="unsupported")
 
 
 async def _generate(request: Request, body: Txt2Img, order: Order):
@@ -143,7 +200,10 @@ async def _generate(request: Request, body: Txt2Img, order: Order):
     records = [entry.record for entry in delivery.entries]
     images = [base64.b64encode(state.store.path(e.file).read_bytes()).decode() for e in delivery.entries] \
         if body.send_images else []
-    return {"images": images, "parameters": body.model_dump(), "info": json.dumps(_info(body, records, delivery))}
+    parameters = body.model_dump()
+    if isinstance(body, Img2Img) and not body.include_init_images:  # as A1111: the inputs are not echoed
+        parameters.update(init_images=None, mask=None)
+    return {"images": images, "parameters": parameters, "info": json.dumps(_info(body, records, delivery))}
 
 
 def _info(body: Txt2Img, records: list, delivery) -> dict:
@@ -163,7 +223,7 @@ def _info(body: Txt2Img, records: list, delivery) -> dict:
         "cfg_scale": first.get("guidance_scale", body.cfg_scale), "steps": first.get("num_inference_steps", body.steps),
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": delivery.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": None,
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": first.get("strength"),
         "extra_generation_params": {"Lora": ", ".join(f"{lo['name']}: {lo['scale']}" for lo in first["lora"])}
         if first.get("lora") else {},
         "index_of_first_image": 0, "infotexts": [infotext(r) for r in records], "styles": [],

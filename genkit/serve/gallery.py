@@ -2,7 +2,8 @@
 
 - `GET /genkit/v1/images?q=&limit=`: recent images, newest first, each with its record;
 - `GET /genkit/v1/images/{file}`: one image's entry; `GET /genkit/v1/files/{file}`: the PNG;
-- `POST /genkit/v1/images/{file}/variation`: the same settings (model, LoRAs) with a new seed;
+- `POST /genkit/v1/images/{file}/variation`: the same settings (model, LoRAs, an edit's kept input) with a new
+  seed;
 - `GET /genkit/v1/status`: models, the queue, batch counts.
 
 The page is one static file (gallery.html, no build step, nothing from a CDN).
@@ -71,10 +72,27 @@ async def variation(request: Request, name: str):
     order = Order(prompt=record["prompt"], negative_prompt=record.get("negative_prompt", ""),
                   steps=record["num_inference_steps"], guidance=record["guidance_scale"], width=record["width"],
                   height=record["height"], scheduler=record["scheduler"], model=record["model"], loras=loras)
+    if record.get("image") is not None:  # an edit: the same input, kept beside the images (--out)
+        order.image, order.mask = _kept(state, record, "image"), _kept(state, record, "mask")
+        order.strength, order.outpaint = record.get("strength"), record.get("outpaint")
     delivery = await state.service.run(order, request)
     if delivery is None:
         return Response(status_code=499)
     return {"images": [_entry(e) for e in delivery.entries], "interrupted": delivery.interrupted}
+
+
+def _kept(state, record: dict, key: str):
+    from PIL import Image
+
+    if record.get(key) is None:
+        return None
+    path = state.store.input_path(record[key])
+    if path is None:
+        raise ApiError(422, f"this image was edited from an input {key} the server did not keep (it keeps them only "
+                            "with --out)", param=key)
+    with Image.open(path) as image:
+        image.load()
+        return image.copy()
 
 
 def _find(request: Request, name: str):

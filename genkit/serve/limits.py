@@ -15,6 +15,7 @@ from genkit.serve.errors import ApiError
 class Limits:
     max_body_bytes: int = 4 << 20  # a request body (img2img bodies carry base64 images)
     max_side: int = 2048  # width and height, pixels
+    max_input_side: int = 4096  # an edit's input image or mask, pixels (read from the header before decoding)
     max_images: int = 16  # images one request may ask for (A1111 batch_size * n_iter, OpenAI n)
     max_steps: int = 150  # denoising steps (A1111's own slider stops at 150)
     max_guidance: float = 100.0  # classifier-free guidance (A1111's slider stops at 30)

@@ -1,10 +1,16 @@
-"""OpenAI's images API (`/v1/images/generations`, `/v1/models`), as its clients expect it.
+"""OpenAI's images API (`/v1/images/generations`, `/v1/images/edits`, `/v1/models`), as its clients expect it.
 
 `{"model", "prompt", "n", "size": "WxH", "response_format": "b64_json" | "url"}` returns
 `{"created", "data": [{"b64_json"} or {"url"}]}`; errors are `{"error": {"message", "type", "param",
 "code"}}`. genkit's extensions: `seed` (image i gets seed + i), `steps`, `guidance`,
 `negative_prompt`, `scheduler`, `loras: [{"name", "scale"}]`. A `url` points at this server's
 copy of the image (send the API key to fetch it when one is set). `b64_json` is the default.
+
+`images/edits` is multipart: `image` (a PNG; JPEG and WebP also read), an optional `mask` (a PNG
+whose transparent pixels mark the region to edit, of the image's size), `prompt`, `n`, `size`,
+`response_format` and the same extensions as form fields, plus `strength` (0-1]; default 0.8,
+or 1.0 with a mask). Without a mask, the image's own transparent pixels are the region to edit,
+as OpenAI does; an image without any is edited whole (img2img, `strength` says how far).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from genkit.serve.bodies import Body, LoraRef, read_model
+from genkit.serve.bodies import Body, LoraRef, parse, read_model
 from genkit.serve.errors import ApiError
 from genkit.serve.service import Order
 
@@ -39,18 +45,30 @@ class Generations(Body):
     loras: list[LoraRef] = []
 
 
+class Edits(Generations):
+    strength: float | None = None  # genkit's extension: how far the edit may move from the input
+
+
 @router.post("/images/generations")
 async def generations(request: Request):
     body = await read_model(request, Generations, status=400)
-    fmt = body.response_format or "b64_json"
-    if fmt not in ("b64_json", "url"):
-        raise ApiError(400, f"response_format must be 'b64_json' or 'url', got {fmt!r}", param="response_format")
+    return await _answer(request, body, _order(body))
+
+
+def _order(body: Generations) -> Order:
+    if (body.response_format or "b64_json") not in ("b64_json", "url"):
+        raise ApiError(400, f"response_format must be 'b64_json' or 'url', got {body.response_format!r}",
+                       param="response_format")
     if body.seed is not None and body.seed < 0:
         raise ApiError(400, f"seed must be 0 or more, got {body.seed}", param="seed")
     width, height = _size(body.size)
-    order = Order(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, seed=body.seed,
-                  steps=body.steps, guidance=body.guidance, width=width, height=height, scheduler=body.scheduler,
-                  model=body.model, loras=[(ref.name, ref.value) for ref in body.loras], fields=FIELDS)
+    return Order(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, seed=body.seed,
+                 steps=body.steps, guidance=body.guidance, width=width, height=height, scheduler=body.scheduler,
+                 model=body.model, loras=[(ref.name, ref.value) for ref in body.loras], fields=FIELDS)
+
+
+async def _answer(request: Request, body: Generations, order: Order):
+    fmt = body.response_format or "b64_json"
     state = request.app.state.genkit
     if body.model:
         state.pool.resolve(body.model, "model", status=404)
@@ -81,12 +99,62 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
 
 @router.post("/images/edits")
 async def edits(request: Request):
+    from genkit.serve import inputs
+
     form = await request.form()
-    for name in ("image", "prompt"):
-        if name not in form and f"{name}[]" not in form:
-            raise ApiError(400, f"{name} is required (multipart form field)", param=name)
-    raise ApiError(501, "image edits are not in genkit's engine yet; only /v1/images/generations is served",
-                   code="not_implemented")
+    files = [*form.getlist("image"), *form.getlist("image[]")]
+    if not files:
+        raise ApiError(400, "image is required (a multipart file field holding a PNG)", param="image")
+    if len(files) > 1:
+        raise ApiError(400, f"image: genkit edits one image per request, got {len(files)}", param="image")
+    body = parse(Edits, _typed(form, Edits), status=400)
+    order = _order(body)
+    max_side = request.app.state.genkit.limits.max_input_side
+    order.image = inputs.decode_bytes(await _file_bytes(files[0], "image"), "image", max_side)
+    if form.get("mask") is not None:
+        mask = inputs.decode_bytes(await _file_bytes(form.get("mask"), "mask"), "mask", max_side)
+        order.mask = inputs.openai_mask(mask, "mask")
+        inputs.check_mask(order.mask, order.image, "mask", 400)
+    elif inputs.is_transparent_somewhere(order.image):  # OpenAI: without a mask, the image's transparency is one
+        order.mask = inputs.openai_mask(order.image, "image")
+        inputs.check_mask(order.mask, order.image, "image", 400)
+    order.strength = body.strength
+    order.fields = {**order.fields, "image": "image", "mask": "mask" if form.get("mask") is not None else "image",
+                    "strength": "strength"}
+    return await _answer(request, body, order)
+
+
+async def _file_bytes(part, field: str) -> bytes:
+    if isinstance(part, str):
+        raise ApiError(400, f"{field} must be a file (multipart with a filename), not a text field", param=field)
+    return await part.read()
+
+
+def _typed(form, model) -> dict:
+    """A multipart form's text fields as the JSON body `model` reads: numbers parsed, `loras` as JSON."""
+    import json
+
+    out = {}
+    for name, info in model.model_fields.items():
+        value = form.get(name)
+        if value is None or name in ("image", "mask"):
+            continue
+        if not isinstance(value, str):
+            raise ApiError(400, f"{name} must be a text field, not a file", param=name)
+        kind = str(info.annotation)
+        try:
+            if name == "loras":
+                out[name] = json.loads(value)
+            elif "int" in kind:
+                out[name] = int(value)
+            elif "float" in kind:
+                out[name] = float(value)
+            else:
+                out[name] = value
+        except ValueError:
+            what = "a JSON list" if name == "loras" else "an integer" if "int" in kind else "a number"
+            raise ApiError(400, f"{name} must be {what}, got {value[:60]!r}", param=name) from None
+    return out
 
 
 @router.post("/images/variations")

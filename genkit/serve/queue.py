@@ -51,6 +51,7 @@ class Ticket:
     future: Future = field(default_factory=Future)
     cancelled: bool = False
     interrupted: bool = False
+    files: dict = field(default_factory=dict)  # an edit's input files to keep beside its images: {name: bytes}
 
     def __post_init__(self):
         self.outputs: list = [None] * len(self.jobs)

@@ -5,9 +5,12 @@ name what the client sent) and gets back `Delivery` entries; everything between 
 limits, LoRA tags and names, the model, `Pipeline.plan` (the engine's own validation), the
 coalescing queue, and waiting while watching for a client that goes away.
 
-Image editing (A1111 img2img, OpenAI edits) arrives as `image`/`mask`/`strength` on the order;
-once the engine's GenerationConfig takes them, `_config` passes them on and `_check_editing`
-goes away: the queue and the records need nothing more (Job.batch_key keeps unlike jobs apart).
+Image editing (A1111 img2img, OpenAI edits) arrives as `image`/`mask`/`strength`/`outpaint` on
+the order (PIL images, decoded by the dialect) and goes to the engine as GenerationConfig's own.
+The queue needs nothing more: its key holds `Job.batch_key()`, which has the task (text-to-image,
+img2img, inpaint) and the strength, so an edit never shares a batch with a job it would change.
+With an output folder, each input (and mask) is kept there as `input-<sha>.png` (`mask-<sha>.png`)
+and the record names that file and its sha256, so `genkit replay` finds it beside the image.
 """
 
 from __future__ import annotations
@@ -38,9 +41,10 @@ class Order:
     scheduler: str | None = None
     model: str | None = None
     loras: list = field(default_factory=list)  # [(name, scale)] besides the prompt's <lora:...> tags
-    image: object = None  # image editing (img2img, inpaint), when the engine has it
+    image: object = None  # image editing: the input (a PIL image), a mask (white repaints), strength, outpaint
     mask: object = None
     strength: float | None = None
+    outpaint: str | None = None
     fields: dict = field(default_factory=dict)  # genkit's word -> the dialect's (errors name the client's field)
 
     def field(self, name: str) -> str:
@@ -68,7 +72,6 @@ class Service:
         limits.check_guidance(order.guidance, order.field("guidance"))
         limits.check_side(order.width, order.field("width"))
         limits.check_side(order.height, order.field("height"))
-        self._check_editing(order)
         prompt, tags = split_tags(order.prompt, order.field("prompt"))
         loras = self._loras(tags, order)
         model = self.pool.resolve(order.model, order.field("model"))
@@ -79,13 +82,39 @@ class Service:
             param = order.field(_field_of(str(exc)))
             raise ApiError(422, f"{param}: {exc}" if param and not str(exc).startswith(param) else str(exc),
                            param=param) from None
-        return Ticket(key=(model, loras, jobs[0].batch_key()), jobs=jobs)
+        files = {}
+        if jobs[0].image is not None:
+            self._check_edit_size(jobs[0], order)
+            jobs, files = self._kept_inputs(jobs)
+        return Ticket(key=(model, loras, jobs[0].batch_key()), jobs=jobs, files=files)
 
-    @staticmethod
-    def _check_editing(order: Order) -> None:
-        if order.image is not None or order.mask is not None:
-            raise ApiError(501, "image editing (img2img, inpainting) is not in genkit's engine yet; only text-to-image "
-                                "is served", code="not_implemented")
+    def _check_edit_size(self, job, order: Order) -> None:
+        """An edit's output size comes from its input when width/height are not given: bounded like them."""
+        for name, value, asked in (("width", job.width, order.width), ("height", job.height, order.height)):
+            if asked is None and value > self.limits.max_side:
+                field = order.field("image")
+                raise ApiError(422, f"{field}: the output would be {job.width}x{job.height} (the input's size); this "
+                                    f"server makes images at most {self.limits.max_side} pixels wide and high "
+                                    f"(--max-size): pass {order.field('width')} and {order.field('height')}",
+                               param=field, code="limit")
+
+    def _kept_inputs(self, jobs: list) -> tuple[list, dict]:
+        """With an output folder: the jobs' inputs as the PNG files the records will name (same pixels), and those
+        files' bytes by name, written with the first image delivered (store.keep_input)."""
+        if not self.store.keeps_inputs:
+            return jobs, {}
+        files, kept = {}, {}
+
+        def keep(picture, kind):
+            if picture is None:
+                return None
+            if id(picture) not in kept:
+                kept[id(picture)], name, data = self.store.input_picture(picture, kind)
+                files[name] = data
+            return kept[id(picture)]
+
+        jobs = [replace(job, image=keep(job.image, "input"), mask=keep(job.mask, "mask")) for job in jobs]
+        return jobs, files
 
     @staticmethod
     def _config(order: Order):
@@ -93,7 +122,8 @@ class Service:
 
         return GenerationConfig(negative_prompt=order.negative_prompt, num_images_per_prompt=order.n, seed=order.seed,
                                 num_inference_steps=order.steps, guidance_scale=order.guidance, width=order.width,
-                                height=order.height, scheduler=order.scheduler)
+                                height=order.height, scheduler=order.scheduler, image=order.image, mask=order.mask,
+                                strength=order.strength, outpaint=order.outpaint)
 
     def _loras(self, tags: list, order: Order) -> tuple:
         named = [(name, scale, order.field("prompt")) for name, scale in tags]
@@ -160,6 +190,9 @@ class Service:
 
     def deliver(self, ticket, job, output):
         image, record = output
+        for name, data in ticket.files.items():  # once per request, with its first image (worker thread only)
+            self.store.keep_input(name, data)
+        ticket.files = {}
         return self.store.save(image, record)
 
 
@@ -168,7 +201,9 @@ def _field_of(message: str) -> str | None:
     head = message.lower()
     for prefix, name in (("width", "width"), ("height", "height"), ("steps", "steps"), ("guidance", "guidance"),
                          ("seed", "seed"), ("unknown scheduler", "scheduler"), ("a prompt", "prompt"),
-                         ("no prompts", "prompt"), ("n must", "n"), ("num_images", "n")):
+                         ("no prompts", "prompt"), ("n must", "n"), ("num_images", "n"), ("strength", "strength"),
+                         ("mask", "mask"), ("inpainting", "mask"), ("image", "image"), ("the input image", "image"),
+                         ("outpaint", "outpaint")):
         if head.startswith(prefix):
             return name
     return None

@@ -6,6 +6,11 @@ record, plus a line in `manifest.jsonl`; so `genkit replay` remakes any served i
 continue after the highest already in the folder. Without an `out` folder the images live in a
 private temporary folder for as long as the server runs.
 
+An edit's input image and mask are kept beside its images as `input-<sha>.png` and
+`mask-<sha>.png` (named by their content, so a request repeated with the same input writes
+nothing new); the record names that file, so `genkit replay IMAGE` finds it. Without an output
+folder nothing is kept: the record says "<PIL image>" and replay needs `--image`.
+
 File names are generated here, never taken from a request: a name from a URL is only looked up
 against the strict pattern of names this module makes.
 """
@@ -25,6 +30,7 @@ from pathlib import Path
 from genkit.outputs import MANIFEST, OutputWriter
 
 NAME = re.compile(r"^\d{5,}-\d+-[a-z0-9-]+\.png$")
+INPUT_NAME = re.compile(r"^(input|mask)-[0-9a-f]{16}\.png$")
 COMPACT_EVERY = 1000  # rewrite the manifest and forget the writer's records this often (bounded memory)
 
 
@@ -79,6 +85,44 @@ class ImageStore:
                 self.writer.close()
                 self.writer.records.clear()
         return entry
+
+    @property
+    def keeps_inputs(self) -> bool:
+        return not self.temporary
+
+    @staticmethod
+    def input_picture(picture, kind: str):
+        """(the Picture as read from its kept file, the file's name, its PNG bytes) for an input of `kind` ("input"
+        or "mask"): the same pixels, as the engine reads them back from the file, hashed as a file."""
+        import hashlib
+        from io import BytesIO
+
+        from genkit.edit import Picture
+
+        buffer = BytesIO()
+        picture.pixels.save(buffer, format="PNG")
+        data = buffer.getvalue()
+        digest = hashlib.sha256(data).hexdigest()
+        name = f"{kind}-{digest[:16]}.png"
+        return Picture(name, digest, picture.pixels), name, data
+
+    def keep_input(self, name: str, data: bytes) -> None:
+        """Write an input file once (worker thread; a file of that name already holds these bytes)."""
+        from genkit.outputs import atomic_write
+
+        if not INPUT_NAME.match(name):
+            raise ValueError(f"not an input file name: {name!r}")
+        path = self.out / name
+        if not path.is_file():
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+    def input_path(self, name: str) -> Path | None:
+        """A kept input's file, by the name a record holds."""
+        if not isinstance(name, str) or not INPUT_NAME.match(name):
+            return None
+        path = self.out / name
+        return path if path.is_file() else None
 
     def path(self, name: str) -> Path | None:
         if not NAME.match(name):
