@@ -15,6 +15,7 @@ removes it (each image has one writer, also across processes).
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import json
 import os
@@ -31,6 +32,7 @@ from genkit.errors import GenkitError, strict_json
 MANIFEST = "manifest.jsonl"
 
 
+@functools.lru_cache(maxsize=4096)  # a run of 100,000 images names a few prompts 100,000 times
 def slug(text: str, limit: int = 48) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return words[:limit].rstrip("-") or "image"
@@ -263,22 +265,38 @@ class OutputWriter:
         self.overwrite = overwrite
         self.records: dict[str, dict] = {}
         self.run_seed = run_seed
+        self._names: set[str] | None = None  # the folder's file names, listed once by has()
 
     def path_for(self, record: dict) -> Path:
         return self.out / image_name(record["index"], record["seed"], record["prompt"])
 
     def exists(self, record: dict) -> bool:
         """True when this image is already on disk and will be kept (not overwritten)."""
-        path = self.path_for(record)
-        if self.overwrite or not path.is_file():
+        return self.has(record["index"], record["seed"], record["prompt"])
+
+    def has(self, index: int, seed: int, prompt: str) -> bool:
+        """`exists` from the three fields that name the file, so a caller need not build a record per job: the
+        folder is listed once (100,000 is_file calls took longer than the first image)."""
+        name = image_name(index, seed, prompt)
+        if self.overwrite or name not in self._listing():
             return False
-        self.records[path.name] = {**read_record(path), "file": path.name}
+        self.records[name] = {**read_record(self.out / name), "file": name}
         return True
+
+    def _listing(self) -> set[str]:
+        if self._names is None:
+            try:
+                self._names = {entry.name for entry in os.scandir(self.out) if entry.is_file()}
+            except FileNotFoundError:
+                self._names = set()
+        return self._names
 
     def write(self, image: Image.Image, record: dict) -> Path:
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.path_for(record)
         save_png(image, path, record)
+        if self._names is not None:
+            self._names.add(path.name)
         if self.run_seed is not None:
             record_seed(self.out, *self.run_seed)
             self.run_seed = None
