@@ -124,12 +124,24 @@ def usable_cores() -> int:
 
 
 def busy_cores(seconds: float = 0.25) -> float | None:
-    """How many cores other processes kept busy over `seconds` (from /proc/stat), or None off Linux."""
-    def sample():
+    """How many of this process's usable cores other processes kept busy over `seconds` (/proc/stat's per-core
+    lines), or None off Linux."""
+    try:
+        mine = {f"cpu{n}" for n in os.sched_getaffinity(0)}
+    except (AttributeError, OSError):
+        mine = None
+
+    def sample() -> tuple[int, int]:
+        busy = total = 0
         with open("/proc/stat", encoding="ascii") as stat:
-            fields = [int(v) for v in stat.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, sum(fields[:8])
+            for line in stat:
+                name, *values = line.split()
+                if not name.startswith("cpu") or name == "cpu" or (mine is not None and name not in mine):
+                    continue
+                fields = [int(v) for v in values[:8]]
+                idle = fields[3] + fields[4]  # idle + iowait
+                busy, total = busy + sum(fields) - idle, total + sum(fields)
+        return busy, total
 
     try:
         busy0, total0 = sample()
@@ -139,7 +151,8 @@ def busy_cores(seconds: float = 0.25) -> float | None:
         return None
     if total1 <= total0:
         return None
-    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+    cores = len(mine) if mine else (os.cpu_count() or 1)
+    return (busy1 - busy0) / (total1 - total0) * cores
 
 
 def free_cores(seconds: float = 0.25) -> int:
