@@ -9,10 +9,14 @@ The server is the real command (`genkit serve`, a subprocess); clients are async
    p50/p95 latency of both.
 2. exactness: the served images (coalesced and alone) against `genkit generate` with the same
    prompts, seeds and settings, pixel for pixel.
-3. soak: `--soak` requests from `--soak-clients` clients: valid A1111 and OpenAI bodies, invalid ones
-   (bad JSON, wrong types, unknown sampler, too large, unknown LoRA...), clients that hang up,
-   interrupts. Counts 5xx on valid input (must be 0), valid requests answered, invalid ones refused
-   with 4xx, the queue empty at the end, and the server's RSS after the soak against after warm-up.
+3. soak: `--soak` requests from `--soak-clients` clients: valid A1111 and OpenAI bodies (text-to-image
+   and edits), invalid ones (bad JSON, wrong types, unknown sampler, too large, unknown LoRA, bad
+   images, masks and strengths...), clients that hang up, interrupts. Counts 5xx on valid input
+   (must be 0), valid requests answered, invalid ones refused with 4xx, the queue empty at the end,
+   and the server's RSS after the soak against after warm-up.
+4. edits: `--edits` img2img and inpainting requests (each its own input image) at once, then one at
+   a time, and the served images against `genkit generate --prompts-file edits.jsonl` (the same
+   inputs, masks, strengths and seeds), pixel for pixel. `--only edits` runs this part alone.
 """
 
 from __future__ import annotations
@@ -90,16 +94,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def throughput(url: str, requests: list[dict]) -> dict:
+async def throughput(url: str, requests: list[dict], path: str = "/sdapi/v1/txt2img") -> dict:
     import httpx
 
     limits = httpx.Limits(max_connections=len(requests) + 8)
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
         start = time.perf_counter()
-        together = await asyncio.gather(*(timed_post(client, "/sdapi/v1/txt2img", body) for body in requests))
+        together = await asyncio.gather(*(timed_post(client, path, body) for body in requests))
         together_s = time.perf_counter() - start
         start = time.perf_counter()
-        alone = [await timed_post(client, "/sdapi/v1/txt2img", body) for body in requests]
+        alone = [await timed_post(client, path, body) for body in requests]
         alone_s = time.perf_counter() - start
     for _, response in together + alone:
         assert response.status_code == 200, response.text
@@ -115,6 +119,89 @@ def cli_images(requests: list[dict], steps: int, out: Path, threads: int | None)
     result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     records = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda r: r["index"])
     return [pixels((out / r["file"]).read_bytes()) for r in records]
+
+
+# -- edits -------------------------------------------------------------------------------------------
+
+def noise_png(seed: int, size: int = 32) -> bytes:
+    import numpy as np
+    from PIL import Image
+
+    array = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return png(Image.fromarray(array))
+
+
+def half_mask_png(size: int = 32) -> bytes:
+    from PIL import Image
+
+    mask = Image.new("L", (size, size), 0)
+    mask.paste(255, (size // 2, 0, size, size))
+    return png(mask)
+
+
+def png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def edit_requests(count: int, steps: int) -> list[dict]:
+    """Half img2img at strength 0.6, half inpainting the right half at 0.75; each its own input and seed."""
+    import base64
+
+    rng, mask = random.Random(2), base64.b64encode(half_mask_png()).decode()
+    requests = []
+    for i in range(count):
+        body = {"prompt": prompt(rng), "seed": 2000 + i, "steps": steps,
+                "init_images": [base64.b64encode(noise_png(i)).decode()], "denoising_strength": 0.6}
+        if i % 2:
+            body.update(mask=mask, denoising_strength=0.75)
+        requests.append(body)
+    return requests
+
+
+def cli_edit_images(requests: list[dict], steps: int, out: Path, threads: int | None) -> list:
+    """`genkit generate --prompts-file edits.jsonl` for the edit requests: one line each, its input, mask, seed."""
+    import base64
+
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i, body in enumerate(requests):
+        (out / f"in{i}.png").write_bytes(base64.b64decode(body["init_images"][0]))
+        line = {"prompt": body["prompt"], "seed": body["seed"], "image": f"in{i}.png",
+                "strength": body["denoising_strength"]}
+        if "mask" in body:
+            (out / f"mask{i}.png").write_bytes(base64.b64decode(body["mask"]))
+            line["mask"] = f"mask{i}.png"
+        lines.append(json.dumps(line))
+    (out / "edits.jsonl").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    command = [sys.executable, "-m", "genkit", "generate", "--prompts-file", str(out / "edits.jsonl"), "--steps",
+               str(steps), "--out", str(out / "made"), "--quiet", "--json"]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    records = sorted((json.loads(line) for line in result.stdout.splitlines()), key=lambda r: r["index"])
+    return [pixels((out / "made" / r["file"]).read_bytes()) for r in records]
+
+
+def report_edits(runs: dict, cli: list, steps: int) -> bool:
+    import base64
+
+    import numpy as np
+
+    n = len(cli)
+    print(f"\nedits: {n} A1111 img2img requests (half inpainting), each its own 32x32 input, {steps} steps")
+    print(f"{'':<22}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'wall s':>9}")
+    for name, key in ((f"{n} at once (coalesced)", "together"), ("one at a time", "alone")):
+        seconds, latencies, _ = runs[key]
+        print(f"{name:<22}{n / seconds:>10.2f}{statistics.median(latencies):>9.2f}"
+              f"{percentile(latencies, 0.95):>9.2f}{seconds:>9.1f}")
+    ok = True
+    for key, label in (("together", "coalesced"), ("alone", "alone")):
+        served = [pixels(base64.b64decode(r["images"][0])) for r in runs[key][2]]
+        same = sum(np.array_equal(a, b) for a, b in zip(served, cli))
+        ok &= same == n
+        print(f"server == genkit generate --prompts-file (edits, {label}): {'yes' if same == n else 'no'} ({same}/{n})")
+    return ok
 
 
 def pixels(data: bytes):
@@ -133,8 +220,12 @@ def soak_case(rng: random.Random, steps: int) -> tuple[str, str, object]:
     a1111 = {"prompt": prompt(rng), "seed": rng.randrange(10**6), "steps": steps,
              "sampler_name": rng.choice(SAMPLERS), "cfg_scale": rng.choice((1.0, 3.0, 4.0)),
              "batch_size": rng.choice((1, 1, 2))}
-    if roll < 0.55:
+    if roll < 0.47:
         return "valid", "/sdapi/v1/txt2img", a1111
+    if roll < 0.55:
+        edit = {**edit_requests(2, steps)[rng.randrange(2)], "seed": rng.randrange(10**6),
+                "batch_size": rng.choice((1, 2))}
+        return "valid", "/sdapi/v1/img2img", edit
     if roll < 0.67:
         return "valid", "/v1/images/generations", {"prompt": prompt(rng), "n": rng.choice((1, 2)), "size": "32x32",
                                                     "seed": rng.randrange(10**6), "steps": steps}
@@ -150,10 +241,22 @@ def soak_case(rng: random.Random, steps: int) -> tuple[str, str, object]:
         {"prompt": "x", "override_settings": {"sd_model_checkpoint": "sd99"}}, {"prompt": "x" * (5 << 20)},
         {"prompt": "x", "enable_hr": True}, {"prompt": "x", "batch_size": 0},
     ])
+    if rng.random() < 0.25:
+        edit = edit_requests(2, steps)[1]
+        return "invalid", "/sdapi/v1/img2img", rng.choice([
+            {**edit, "init_images": ["not base64"]}, {**edit, "init_images": []}, {**edit, "denoising_strength": 0},
+            {**edit, "mask": edit["init_images"][0][:400]}, {**edit, "mask_blur": 4}, {**edit, "resize_mode": 2},
+            {**edit, "mask": base64_png(half_mask_png(16))}])
     openai_bad = rng.choice([{"prompt": "x", "n": "2"}, {"prompt": "x", "size": "huge"}, {"n": 1},
                              {"prompt": "x", "model": "dall-e-3"}, {"prompt": "x", "response_format": "gif"}])
     return ("invalid", "/v1/images/generations", openai_bad) if rng.random() < 0.3 else \
         ("invalid", "/sdapi/v1/txt2img", bad)
+
+
+def base64_png(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode()
 
 
 async def soak(url: str, total: int, clients: int, steps: int, seed: int = 0) -> dict:
@@ -218,11 +321,35 @@ def main() -> None:
     parser.add_argument("--soak-clients", type=int, default=8)
     parser.add_argument("--soak-steps", type=int, default=4, help="steps of the soak's valid requests")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server and the CLI")
+    parser.add_argument("--edits", type=int, default=8, help="img2img/inpainting requests of the edit part")
+    parser.add_argument("--only", choices=("all", "edits", "soak"), default="all")
     args = parser.parse_args()
     import numpy as np
     import httpx
 
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start")
+    edits = edit_requests(args.edits, args.steps)
+    if args.only != "all":  # one part alone, on a server of its own
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "out").mkdir()
+            server, url = start_server(tmp / "out", args)
+            try:
+                asyncio.run(throughput(url, edits[:2], "/sdapi/v1/img2img"))  # warm-up
+                warm_rss = rss_mib(server.pid)
+                if args.only == "edits":
+                    runs = asyncio.run(throughput(url, edits, "/sdapi/v1/img2img"))
+                else:
+                    soaked, after, alive, soak_rss = run_soak(url, server, args)
+            finally:
+                server.terminate()
+                server.wait(60)
+            if args.only == "edits":
+                ok = report_edits(runs, cli_edit_images(edits, args.steps, tmp / "cli-edits", args.threads), args.steps)
+                print(f"machine load average at the end: {os.getloadavg()[0]:.2f}")
+            else:
+                ok = report_soak(args, soaked, after, alive, warm_rss, soak_rss)
+        raise SystemExit(0 if ok else 1)
     rng = random.Random(1)
     requests = [{"prompt": prompt(rng), "seed": 1000 + i, "steps": args.steps} for i in range(args.clients)]
     with tempfile.TemporaryDirectory() as tmp:
@@ -235,11 +362,9 @@ def main() -> None:
             warm_rss = rss_mib(server.pid)
             status = httpx.get(url + "/genkit/v1/status").json()["queue"]
             cli = cli_images(requests[:8], args.steps, tmp / "cli", args.threads)
-            soaked = asyncio.run(soak(url, args.soak, args.soak_clients, args.soak_steps))
-            time.sleep(1)
-            after = httpx.get(url + "/genkit/v1/status").json()["queue"]
-            alive = httpx.get(url + "/sdapi/v1/progress").status_code == 200
-            soak_rss = rss_mib(server.pid)
+            edit_runs = asyncio.run(throughput(url, edits, "/sdapi/v1/img2img"))
+            cli_edits = cli_edit_images(edits, args.steps, tmp / "cli-edits", args.threads)
+            soaked, after, alive, soak_rss = run_soak(url, server, args)
         finally:
             server.terminate()
             server.wait(60)
@@ -263,6 +388,22 @@ def main() -> None:
         print(f"server == genkit generate ({label}, same prompt/seed/settings): {'yes' if same == len(cli) else 'no'} "
               f"({same}/{len(cli)})")
 
+    report_edits(edit_runs, cli_edits, args.steps)
+    report_soak(args, soaked, after, alive, warm_rss, soak_rss)
+
+
+def run_soak(url: str, server, args) -> tuple[dict, dict, bool, float]:
+    """The soak's counts, the queue after it, whether the server still answers, and its RSS after."""
+    import httpx
+
+    soaked = asyncio.run(soak(url, args.soak, args.soak_clients, args.soak_steps))
+    time.sleep(1)
+    after = httpx.get(url + "/genkit/v1/status").json()["queue"]
+    alive = httpx.get(url + "/sdapi/v1/progress").status_code == 200
+    return soaked, after, alive, rss_mib(server.pid)
+
+
+def report_soak(args, soaked: dict, after: dict, alive: bool, warm_rss: float, soak_rss: float) -> bool:
     print(f"\nsoak: {args.soak} requests from {args.soak_clients} clients in {soaked['seconds']:.0f} s "
           f"({args.soak_steps} steps per valid image)")
     rows = [("valid requests", soaked["valid"]), ("  answered (200)", soaked["valid answered"]),
@@ -280,6 +421,7 @@ def main() -> None:
     ok = (soaked["valid 5xx"] == 0 and soaked["invalid 5xx"] == 0 and soaked["valid answered"] + soaked["valid 429"]
           == soaked["valid"] and after["waiting"] == 0 and alive and abs(growth) <= 10)
     print("soak: " + ("pass" if ok else "FAIL"))
+    return ok
 
 
 if __name__ == "__main__":
