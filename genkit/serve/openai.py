@@ -101,25 +101,26 @@ def _size(size: str | None) -> tuple[int | None, int | None]:
 async def edits(request: Request):
     from genkit.serve import inputs
 
-    form = await request.form()
-    files = [*form.getlist("image"), *form.getlist("image[]")]
-    if not files:
-        raise ApiError(400, "image is required (a multipart file field holding a PNG)", param="image")
-    if len(files) > 1:
-        raise ApiError(400, f"image: genkit edits one image per request, got {len(files)}", param="image")
-    body = parse(Edits, _typed(form, Edits), status=400)
+    async with request.form() as form:  # uploaded files are closed when the form is read
+        files = [*form.getlist("image"), *form.getlist("image[]")]
+        if not files:
+            raise ApiError(400, "image is required (a multipart file field holding a PNG)", param="image")
+        if len(files) > 1:
+            raise ApiError(400, f"image: genkit edits one image per request, got {len(files)}", param="image")
+        body = parse(Edits, _typed(form, Edits), status=400)
+        image = await _file_bytes(files[0], "image")
+        mask = await _file_bytes(form.get("mask"), "mask") if form.get("mask") is not None else None
     order = _order(body)
     max_side = request.app.state.genkit.limits.max_input_side
-    order.image = inputs.decode_bytes(await _file_bytes(files[0], "image"), "image", max_side)
-    if form.get("mask") is not None:
-        mask = inputs.decode_bytes(await _file_bytes(form.get("mask"), "mask"), "mask", max_side)
-        order.mask = inputs.openai_mask(mask, "mask")
+    order.image = inputs.decode_bytes(image, "image", max_side)
+    if mask is not None:
+        order.mask = inputs.openai_mask(inputs.decode_bytes(mask, "mask", max_side), "mask")
         inputs.check_mask(order.mask, order.image, "mask", 400)
     elif inputs.is_transparent_somewhere(order.image):  # OpenAI: without a mask, the image's transparency is one
         order.mask = inputs.openai_mask(order.image, "image")
         inputs.check_mask(order.mask, order.image, "image", 400)
     order.strength = body.strength
-    order.fields = {**order.fields, "image": "image", "mask": "mask" if form.get("mask") is not None else "image",
+    order.fields = {**order.fields, "image": "image", "mask": "mask" if mask is not None else "image",
                     "strength": "strength"}
     return await _answer(request, body, order)
 
