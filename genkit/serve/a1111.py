@@ -314,7 +314,8 @@ def progress(request: Request, skip_current_image: bool = False):
     return {"progress": round(fraction, 4), "eta_relative": round(eta, 3), "current_image": None, "textinfo": None,
             "current_task": None,
             "state": {"skipped": False, "interrupted": status["interrupted"], "stopping_generation": False,
-                      "job": "txt2img" if status["running"] else "", "job_count": status["requests"],
+                      "job": ("img2img" if status["task"] else "txt2img") if status["running"] else "",
+                      "job_count": status["requests"],
                       "job_timestamp": "0", "job_no": 0, "sampling_step": status["step"],
                       "sampling_steps": status["steps"], "images_waiting": status["waiting"]}}
 

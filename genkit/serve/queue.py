@@ -68,6 +68,7 @@ class Progress:
     images: int = 0
     started: float = 0.0
     interrupted: bool = False
+    task: str | None = None  # the running batch's: None (text-to-image), "img2img" or "inpaint"
 
 
 class Coalescer:
@@ -126,6 +127,7 @@ class Coalescer:
             progress = self.progress
             return {**self.stats, "running": len(self.running), "waiting": len(self.pending), "step": progress.step,
                     "steps": progress.steps, "started": progress.started, "interrupted": progress.interrupted,
+                    "task": progress.task,
                     "requests": len({id(t) for t, _ in [*self.running, *self.pending]})}
 
     # -- the worker's side -----------------------------------------------------------------
@@ -158,7 +160,7 @@ class Coalescer:
                 self.running, self._interrupt = batch, False
                 first = batch[0][0].jobs[batch[0][1]] if batch else None
                 self.progress = Progress(steps=getattr(first, "num_inference_steps", 0), images=len(batch),
-                                         started=time.monotonic())
+                                         started=time.monotonic(), task=getattr(first, "task", None))
             if batch:
                 self._run(batch)
 
