@@ -383,6 +383,10 @@ def test_api_key_on_every_route_and_cors_only_when_asked(server, models):
         assert httpx.get(url + "/sdapi/v1/sd-models", headers={"Authorization": "Bearer s3cret"}).status_code == 200
         assert httpx.get(url + "/sdapi/v1/sd-models", auth=("anyone", "s3cret")).status_code == 200
         assert httpx.get(url + "/v1/models").json()["error"]["code"] == "invalid_api_key"
+        assert httpx.post(url + "/sdapi/v1/img2img", json={"prompt": "x"}).status_code == 401
+        edit = httpx.post(url + "/v1/images/edits", files={"image": ("a.png", base64.b64decode(_png()), "image/png")},
+                          data={"prompt": "x"})
+        assert edit.status_code == 401 and edit.json()["error"]["code"] == "invalid_api_key"
         assert httpx.get(url + "/").status_code == 200  # the page alone: it asks for the key
         assert openai.OpenAI(base_url=url + "/v1", api_key="s3cret").models.list().data
         with pytest.raises(openai.AuthenticationError):

@@ -365,6 +365,9 @@ BAD_EDITS = [  # (files, data, status, field)
     ({"image": ("a.png", encode(noise(0)), "image/png"),
       "mask": ("m.png", encode(Image.new("RGBA", SIZE, (0, 0, 0, 255))), "image/png")}, {"prompt": "x"}, 400,
      "mask"),
+    ({"image": ("a.png", encode(noise(0, (320, 320))), "image/png")}, {"prompt": "x"}, 413, "body"),  # > 256 KiB
+    ({"image": ("a.png", encode(noise(0)), "image/png"), "image[]": ("b.png", encode(noise(1)), "image/png")},
+     {"prompt": "x"}, 400, "image"),
 ]
 
 
