@@ -258,10 +258,10 @@ class Pipeline:
 
     @staticmethod
     def _check_numbers(steps, guidance) -> None:
-        if not isinstance(steps, int) or steps < 1:
-            raise GenkitError(f"steps (num_inference_steps) must be at least 1, got {steps}")
-        if guidance < 0:
-            raise GenkitError(f"guidance (guidance_scale) must be 0 or more, got {guidance} (1 or less turns it off)")
+        from genkit.prompts import check_guidance, check_steps
+
+        check_steps(steps)
+        check_guidance(guidance)
 
     # -- running --------------------------------------------------------------------------
     def iter_generate(
@@ -308,9 +308,12 @@ class Pipeline:
         pipe.scheduler = self._scheduler(first.scheduler)  # fresh: schedulers keep per-call state
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
 
+        steps = first.num_inference_steps if first.task is None else \
+            edit.kept_steps(first.num_inference_steps, first.strength)  # an edit runs the last steps only
+
         def on_step(pipe, step, timestep, tensors):
             if callback is not None:
-                callback({"batch": number, "step": step + 1, "steps": first.num_inference_steps,
+                callback({"batch": number, "step": step + 1, "steps": steps,
                           "images": [job.index for job in batch]})
             return tensors
 
@@ -406,10 +409,18 @@ def _batches(jobs: list[Job], size: int):
 
 
 def _check_count(name: str, value) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise GenkitError(f"{name} must be at least 1, got {value}")
+    from genkit.prompts import check_count
+
+    check_count(value, name)
 
 
 def _check_seed(seed) -> None:
-    if not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise GenkitError(f"seed must be an integer from 0 to {MAX_SEED}, got {seed}")
+    from genkit.prompts import check_seed
+
+    check_seed(seed)
+
+
+def _check_size(pipeline, width: int, height: int, batch_size: int) -> None:
+    from genkit.cpu import check_size
+
+    check_size(pipeline, width, height, batch_size)

@@ -248,10 +248,24 @@ def _find_input(record: dict, key: str, given, beside: Path):
             raise GenkitError(f"this image was made from an input {key} that {where}; pass it with {flag} PATH")
     for candidate in candidates:
         found = edit.picture(candidate, key)
-        if found.sha256 == want:
-            return found
+        if found.sha256 == want or (recorded.startswith("<") and _pixels_sha256(candidate) == want):
+            return found  # an in-memory input's record hashes its pixels: a file saved from it has the same
     raise GenkitError(f"input {key} {candidates[-1]} is not the one this image was made from (sha256 "
                       f"{found.sha256[:12]}..., recorded {str(want)[:12]}...); pass the original with {flag} PATH")
+
+
+def _pixels_sha256(path) -> str:
+    """genkit.images.sha256_of of the image in a file, as if it had been passed in memory (decoded, not its bytes)."""
+    from PIL import Image
+
+    from genkit import images
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return images.sha256_of(image)
+    except OSError:
+        return ""
 
 
 def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_phrasing=100, two_object=200,

@@ -252,3 +252,30 @@ def test_edit_loop_example_runs_and_its_images_replay(tmp_path):
     assert Image.open(tmp_path / "loop" / "3-outpaint.png").size == (32, 48)
     replayed = CliRunner().invoke(main, ["replay", str(tmp_path / "loop" / "1-inpaint.png"), "-o", str(tmp_path / "r")])
     assert replayed.exit_code == 0 and "identical" in replayed.stderr, replayed.output
+
+
+def test_an_in_memory_input_replays_from_a_file_saved_from_it(tmp_path, models):
+    """A library caller passes a PIL image; the record hashes its pixels, and replay accepts a file holding them."""
+    from genkit.outputs import save_png
+
+    model = models("genkit-mini")
+    size = TINY_SIZE["genkit-mini"][::-1]
+    image = noise_image(5, size)
+    result = model.generate(["a red circle"], GenerationConfig(seed=2, num_inference_steps=4, image=image, strength=0.5))
+    save_png(result.images[0], tmp_path / "made.png", result.metadata[0])
+    image.save(tmp_path / "input.png")
+    noise_image(6, size).save(tmp_path / "other.png")
+    assert CliRunner().invoke(main, ["replay", str(tmp_path / "made.png")]).exit_code == 2  # "given in memory"
+    ok = CliRunner().invoke(main, ["replay", str(tmp_path / "made.png"), "--image", str(tmp_path / "input.png")])
+    assert ok.exit_code == 0 and "identical" in ok.stderr, ok.output
+    wrong = CliRunner().invoke(main, ["replay", str(tmp_path / "made.png"), "--image", str(tmp_path / "other.png")])
+    assert wrong.exit_code == 2 and "is not the one this image was made from" in wrong.stderr
+
+
+def test_progress_counts_the_steps_an_edit_runs(models):
+    model = models("genkit-mini")
+    image = noise_image(0, TINY_SIZE["genkit-mini"][::-1])
+    seen = []
+    model.generate(["a red circle"], GenerationConfig(seed=1, num_inference_steps=10, image=image, strength=0.5),
+                   callback=seen.append)
+    assert [(info["step"], info["steps"]) for info in seen] == [(k, 5) for k in range(1, 6)]

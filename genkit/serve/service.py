@@ -177,17 +177,15 @@ class Service:
 
     def run_batch(self, key, jobs, check):
         """The worker thread's side: make one batch on the right pipeline, return (image, record) pairs."""
-        from genkit import edit
         from genkit.generate import GenerationConfig
 
         model, loras, _ = key
         pipeline = self.pool.pipeline_for(model, loras)
         jobs = [replace(job, index=self.store.next_index()) for job in jobs]
-        first, outputs = jobs[0], []
-        # an edit runs only the last int(steps * strength) steps; the engine's callback counts them out of all steps
-        runs = edit.kept_steps(first.num_inference_steps, first.strength) if first.strength is not None else None
+        outputs = []
+        # the engine's callback counts the steps the batch runs (an edit: the last int(steps * strength))
         for result in pipeline.iter_generate([job.prompt for job in jobs], GenerationConfig(batch_size=len(jobs)),
-                                             jobs=jobs, callback=lambda info: check(info["step"], runs or info["steps"])):
+                                             jobs=jobs, callback=lambda info: check(info["step"], info["steps"])):
             outputs += zip(result.images, result.metadata)
         return outputs
 
