@@ -174,6 +174,11 @@ def box_cases(n: int, seed: int):
 # --- measuring --------------------------------------------------------------------------------
 
 
+def progress(row) -> None:
+    """Each measured row as soon as it is done (stderr), so a stopped run still shows what it measured."""
+    print("  done:", " | ".join(str(c).strip() for c in row), file=sys.stderr, flush=True)
+
+
 def pct(hits, n) -> str:
     return f"{100 * hits / max(n, 1):5.1f}%"
 
@@ -250,6 +255,7 @@ def img2img_section(run: Runner, cases, strengths, default_strength: float):
         n = len(cases)
         rows.append((f"{strength:g}", edit_steps(run.steps, strength), f"{distance:6.1f}", pct(colour, n), pct(shape, n),
                      pct(position, n), pct(both, n), pct(correct, n), f"{time.perf_counter() - start:5.0f} s"))
+        progress(rows[-1])
     print(f"\nimg2img: recolour one object, {len(cases)} scenes, {run.steps} steps, guidance {run.guidance:g} "
           f"(default strength {default_strength:g})")
     print(table(("strength", "steps", "mean |diff|", "asked colour", "shape kept", "position kept",
@@ -293,6 +299,7 @@ def inpaint_section(run: Runner, cases, variants):
         rows.append((method, "-" if strength is None else f"{strength:g}", kept, pct(right, len(cases)),
                      pct(new, len(cases)), pct(two, len(cases)), f"{np.nanmean(seams):.2f}",
                      f"{time.perf_counter() - start:5.0f} s"))
+        progress(rows[-1])
     print(f"\ninpainting: one object kept, the other half masked, prompt names both and their relation; "
           f"{len(cases)} scenes")
     print(table(("known region", "strength", "max diff outside mask", "both objects + relation",
@@ -323,6 +330,7 @@ def box_section(run: Runner, cases, variants):
         rows.append((method, f"{strength:g}", max_kept_diff(images, inputs, masks), pct(right, len(cases)),
                      pct(new, len(cases)), pct(two, len(cases)), f"{np.nanmean(seams):.2f}",
                      f"{time.perf_counter() - start:5.0f} s"))
+        progress(rows[-1])
     print(f"\ninpainting, replace one object: a box around one of two objects is masked and the prompt asks for "
           f"another colour-shape pair there; {len(cases)} scenes")
     print(table(("known region", "strength", "max diff outside mask", "both objects + relation",
@@ -355,6 +363,7 @@ def outpaint_section(run: Runner, cases, variants):
             new += found_new(judgement, case["new"], region)
         rows.append((fill, f"{strength:g}", method, max_kept_diff(images, padded, masks), pct(right, len(cases)),
                      pct(new, len(cases)), f"{np.nanmean(seams):.2f}", f"{time.perf_counter() - start:5.0f} s"))
+        progress(rows[-1])
     print(f"\noutpainting: 32x32 one-object scenes extended by {EXTEND} px on the far side to 48x32, the prompt asks "
           f"for a second object there; judged letterboxed to 48x48; {len(cases)} scenes")
     print(table(("fill", "strength", "known region", "max diff on the original", "both objects + relation",

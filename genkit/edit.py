@@ -29,7 +29,7 @@ INPAINT_STRENGTH = 1.0  # diffusers' inpaint default; chosen by benchmarks/edit_
 # "fixed": the noise the image started from, again at each level (diffusers' inpaint pipelines for 4-channel UNets);
 # "none": not re-imposed between steps, only pasted back at the end (img2img plus a paste; a visible seam).
 INPAINT_NOISE = ("fresh", "fixed", "none")
-INPAINT_RESAMPLE = 1  # passes per step (RePaint's resampling r): 2 halves the seam but costs 2x and 3 judge points
+INPAINT_RESAMPLE = 1  # passes per step (RePaint's resampling r); 2 doubles the denoising time
 
 
 def default_strength(inpainting: bool) -> float:
