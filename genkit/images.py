@@ -1,6 +1,6 @@
 """Input images for editing (img2img, inpainting, outpainting): read, fit, pad, hash.
 
-Images are read with the same care as training images (`genkit.data.imagefolder`): EXIF
+Images are read with the same care as training images (`genkit.data.decode`): EXIF
 orientation applied, 16-bit greyscale scaled (not clipped), palette, CMYK and greyscale converted,
 transparency composited on white, files over Pillow's decompression-bomb limit refused. Every
 problem is a `GenkitError` whose one line names the value and the fix.
@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from genkit.data import imagefolder
+from genkit.data import decode
 from genkit.errors import GenkitError
 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
@@ -44,9 +44,9 @@ def _open_path(source) -> Image.Image:
         raise GenkitError(f"image file {path} does not exist (check the path)")
     if path.is_dir():
         raise GenkitError(f"{path} is a folder; pass an image file (PNG, JPEG, WebP, ...)")
-    found = imagefolder._inspect(path)  # training's checks: unreadable, bomb, unsupported mode
-    if isinstance(found, imagefolder.Skipped):
-        fix = {imagefolder.SkipKind.UNREADABLE: "; pass a PNG, JPEG, WebP, BMP, GIF or TIFF file"}.get(found.kind, "")
+    found = decode.inspect_image(path)  # training's checks: unreadable, bomb, unsupported mode
+    if isinstance(found, decode.Skipped):
+        fix = {decode.SkipKind.UNREADABLE: "; pass a PNG, JPEG, WebP, BMP, GIF or TIFF file"}.get(found.kind, "")
         raise GenkitError(f"cannot read image {path}: {found.kind.value} ({found.detail}){fix}")
     try:
         with Image.open(path) as image:
@@ -59,9 +59,9 @@ def _open_path(source) -> Image.Image:
 
 def _check_pil(image: Image.Image, what: str) -> Image.Image:
     """Training's checks for an in-memory image: a mode it can convert, a size under the bomb limit."""
-    if reason := imagefolder._too_large(image.size):
+    if reason := decode.too_large(image.size):
         raise GenkitError(f"{what} of {reason}")
-    if image.mode not in imagefolder.SUPPORTED_MODES:
+    if image.mode not in decode.SUPPORTED_MODES:
         raise GenkitError(f"{what} has pixel mode {image.mode}, which genkit cannot convert; convert it to RGB first")
     if image.width < 1 or image.height < 1:
         raise GenkitError(f"{what} is empty ({image.width}x{image.height})")
@@ -99,13 +99,13 @@ def _pil(source, what: str) -> Image.Image:
 def read_image(source) -> Image.Image:
     """An 8-bit RGB PIL image from a path, a PIL image or a numpy array (HxWx3 uint8, or float in [0, 1]).
 
-    Converted as training images are (`genkit.data.imagefolder`): upright by EXIF, 16-bit scaled,
+    Converted as training images are (`genkit.data.decode`): upright by EXIF, 16-bit scaled,
     transparency on white. The result is a new image; `source` is not changed.
     """
     image = _pil(source, "image")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked above
-        return imagefolder._to_rgb(image).copy()
+        return decode.to_rgb(image).copy()
 
 
 def read_mask(source, *, from_alpha: bool = False) -> Image.Image:
@@ -123,8 +123,8 @@ def read_mask(source, *, from_alpha: bool = False) -> Image.Image:
             raise GenkitError(f"mask_image has no transparency (mode {image.mode}) to read with from_alpha; "
                               "pass a mask painted white where to repaint instead")
         grey = Image.eval(image.convert("RGBA").getchannel("A"), lambda a: 255 - a)
-    elif image.mode in imagefolder.SIXTEEN_BIT_MODES:
-        grey = imagefolder._to_rgb(image).convert("L")
+    elif image.mode in decode.SIXTEEN_BIT_MODES:
+        grey = decode.to_rgb(image).convert("L")
     elif has_alpha:
         black = Image.new("RGBA", image.size, (0, 0, 0, 255))
         grey = Image.alpha_composite(black, image.convert("RGBA")).convert("L")

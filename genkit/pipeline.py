@@ -243,7 +243,7 @@ class GenkitMiniPipeline(DiffusionPipeline):
         A mask must have its image's size; it repaints where >= 0.5 (PIL: >= 128).
         """
         from genkit import images as readers
-        from genkit.data.imagefolder import to_tensor
+        from genkit.data.decode import to_tensor
 
         factor = self.vae_scale_factor
         items = self._edit_items(image, rows, "image", readers.read_image)

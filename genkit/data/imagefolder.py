@@ -53,10 +53,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from genkit.data.decode import (  # noqa: F401  (load_image, open_rgb, to_tensor: the dataset API)
+    ImageInfo,
+    Skipped,
+    SkipKind,
+    inspect_image,
+    load_image,
+    open_rgb,
+    to_tensor,
+)
 from genkit.errors import GenkitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -64,9 +71,6 @@ UNSUPPORTED_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".d
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of precedence
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 KOHYA_FOLDER = re.compile(r"^([0-9]+)_(.+)$")  # "10_sks dog" -> repeats 10, trigger words "sks dog"
-SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr") + SIXTEEN_BIT_MODES
-EXIF_ORIENTATION = 0x0112
 LIST_LIMIT = 20  # files listed per section of format_report
 
 
@@ -75,13 +79,6 @@ class CaptionSource(enum.Enum):
     METADATA = "metadata"
     FOLDER = "folder name"
     INSTANCE_PROMPT = "instance prompt"
-
-
-class SkipKind(enum.Enum):
-    UNREADABLE = "unreadable"
-    TOO_LARGE = "too large"
-    UNSUPPORTED = "unsupported"
-    MISSING = "missing"
 
 
 class SkippedFileWarning(UserWarning):
@@ -93,16 +90,6 @@ class Item:
     path: Path  # absolute path of the image
     caption: str
     source: CaptionSource
-
-
-@dataclass(frozen=True)
-class Skipped:
-    path: Path
-    kind: SkipKind
-    detail: str  # what went wrong, and the fix where there is one
-
-    def __str__(self):
-        return f"{self.path}: {self.kind.value} ({self.detail})"
 
 
 @dataclass
@@ -121,13 +108,6 @@ class _Found:
     caption: str | None
     source: CaptionSource | None
     repeats: int
-
-
-@dataclass(frozen=True)
-class _Info:
-    width: int  # after EXIF orientation
-    height: int
-    mode: str  # as stored in the file
 
 
 # --- Discovery --------------------------------------------------------------------------
@@ -253,104 +233,6 @@ def _discover(data_dir: Path, instance_prompt: str | None) -> tuple[list[_Found]
     return found, skipped + missing, unused
 
 
-# --- Opening images ---------------------------------------------------------------------
-
-
-def _too_large(size: tuple[int, int]) -> str | None:
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is None or size[0] * size[1] <= limit:
-        return None
-    return (
-        f"{size[0]}x{size[1]} pixels is over Pillow's decompression-bomb limit of {limit}; "
-        "raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file, or downscale it"
-    )
-
-
-def _inspect(path: Path) -> _Info | Skipped:
-    """Open and decode the image once, cheaply; the reason it cannot be used, if any."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # _too_large reports it
-            image = Image.open(path)
-        with image:
-            if reason := _too_large(image.size):
-                return Skipped(path, SkipKind.TOO_LARGE, reason)
-            width, height = image.size
-            image.draft(None, (64, 64))  # JPEG: decode at up to 1/8 scale
-            image.load()
-            if image.mode not in SUPPORTED_MODES:
-                return Skipped(path, SkipKind.UNSUPPORTED, f"pixel mode {image.mode}; convert it to 8- or 16-bit PNG")
-            if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated a quarter turn
-                width, height = height, width
-            return _Info(width, height, image.mode)
-    except UnidentifiedImageError:
-        empty = path.stat().st_size == 0
-        return Skipped(path, SkipKind.UNREADABLE, "empty file" if empty else "not an image Pillow recognises")
-    except Image.DecompressionBombError as exc:
-        return Skipped(path, SkipKind.TOO_LARGE, f"{exc}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
-    except Exception as exc:  # Pillow raises many types for damaged files: OSError, SyntaxError, ValueError...
-        return Skipped(path, SkipKind.UNREADABLE, f"{type(exc).__name__}: {exc}")
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """8-bit RGB: 16-bit greyscale scaled (not clipped), transparency composited on white."""
-    if image.mode in SIXTEEN_BIT_MODES:
-        # Mode "I" is what some Pillow paths give 16-bit files; its values are taken as 0..65535.
-        values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
-        return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
-    return image if image.mode == "RGB" else image.convert("RGB")  # 1, L, P, CMYK, YCbCr
-
-
-def open_rgb(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
-    """The whole image as training sees it before resizing: upright (EXIF), 8-bit RGB.
-
-    draft_size lets JPEGs decode at a reduced scale that keeps both sides at least that long.
-    """
-    with Image.open(path) as image:
-        if draft_size:
-            image.draft(None, (draft_size, draft_size))
-        return _to_rgb(ImageOps.exif_transpose(image))
-
-
-def load_image(
-    path: str | Path,
-    resolution: int,
-    *,
-    random_crop: bool = False,
-    flip: bool = False,
-    rng: random.Random | None = None,
-) -> Image.Image:
-    """The square training image: shorter side resized to resolution (LANCZOS), then cropped.
-
-    The crop is centred unless random_crop; flip mirrors it with probability 1/2. Both draw
-    from rng (crop first), which defaults to random.Random(0).
-    """
-    rng = rng or random.Random(0)
-    image = open_rgb(path, draft_size=resolution)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
-    if size != image.size:
-        image = image.resize(size, Image.Resampling.LANCZOS)
-    if random_crop:
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
-    else:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return image
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """An RGB image as a float32 tensor (3, height, width) in [-1, 1]."""
-    pixels = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32))  # (height, width, 3)
-    return (pixels / 127.5 - 1.0).permute(2, 0, 1).contiguous()
-
-
 # --- Pre-flight and the dataset ---------------------------------------------------------
 
 
@@ -362,7 +244,7 @@ def _preflight(data_dir: str | Path, instance_prompt: str | None):
     if not folder.is_dir():
         raise GenkitError(f"DATA_DIR {data_dir} is not a folder (pass the folder that holds the images)")
     found, skipped, unused = _discover(folder, instance_prompt)
-    results = [_inspect(f.path) for f in found]
+    results = [inspect_image(f.path) for f in found]
     skipped += [r for r in results if isinstance(r, Skipped)]
     return folder, found, results, skipped, unused
 
@@ -396,7 +278,7 @@ def scan_folder(data_dir: str | Path, *, instance_prompt: str | None = None) -> 
     folder, found, results, skipped, _ = _preflight(data_dir, instance_prompt)
     for entry in skipped:
         warnings.warn(f"skipping {entry}", SkippedFileWarning, stacklevel=2)
-    usable = [f for f, r in zip(found, results) if isinstance(r, _Info)]
+    usable = [f for f, r in zip(found, results) if isinstance(r, ImageInfo)]
     if problems := _problems(folder, usable, skipped):
         raise GenkitError(problems[0])
     items = [Item(f.path, f.caption, f.source) for f in usable for _ in range(f.repeats)]
@@ -527,7 +409,7 @@ def check_dataset(
     model_max_length) are listed, since the text encoder would cut them.
     """
     folder, found, results, skipped, unused = _preflight(data_dir, instance_prompt)
-    usable = [(f, r) for f, r in zip(found, results) if isinstance(r, _Info)]
+    usable = [(f, r) for f, r in zip(found, results) if isinstance(r, ImageInfo)]
     captioned = [f for f, _ in usable if f.caption is not None]
     problems = _problems(folder, [f for f, _ in usable], skipped)
     limit = _token_limit(tokenizer, max_tokens) if tokenizer is not None else max_tokens
