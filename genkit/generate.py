@@ -188,6 +188,8 @@ class Pipeline:
             steps = spec.num_inference_steps or base["num_inference_steps"]
             guidance = spec.guidance_scale if spec.guidance_scale is not None else base["guidance_scale"]
             self._check_numbers(steps, guidance)
+            width, height = (self._check_side(key, getattr(spec, key) or base[key]) for key in ("width", "height"))
+            scheduler = self._sampler(spec.scheduler) if spec.scheduler else base["scheduler"]
             edits = self._edit(spec, config, steps, read)
             for k in range(n):
                 image_seed = (spec.seed + k) if spec.seed is not None else seed + len(jobs)
@@ -196,9 +198,14 @@ class Pipeline:
                     index=len(jobs), prompt=spec.prompt,
                     negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"],
                     seed=image_seed, num_inference_steps=steps, guidance_scale=float(guidance),
-                    scheduler=base["scheduler"], **{"width": base["width"], "height": base["height"], **edits},
+                    scheduler=scheduler, **{"width": width, "height": height, **edits},
                 ))
                 self.family.check_job(jobs[-1])
+        sizes = {}
+        for job in jobs:
+            sizes[(job.width, job.height)] = sizes.get((job.width, job.height), 0) + 1
+        for (width, height), count in sizes.items():  # sides and a batch's memory, before anything is allocated
+            _check_size(self, width, height, min(config.batch_size, count))
         return jobs
 
     def _edit(self, spec: PromptSpec, config: GenerationConfig, steps: int, read: dict) -> dict:
@@ -234,7 +241,8 @@ class Pipeline:
         if mask_source is not None:
             mask = edit.picture(mask_source, "mask", read)
             edit.check_mask(mask, size)
-        width, height = images.target_size(size, config.width, config.height, self.size_factor)
+        width, height = images.target_size(size, spec.width or config.width, spec.height or config.height,
+                                           self.size_factor)
         return {"image": image, "mask": mask, "strength": strength, "outpaint": outpaint, "width": width,
                 "height": height}
 
@@ -244,17 +252,22 @@ class Pipeline:
         settings = {**self.defaults, **{k: v for k, v in chosen.items() if v is not None}}
         if config.negative_prompt:
             settings["negative_prompt"] = config.negative_prompt
-        if settings["scheduler"] != "default":
-            settings["scheduler"] = schedulers.parse(settings["scheduler"], flow=self.family.flow).value
-        factor = self.size_factor
+        settings["scheduler"] = self._sampler(settings["scheduler"])
         for key in ("width", "height"):
-            value = settings[key]
-            if not isinstance(value, int) or value <= 0 or value % factor:
-                low = max(factor, value // factor * factor) if isinstance(value, int) else factor
-                raise GenkitError(f"{key} must be a positive multiple of {factor} for {self.name}, got {value} "
-                                  f"(try {low} or {low + factor})")
+            self._check_side(key, settings[key])
         self._check_numbers(settings["num_inference_steps"], settings["guidance_scale"])
         return settings
+
+    def _sampler(self, name: str) -> str:
+        return name if name == "default" else schedulers.parse(name, flow=self.family.flow).value
+
+    def _check_side(self, key: str, value) -> int:
+        factor = self.size_factor
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
+            low = max(factor, value // factor * factor) if isinstance(value, int) else factor
+            raise GenkitError(f"{key} must be a positive multiple of {factor} for {self.name}, got {value} "
+                              f"(try {low} or {low + factor})")
+        return value
 
     @staticmethod
     def _check_numbers(steps, guidance) -> None:

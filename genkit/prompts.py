@@ -2,7 +2,14 @@
 
 Plain text: one prompt per line; blank lines and lines starting with `#` are skipped.
 JSONL: one object per line with `prompt` and optional `negative_prompt`, `seed`, `n`,
-`steps`, `guidance` (the CLI's words), overriding the run's settings for that line.
+`steps`, `guidance` (the CLI's words), `width`, `height`, `scheduler`, and for edits `image`,
+`mask`, `strength`, `outpaint`, overriding the run's settings for that line.
+
+A run's `manifest.jsonl` is a prompts file too: its lines are image records, whose words
+(`num_inference_steps`, `guidance_scale`, `num_images_per_prompt`) mean `steps`, `guidance`, `n`;
+what a record says about how it was run (model, LoRAs, device, versions, file, ...) is left to the
+command line, and a recorded input's `image_sha256` / `mask_sha256` is checked against the file.
+`genkit generate --prompts-file outputs/manifest.jsonl --model M` makes the run again.
 """
 
 from __future__ import annotations
@@ -16,8 +23,14 @@ from pathlib import Path
 from genkit.errors import GenkitError, strict_json
 
 JSONL_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "n": int, "steps": int, "guidance": (int, float),
-              "image": str, "mask": str, "strength": (int, float), "outpaint": (str, dict)}
-# image / mask paths in a .jsonl are relative to the file's own folder
+              "width": int, "height": int, "scheduler": str,
+              "image": str, "mask": str, "strength": (int, float), "outpaint": (str, dict),
+              "image_sha256": str, "mask_sha256": str}
+# image / mask paths in a .jsonl: relative to the file's own folder, else to the working folder
+RECORD_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "n"}
+# what an image record (manifest.jsonl) says about how it was made; the command line decides these
+RECORD_ONLY = frozenset({"index", "file", "skipped", "model", "family", "lora", "attention", "dtype", "device",
+                         "exact", "threads", "versions", "compiled"})
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0  # A1111's slider stops at 30; serve's limit is the same 100
 DEFAULT_MAX_STEPS = 1000  # the schedulers' training timesteps: more steps cannot sample anything new
@@ -101,6 +114,9 @@ class PromptSpec:
     num_images_per_prompt: int | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+    scheduler: str | None = None
     image: object = None  # an input to edit (path, PIL image or array; genkit.edit), with its mask and strength
     mask: object = None
     strength: float | None = None
@@ -162,6 +178,7 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
                               'object like {"prompt": "a red circle"}') from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
             raise GenkitError(f'{where} needs a non-empty "prompt" string, like {{"prompt": "a red circle"}}')
+        entry = _plain_words(entry, where)
         for key, value in entry.items():
             if key not in JSONL_KEYS:
                 raise GenkitError(f"{where}: unknown key {key!r} (valid: {', '.join(JSONL_KEYS)})")
@@ -177,8 +194,42 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
             num_images_per_prompt=entry.get("n"),
             num_inference_steps=entry.get("steps"),
             guidance_scale=float(entry["guidance"]) if "guidance" in entry else None,
-            image=str(path.parent / entry["image"]) if "image" in entry else None,
-            mask=str(path.parent / entry["mask"]) if "mask" in entry else None,
+            width=entry.get("width"), height=entry.get("height"), scheduler=entry.get("scheduler"),
+            image=_input(path, entry, "image", where), mask=_input(path, entry, "mask", where),
             strength=entry.get("strength"), outpaint=entry.get("outpaint"),
         ))
     return specs
+
+
+def _plain_words(entry: dict, where: str) -> dict:
+    """A record's words as a prompts file's (`num_inference_steps` -> `steps`), its run-only keys dropped."""
+    out = {}
+    for key, value in entry.items():
+        if key in RECORD_ONLY:
+            continue
+        word = RECORD_WORDS.get(key, key)
+        if word in out or (word != key and word in entry):
+            raise GenkitError(f"{where}: {key!r} and {word!r} say the same thing; keep one")
+        out[word] = value
+    return out
+
+
+def _input(path: Path, entry: dict, key: str, where: str) -> str | None:
+    """An input image's path: beside the prompts file, else from the working folder; its sha256 checked if given."""
+    if key not in entry:
+        return None
+    given = entry[key]
+    if given.startswith("<"):
+        raise GenkitError(f"{where}: the {key} was given in memory ({given}), not as a file; write it to a file and "
+                          f"put its path in {key!r}")
+    found = next((c for c in (path.parent / given, Path(given)) if c.is_file()), None)
+    if found is None:
+        raise GenkitError(f"{where}: {key} file {given} not found (beside {path.name} or in the working folder)")
+    want = entry.get(f"{key}_sha256")
+    if want is not None:
+        from genkit.images import sha256_of
+
+        if sha256_of(found) != want:
+            raise GenkitError(f"{where}: {key} file {found} is not the one recorded (sha256 differs); restore the "
+                              "original or drop the line's sha256")
+    return str(found)
