@@ -100,9 +100,10 @@ def model_options(f):
 @click.option("--vae-tiling", is_flag=True, help="Decode in tiles, for large sizes (SD-family models).")
 @click.option("--cpu-offload", is_flag=True, help="Keep models on the CPU until used (CUDA only).")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet: slow first batch, faster after (long runs).")
-@click.option("--exact/--fast", default=True, show_default=True,
-              help="--exact: an image's pixels never depend on its batch-mates or the batch size (the default); "
-                   "--fast: skip that guard (see the README's Seeds section for the cost).")
+@click.option("--exact/--fast", default=None,
+              help="--exact: an image's pixels never depend on its batch-mates or the batch size (the default on a "
+                   "CPU); --fast: skip that guard (the default on a GPU, where batching is the speed; see the "
+                   "README's Seeds section).")
 @click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also write grid.png with every image of the run.")
 @click.option("--overwrite", is_flag=True, help="Regenerate images that already exist in --out.")

@@ -44,7 +44,7 @@ class GenerateRequest:
     vae_tiling: bool = False
     cpu_offload: bool = False
     compile: bool = False
-    exact: bool = True  # pixels independent of the batch (genkit.invariance); False is --fast
+    exact: bool | None = None  # pixels independent of the batch (genkit.invariance); None: on the CPU only
     overwrite: bool = False
     grid: bool = False
     progress: bool = True
@@ -68,7 +68,7 @@ def load_for(request, device: str | None = None) -> "object":
     pipeline = genkit.load(request.model, device=device or request.device, dtype=request.dtype, attention=request.attention,
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
-                           cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", True))
+                           cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", None))
     if request.loras:
         lora.apply(pipeline, [lora.parse_spec(spec) for spec in request.loras], allow_pickle=request.allow_pickle)
     if getattr(request, "compile", False):

@@ -88,3 +88,12 @@ def test_two_processes_make_the_images_of_one(family, seed, tmp_path):
     b = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "two").glob("*.png")}
     assert a.keys() == b.keys() and len(a) == len(prompts) * per_prompt
     assert [name for name in a if not np.array_equal(a[name], b[name])] == []
+
+
+def test_exact_is_the_default_on_the_cpu_only(tiny_sd):
+    import genkit
+    from genkit.loader import default_exact
+
+    assert [default_exact(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [True, False, False, False]
+    assert genkit.load(str(tiny_sd), device="cpu").exact is True
+    assert genkit.load(str(tiny_sd), device="cpu", exact=False).exact is False
