@@ -283,24 +283,22 @@ class Pipeline:
         config: GenerationConfig | None = None,
         *,
         jobs: list[Job] | None = None,
-        skip: Callable[[dict], bool] | None = None,
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
         **settings,
     ) -> Iterator[GenerationResult]:
         """Yield one `GenerationResult` per batch as it finishes.
 
-        `skip(record)` returning True leaves that image out (used to resume a run); `jobs`
-        replaces planning (used to run one process's share of a larger plan).
+        `jobs` replaces planning (used to run one process's share of a larger plan, or to resume a run
+        with the images still missing).
         """
         from tqdm.auto import tqdm
 
         config = replace(config or GenerationConfig(), **settings)
         jobs = self.plan(prompts, config) if jobs is None else jobs
-        todo = [job for job in jobs if not (skip and skip(self.record(job)))]
-        bar = tqdm(total=len(todo), unit="img", desc="generate", disable=not progress, leave=False)
+        bar = tqdm(total=len(jobs), unit="img", desc="generate", disable=not progress, leave=False)
         encoded: dict = {}  # each distinct prompt's text encoding, once per run (genkit.invariance.rows_apart)
-        for number, batch in enumerate(_batches(todo, config.batch_size)):
+        for number, batch in enumerate(_batches(jobs, config.batch_size)):
             result = self._run_batch(batch, number, callback, encoded)
             bar.update(len(batch))
             yield result
