@@ -7,9 +7,10 @@ Two colour-shape pairs (`HELD_OUT_PAIRS`) never appear in training scenes: askin
 model for them measures whether it composes colour and shape rather than memorising
 pairs. A few caption phrasings (`HELD_OUT_TEMPLATES`) are kept for evaluation only.
 
-`EXTRA_SHAPES` (a five-pointed star) can be drawn and captioned but are never part of the
-training distribution: `random_scene` draws from `SHAPES` only. They are what a LoRA can teach
-genkit-mini afterwards (`examples/lora_star.py`).
+`EXTRA_SHAPES` (a five-pointed star, a heart, a cross, a ring, a crescent and a diamond) can be
+drawn and captioned but are never part of the training distribution: `random_scene` draws from
+`SHAPES` only. They are what a LoRA can teach genkit-mini afterwards (`examples/lora_star.py`).
+Every shape's outline is `_outline`: filled polygons and ellipses, and for the ring a cut-out.
 """
 
 from __future__ import annotations
@@ -22,9 +23,19 @@ from dataclasses import dataclass, field
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
-EXTRA_SHAPES = ("star",)  # drawable, never in training scenes: `single_object_scene(rng, shape="star")`
+# drawable, never in training scenes: `single_object_scene(rng, shape="star")`
+EXTRA_SHAPES = ("star", "heart", "cross", "ring", "crescent", "diamond")
 STAR_INNER = 0.5  # inner (notch) radius as a fraction of the outer (tip) radius; a regular pentagram has 0.382
 STAR_OUTER = 1.35  # tip radius as a multiple of the object's radius
+# The other extra shapes, in multiples of the object's radius r. Each covers about as much as the
+# circle's 3.14 r^2 (heart 3.17, cross 3.2, ring 2.9, diamond 2.28, crescent 2.07) and reaches at most
+# 1.2 r from its centre along either axis, so two objects of a two-object scene (centres at least
+# 0.4 apart, radii at most 0.16) never overlap.
+HEART_WIDTH = 1.2  # half-width at the lobes
+CROSS_ARM, CROSS_HALF_WIDTH = 1.2, 0.4  # plus sign: centre to arm end, half an arm's thickness
+RING_OUTER, RING_INNER = 1.15, 0.55  # annulus: outer radius, hole radius as a fraction of the outer
+CRESCENT_OUTER, CRESCENT_CUT, CRESCENT_SHIFT = 1.2, 1.0, 0.6  # disc minus a disc this far to the right
+DIAMOND_HALF_HEIGHT, DIAMOND_HALF_WIDTH = 1.2, 0.95  # rhombus, taller than wide, corners up/down/left/right
 COLORS = {  # name -> RGB drawn (training jitters it a little)
     "red": (220, 30, 30),
     "orange": (245, 140, 20),
@@ -229,7 +240,60 @@ def _background(rng: random.Random) -> tuple[int, int, int]:
     return tuple(min(255, base + rng.randint(-3, 3)) for _ in range(3))
 
 
+def _centred(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """`points` moved so that the polygon's area centroid is at the origin."""
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    n = len(points)
+    cross = [xs[k] * ys[(k + 1) % n] - xs[(k + 1) % n] * ys[k] for k in range(n)]
+    area = sum(cross) / 2
+    gx = sum((xs[k] + xs[(k + 1) % n]) * cross[k] for k in range(n)) / (6 * area)
+    gy = sum((ys[k] + ys[(k + 1) % n]) * cross[k] for k in range(n)) / (6 * area)
+    return [(x - gx, y - gy) for x, y in points]
+
+
+def _unit_heart(n: int = 64) -> list[tuple[float, float]]:
+    """The classic heart curve (lobes up, point down), HEART_WIDTH half-wide at radius 1, its bounding
+    box centred (centring its area centroid would push the point 1.34 r down)."""
+    scale = HEART_WIDTH / 16
+    points = []
+    for k in range(n):
+        t = 2 * math.pi * k / n
+        x = 16 * math.sin(t) ** 3
+        y = -(13 * math.cos(t) - 5 * math.cos(2 * t) - 2 * math.cos(3 * t) - math.cos(4 * t))  # image y is down
+        points.append((x * scale, y * scale))
+    middle = (min(p[1] for p in points) + max(p[1] for p in points)) / 2
+    return [(x, y - middle) for x, y in points]
+
+
+def _unit_crescent(n: int = 48) -> list[tuple[float, float]]:
+    """A disc of radius CRESCENT_OUTER minus one of radius CRESCENT_CUT shifted right: horns point right.
+    Outer arc from the upper horn round the left to the lower horn, then the inner arc back."""
+    big, cut, shift = CRESCENT_OUTER, CRESCENT_CUT, CRESCENT_SHIFT
+    hx = (big * big - cut * cut + shift * shift) / (2 * shift)  # where the two circles cross
+    hy = math.sqrt(big * big - hx * hx)
+    outer_a = math.atan2(-hy, hx)  # upper horn (image y is down), going the long way round the left
+    inner_a = math.atan2(-hy, hx - shift)
+    outer = [(big * math.cos(a), big * math.sin(a))
+             for a in (outer_a - (2 * math.pi + 2 * outer_a) * k / n for k in range(n + 1))]
+    inner = [(shift + cut * math.cos(a), cut * math.sin(a))
+             for a in (-inner_a + (2 * math.pi + 2 * inner_a) * k / n for k in range(1, n))]
+    return _centred(outer + inner)
+
+
+UNIT_POLYGONS = {  # outlines at radius 1, centred on their area centroid (the heart on its bounding box)
+    "heart": _unit_heart(),
+    "crescent": _unit_crescent(),
+    "cross": [(x * CROSS_HALF_WIDTH + u * CROSS_ARM, y * CROSS_HALF_WIDTH + v * CROSS_ARM)  # 12 corners, clockwise
+              for x, y, u, v in ((-1, 0, 0, -1), (1, 0, 0, -1), (1, -1, 0, 0), (0, -1, 1, 0), (0, 1, 1, 0),
+                                 (1, 1, 0, 0), (1, 0, 0, 1), (-1, 0, 0, 1), (-1, 1, 0, 0), (0, 1, -1, 0),
+                                 (0, -1, -1, 0), (-1, -1, 0, 0))],
+    "diamond": [(0.0, -DIAMOND_HALF_HEIGHT), (DIAMOND_HALF_WIDTH, 0.0), (0.0, DIAMOND_HALF_HEIGHT),
+                (-DIAMOND_HALF_WIDTH, 0.0)],
+}
+
+
 def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:
+    """The outline of a shape drawn as one filled polygon; None for the circle and the ring."""
     if shape == "square":
         h = r * 0.886  # same area as the circle of radius r
         return [(cx - h, cy - h), (cx + h, cy - h), (cx + h, cy + h), (cx - h, cy + h)]
@@ -240,7 +304,41 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
         radii = (r * STAR_OUTER, r * STAR_OUTER * STAR_INNER)  # tips at even k, notches at odd k
         return [(cx + radii[k % 2] * math.sin(math.pi * k / 5), cy - radii[k % 2] * math.cos(math.pi * k / 5))
                 for k in range(10)]
+    if shape in UNIT_POLYGONS:
+        return [(cx + x * r, cy + y * r) for x, y in UNIT_POLYGONS[shape]]
     return None
+
+
+def _outline(shape: str, cx: float, cy: float, r: float) -> list[tuple[str, list, bool]]:
+    """How to draw a shape: parts ("polygon", points) or ("ellipse", [x0, y0, x1, y1]), each filled
+    (True) or cut out (False), in order. A cut lies inside the parts filled before it."""
+    if shape == "ring":
+        outer, inner = r * RING_OUTER, r * RING_OUTER * RING_INNER
+        return [("ellipse", [cx - outer, cy - outer, cx + outer, cy + outer], True),
+                ("ellipse", [cx - inner, cy - inner, cx + inner, cy + inner], False)]
+    points = _polygon(shape, cx, cy, r)
+    if points is None:
+        if shape != "circle":
+            raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES + EXTRA_SHAPES)}")
+        return [("ellipse", [cx - r, cy - r, cx + r, cy + r], True)]
+    return [("polygon", points, True)]
+
+
+def draw_outline(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, fill, cut=0, *,
+                 parts=None) -> None:
+    """Draw `shape` with `fill` and its cut-outs with `cut`, as on a mask ("L", 255 and 0)."""
+    for kind, geometry, filled in parts or _outline(shape, cx, cy, r):
+        (draw.polygon if kind == "polygon" else draw.ellipse)(geometry, fill=fill if filled else cut)
+
+
+def extent(shape: str, cx: float, cy: float, r: float) -> tuple[float, float, float, float]:
+    """Bounding box (x0, y0, x1, y1) of a shape drawn at (cx, cy) with radius r."""
+    xs, ys = [], []
+    for kind, geometry, filled in _outline(shape, cx, cy, r):
+        if filled:
+            xs += [p[0] for p in geometry] if kind == "polygon" else [geometry[0], geometry[2]]
+            ys += [p[1] for p in geometry] if kind == "polygon" else [geometry[1], geometry[3]]
+    return min(xs), min(ys), max(xs), max(ys)
 
 
 def render(scene: Scene, size: int = 32, *, supersample: int = 4, color_jitter: int = 0, seed: int = 0) -> Image.Image:
@@ -252,9 +350,11 @@ def render(scene: Scene, size: int = 32, *, supersample: int = 4, color_jitter: 
     for obj in scene.objects:
         rgb = tuple(max(0, min(255, v + rng.randint(-color_jitter, color_jitter))) for v in COLORS[obj.color])
         cx, cy, r = obj.x * big, obj.y * big, obj.radius * big
-        points = _polygon(obj.shape, cx, cy, r)
-        if points is None:
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=rgb)
-        else:
-            draw.polygon(points, fill=rgb)
+        parts = _outline(obj.shape, cx, cy, r)
+        if all(filled for _, _, filled in parts):
+            draw_outline(draw, obj.shape, cx, cy, r, rgb, parts=parts)
+        else:  # cut-outs go through a mask, so they leave what lies beneath rather than paint the background
+            mask = Image.new("L", image.size, 0)
+            draw_outline(ImageDraw.Draw(mask), obj.shape, cx, cy, r, 255, parts=parts)
+            image.paste(rgb, (0, 0, big, big), mask)
     return image.resize((size, size), Image.Resampling.BOX)

@@ -14,7 +14,8 @@ with tolerances rather than exact colours:
    `shapes.render` draws it with the measured area and centroid, is compared with the soft mask
    and the closest wins. At 32x32 a small object is about 7 pixels across, too few for a
    bounding-box fill ratio to tell a circle from a square reliably. The candidates are
-   `shapes.SHAPES` plus `shapes.EXTRA_SHAPES` (the star, which only a LoRA teaches);
+   `shapes.SHAPES` plus `shapes.EXTRA_SHAPES` (star, heart, cross, ring, crescent, diamond, which
+   only a LoRA teaches);
 6. position, size and relation follow from the fitted centre and radius.
 
 `score_single` and `score_two` then compare a `Judgement` with a `Spec`, what the prompt asked for.
@@ -53,16 +54,23 @@ PALETTE_HUES = {name: float(_hue(rgb)) for name, rgb in shapes.COLORS.items()}
 
 
 def _unit_outline(shape: str) -> tuple[float, tuple[float, float]]:
-    """Area and area-centroid offset of `shape` drawn with radius 1 at the origin by shapes.render."""
-    points = shapes._polygon(shape, 0.0, 0.0, 1.0)  # the renderer's own outlines, so the judge follows them
-    if points is None:
-        return math.pi, (0.0, 0.0)
-    xs, ys = np.array([p[0] for p in points]), np.array([p[1] for p in points])
-    cross = xs * np.roll(ys, -1) - np.roll(xs, -1) * ys
-    area = cross.sum() / 2
-    cx = ((xs + np.roll(xs, -1)) * cross).sum() / (6 * area)
-    cy = ((ys + np.roll(ys, -1)) * cross).sum() / (6 * area)
-    return abs(area), (cx, cy)
+    """Area and area-centroid offset of `shape` drawn with radius 1 at the origin by shapes.render:
+    the filled parts of its outline minus its cut-outs (which lie inside them)."""
+    total, moment_x, moment_y = 0.0, 0.0, 0.0
+    for kind, geometry, filled in shapes._outline(shape, 0.0, 0.0, 1.0):  # the renderer's own outlines
+        if kind == "polygon":
+            xs, ys = np.array([p[0] for p in geometry]), np.array([p[1] for p in geometry])
+            cross = xs * np.roll(ys, -1) - np.roll(xs, -1) * ys
+            area = cross.sum() / 2
+            cx = ((xs + np.roll(xs, -1)) * cross).sum() / (6 * area)
+            cy = ((ys + np.roll(ys, -1)) * cross).sum() / (6 * area)
+            area = abs(area)
+        else:
+            x0, y0, x1, y1 = geometry
+            area, cx, cy = math.pi * (x1 - x0) * (y1 - y0) / 4, (x0 + x1) / 2, (y0 + y1) / 2
+        sign = 1 if filled else -1
+        total, moment_x, moment_y = total + sign * area, moment_x + sign * area * cx, moment_y + sign * area * cy
+    return total, (moment_x / total, moment_y / total)
 
 
 CANDIDATE_SHAPES = shapes.SHAPES + shapes.EXTRA_SHAPES  # every outline the renderer can draw
@@ -315,11 +323,7 @@ def _draw(shape, center, radius, box) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     # PIL puts big pixel k's centre at coordinate k, i.e. at (k + 0.5) / ss in small pixels
     cx, cy, r = (center[0] - x0) * ss - 0.5, (center[1] - y0) * ss - 0.5, radius * ss
-    points = shapes._polygon(shape, cx, cy, r)
-    if points is None:
-        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=255)
-    else:
-        draw.polygon(points, fill=255)
+    shapes.draw_outline(draw, shape, cx, cy, r, 255)
     small = canvas.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
     return np.asarray(small, dtype=np.float64) / 255
 
