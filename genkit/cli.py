@@ -306,6 +306,44 @@ def data_check(data_dir, instance_prompt, model):
         sys.exit(2)
 
 
+@main.group("lora")
+def lora_group():
+    """Inspect LoRA files (any layout), or export one in kohya's layout for A1111 and ComfyUI."""
+
+
+@lora_group.command("inspect")
+@click.argument("path", type=click.Path())
+@click.option("--model", "-m", default=None, help="Also count how many of its layers fit this model (preset, folder "
+                                                  "or hub id), the check --lora makes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the table.")
+def lora_inspect(path, model, as_json):
+    """Print what the LoRA at PATH (folder or .safetensors file) holds: format, ranks, alphas, target layers, base
+    model, trigger words and training settings (genkit's record or kohya's ss_* fields)."""
+    from genkit.lora_files import format_info, inspect_lora
+
+    _quiet_libraries()
+    info = inspect_lora(path, model=model)
+    click.echo(json.dumps(info.as_dict(), indent=1) if as_json else format_info(info))
+
+
+@lora_group.command("export")
+@click.argument("src", type=click.Path())
+@click.option("--format", "fmt", type=click.Choice(["kohya"]), default="kohya", show_default=True,
+              help="kohya: one .safetensors file, lora_unet_... keys and ss_* metadata (A1111, ComfyUI, kohya).")
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The file to write (.safetensors).")
+@click.option("--model", "-m", default=None, help="Check that it fits this model first (default: trust the record).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def lora_export(src, fmt, out, model, overwrite):
+    """Write the LoRA at SRC (a genkit/diffusers/peft folder or file) in another tool's layout; print the file."""
+    from genkit.lora_files import export_kohya
+
+    _quiet_libraries()
+    result = export_kohya(src, out, model=model, overwrite=overwrite)
+    click.echo(str(result.path))
+    click.echo(f"{result.layers} layers, rank {result.rank}, alpha {result.alpha:g}, ss_base_model_version "
+               f"{result.base_version}, sshs_model_hash {result.sha256[:12]}", err=True)
+
+
 from genkit.serve.command import serve as _serve  # noqa: E402 - click only; fastapi and torch load when it runs
 
 main.add_command(_serve)

@@ -137,20 +137,24 @@ def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
     return parts
 
 
-def _peft_layers(component: str, part: dict) -> dict[str, tuple]:
-    """{layer path: (lora_A shape, lora_B shape)} of one component's keys, after diffusers' conversions."""
+def peft_names(component: str, part: dict) -> dict:
+    """One component's keys (its prefix removed) in peft's names (`<layer>.lora_A.weight`), as diffusers' loaders
+    convert them; a layout the converters do not know is returned as it is."""
     from diffusers.utils import (convert_state_dict_to_diffusers, convert_state_dict_to_peft,
                                  convert_unet_state_dict_to_peft)
 
     try:
         if component in ("unet", "transformer"):
-            part = convert_unet_state_dict_to_peft(part)
-        else:
-            part = convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
+            return convert_unet_state_dict_to_peft(part)
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(part))
     except ValueError:
-        pass  # a layout the converters do not know: its keys are checked as they are
+        return part
+
+
+def _peft_layers(component: str, part: dict) -> dict[str, tuple]:
+    """{layer path: (lora_A shape, lora_B shape)} of one component's keys, after diffusers' conversions."""
     layers: dict[str, list] = {}
-    for key, value in part.items():
+    for key, value in peft_names(component, part).items():
         match = re.match(r"^(.*)\.lora_([AB])(\.[\w]+)?\.weight$", key)
         if match:
             layers.setdefault(match.group(1), [None, None])["AB".index(match.group(2))] = tuple(value.shape)
@@ -179,7 +183,9 @@ def check_fit(state_dict: dict, pipe, family) -> Fit:
         modules = dict(getattr(pipe, component).named_modules())
         for name, shapes in sorted(_peft_layers(component, part).items()):
             wanted += 1
-            module = modules.get(name) or modules.get(f"text_model.{name}")
+            # CLIP's layers are `text_model.encoder...` in LoRA files; transformers 5 names them `encoder...`
+            module = modules.get(name) or modules.get(f"text_model.{name}") or \
+                modules.get(name.removeprefix("text_model."))
             if module is not None and _fits(module, shapes):
                 matched += 1
             elif miss is None:
@@ -227,9 +233,10 @@ def _load(pipe, family, file: Path, state_dict: dict, alphas, metadata, adapter:
         if hasattr(pipe, "load_lora_weights"):
             pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
                                    use_safetensors=file.suffix == ".safetensors")
-        elif family.denoiser_name == "unet":  # genkit-mini: into the decoder, every key in peft's layout (_LAYOUTS)
-            _loader(pipe).load_lora_into_unet(peft_layout(state_dict), alphas, unet=pipe.unet, adapter_name=adapter,
-                                              metadata=metadata)
+        elif family.denoiser_name == "unet":  # genkit-mini: into the decoder, every key in peft's names (_LAYOUTS;
+            # a kohya file converts to old `to_q_lora.down` and new `ff.net.2.lora.down` keys, renamed here alike)
+            _loader(pipe).load_lora_into_unet(peft_names("unet", state_dict), alphas, unet=pipe.unet,
+                                              adapter_name=adapter, metadata=metadata)
         else:  # a transformer without diffusers' LoRA loader (PixArt): peft directly
             inject_peft(family.denoiser(pipe), peft_layout(state_dict), family.denoiser_name, metadata, adapter)
 

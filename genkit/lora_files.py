@@ -1,0 +1,559 @@
+"""LoRA files: what one holds (`genkit lora inspect`) and kohya's layout for other tools (`genkit lora export`).
+
+Three key layouts are in use (see genkit.lora for loading them): diffusers' (`unet.<layer>.lora.down.weight`, what
+genkit's trainer writes for UNet families), peft's (`transformer.<layer>.lora_A.weight`, diffusers' transformer
+scripts) and kohya's (`lora_unet_<layer with _>.lora_down.weight` + `.alpha`, with the training settings as `ss_*`
+fields in the safetensors header), which AUTOMATIC1111 and ComfyUI load.
+
+`inspect` reads the header and the tensors' shapes, genkit's record beside the weights (`genkit_lora.json`) or
+the one an export stored in the header, and kohya's `ss_*` fields; with a model it counts the layers that fit it
+with the same check `--lora` makes (genkit.lora.check_fit).
+
+`export_kohya` writes a UNet family's adapter (sd, sdxl, genkit-mini) in kohya's layout. The names are the UNet's
+diffusers module paths with `_` for `.`, which is what kohya's own SD 1.x/2.x files hold, what ComfyUI maps for
+every UNet (`lora_unet_<diffusers path>`, comfy/lora.py) and what A1111 converts (convert_diffusers_name_to_compvis).
+Every tensor is copied unchanged and each layer's `.alpha` is the alpha the diffusers loader would have used, so the
+update alpha/rank * up @ down is the same; before writing, the file is read back through diffusers' kohya converter
+and must give back every layer, tensor and alpha (a layer whose name would not survive is refused by name).
+Transformer families are not exported: kohya's Flux and SD3 files name the original (BFL / SAI) modules, where
+q, k and v are one fused layer, so an adapter on diffusers' separate projections has no layer-by-layer equivalent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import re
+import textwrap
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from genkit.errors import GenkitError, first_line
+from genkit.lora import WEIGHTS_NAME, peft_names
+
+RECORD_NAME = "genkit_lora.json"  # what genkit.train.lora writes beside the weights
+RECORD_FIELD = "genkit_lora"  # the header field an export stores the record in
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+# kohya's ss_base_model_version values (sd-scripts' library/train_util.py), which A1111 reads to tell SDXL files
+BASE_VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "genkit-mini": "genkit-mini"}
+EXPORTABLE = ("sd", "sdxl", "genkit-mini")
+_CONTAINERS = re.compile(r"(blocks|attentions|resnets|layers|downsamplers|upsamplers)$")
+_TRAINING_SS = ("ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_max_train_steps", "ss_steps",
+                "ss_num_epochs", "ss_epoch", "ss_batch_size_per_device", "ss_total_batch_size",
+                "ss_gradient_accumulation_steps", "ss_num_train_images", "ss_num_reg_images", "ss_resolution",
+                "ss_seed", "ss_optimizer", "ss_lr_scheduler", "ss_lr_warmup_steps", "ss_mixed_precision",
+                "ss_noise_offset", "ss_clip_skip", "ss_network_module", "ss_network_args", "ss_training_comment",
+                "ss_output_name", "ss_training_started_at", "ss_training_finished_at")
+
+
+def _fail(path, why: str) -> GenkitError:
+    return GenkitError(f"{path}: {why}")
+
+
+# --- Reading a file ----------------------------------------------------------------------------
+
+
+@dataclass
+class LoraFile:
+    """One LoRA weights file: its tensors, header fields and the genkit record that describes it, if any."""
+
+    path: Path  # the .safetensors file
+    tensors: dict
+    header: dict
+    record: dict | None
+    record_source: str | None  # the record file, or "header" for one an export stored
+
+
+def open_lora(path: str | Path) -> LoraFile:
+    """Read a LoRA folder or .safetensors file; anything else is one GenkitError line."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path).expanduser()
+    if path.is_dir():
+        files = [path / WEIGHTS_NAME] if (path / WEIGHTS_NAME).is_file() else sorted(path.glob("*.safetensors"))
+        if not files:
+            raise _fail(path, "no .safetensors file in the folder (a LoRA folder holds "
+                              f"{WEIGHTS_NAME} or one .safetensors file)")
+        if len(files) > 1:
+            raise _fail(path, f"{len(files)} .safetensors files in the folder; name the one to read")
+        file = files[0]
+    elif path.is_file():
+        file = path
+        if file.suffix != ".safetensors":
+            raise _fail(path, "not a .safetensors file (genkit reads LoRAs in safetensors only; pickles can run code)")
+    else:
+        raise _fail(path, "no such file or folder")
+    try:
+        with safe_open(str(file), framework="pt") as handle:
+            header = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _fail(file, f"not a valid safetensors file ({first_line(exc)}); is it truncated, or another "
+                          "format renamed?") from None
+    record, source = None, None
+    beside = file.parent / RECORD_NAME
+    if file.name == WEIGHTS_NAME and beside.is_file():
+        try:
+            record, source = json.loads(beside.read_text()), str(beside)
+        except (OSError, ValueError) as exc:
+            raise _fail(beside, f"the genkit record is not readable JSON ({first_line(exc)})") from None
+    elif RECORD_FIELD in header:
+        try:
+            record, source = json.loads(header[RECORD_FIELD]), "header"
+        except ValueError:
+            pass
+    lora = LoraFile(file, tensors, header, record, source)
+    if not any(_is_lora_key(k) for k in tensors):
+        raise _fail(file, f"holds no LoRA weights ({len(tensors)} tensors, none named lora_A/lora_B, "
+                          "lora.down/lora.up or lora_down/lora_up)")
+    return lora
+
+
+def _is_lora_key(key: str) -> bool:
+    return bool(re.search(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.down|"
+                          r"lora_linear_layer\.up)(\.[\w]+)?\.weight$", key))
+
+
+def key_format(tensors: dict) -> str:
+    """kohya, diffusers or peft (or "diffusers+peft" for a file that mixes the two)."""
+    keys = [k for k in tensors if _is_lora_key(k)]
+    if any(k.startswith(KOHYA_PREFIXES) for k in keys):
+        return "kohya"
+    peft = any(re.search(r"\.lora_[AB](\.[\w]+)?\.weight$", k) for k in keys)
+    diffusers = any(re.search(r"[._]lora(_linear_layer)?\.(down|up)\.weight$", k) for k in keys)
+    return "diffusers+peft" if peft and diffusers else "peft" if peft else "diffusers"
+
+
+def diffusers_state(lora: LoraFile) -> tuple[dict, dict]:
+    """(state dict with component prefixes, network alphas) as diffusers reads the file; kohya keys converted."""
+    tensors = lora.tensors
+    if key_format(tensors) != "kohya":
+        alphas = _alpha_layers({k: float(v) for k, v in tensors.items() if k.endswith(".alpha")})
+        return {k: v for k, v in tensors.items() if not k.endswith(".alpha")}, alphas
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    try:
+        state, alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(dict(tensors))
+    except (ValueError, KeyError, RuntimeError, TypeError) as exc:
+        raise _fail(lora.path, f"kohya keys diffusers cannot convert ({first_line(exc)})") from None
+    return state, _alpha_layers(alphas or {})
+
+
+def _alpha_layers(alphas: dict) -> dict[str, float]:
+    """diffusers' converter names an alpha by the layer's old diffusers key (`...attn1.processor.to_q_lora.down.weight
+    .alpha`, `...ff.net.2.alpha`): {`<component>.<layer>` in peft's names: alpha}. A component's keys are converted
+    together, as diffusers tells their layout from all of them (`to_out_lora` marks the old text-encoder names)."""
+    probes: dict[str, dict] = {}
+    for key, value in alphas.items():
+        base = key.removesuffix(".alpha")
+        component = next((c for c in COMPONENTS if base.startswith(f"{c}.")), None)
+        if component is not None:
+            base = base.removeprefix(f"{component}.")
+            probe = base if base.endswith(".weight") else f"{base}.lora.down.weight"
+            probes.setdefault(component, {})[probe] = float(value)
+    named = {}
+    for component, part in probes.items():
+        for key, value in peft_names(component, part).items():
+            named[f"{component}.{re.sub(r'[.]lora_A([.][a-z_]+)?[.]weight$', '', key)}"] = value
+    return named
+
+
+def split_layers(state: dict) -> dict[str, dict]:
+    """{component: {layer (peft name): {"A": tensor, "B": tensor}}} of a state dict in diffusers or peft layout."""
+    parts: dict[str, dict] = {}
+    for key, value in state.items():
+        component = next((c for c in COMPONENTS if key.startswith(f"{c}.")), "other")
+        name = key if component == "other" else key.removeprefix(f"{component}.")
+        parts.setdefault(component, {})[name] = value
+    layers: dict[str, dict] = {}
+    for component, part in parts.items():
+        for key, value in peft_names(component, part).items():
+            match = re.match(r"^(.*)\.lora_([AB])(\.[\w]+)?\.weight$", key)
+            if match:
+                layers.setdefault(component, {}).setdefault(match.group(1), {})[match.group(2)] = value
+    return layers
+
+
+def layer_kind(layer: str) -> str:
+    """What a layer is, without where: the path after its last numbered block (`attn1.to_q`, `conv1`, `ff.net.2`)."""
+    parts = layer.split(".")
+    cut = 0
+    for i in range(1, len(parts)):
+        if parts[i].isdigit() and _CONTAINERS.search(parts[i - 1]) and i + 1 < len(parts):
+            cut = i + 1
+    return ".".join(parts[cut:])
+
+
+def adapter_config(header: dict, component: str) -> dict:
+    """The peft LoraConfig diffusers stored for `component` (`lora_adapter_metadata`: flat `<component>.<key>`)."""
+    try:
+        saved = json.loads(header.get("lora_adapter_metadata") or "{}")
+    except ValueError:
+        return {}
+    return {k.removeprefix(f"{component}."): v for k, v in saved.items() if k.startswith(f"{component}.")}
+
+
+def layer_alpha(config: dict, layer: str, alphas: dict, component: str) -> float | None:
+    """The alpha a loader uses for one layer: a stored `.alpha`, else peft's config (patterns first), else None."""
+    stored = alphas.get(f"{component}.{layer}", alphas.get(layer))
+    if stored is not None:
+        return stored
+    if "lora_alpha" not in config:
+        return None
+    alpha = float(config["lora_alpha"])
+    pattern = config.get("alpha_pattern") or {}
+    if pattern:
+        from peft.utils.other import get_pattern_key
+
+        key = get_pattern_key(pattern.keys(), layer)
+        alpha = float(pattern.get(key, alpha))
+    return alpha
+
+
+# --- Inspect -----------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraInfo:
+    path: Path
+    format: str
+    size: int  # bytes
+    tensors: int
+    components: dict[str, int]  # component -> layers
+    ranks: dict[int, int]  # rank -> layers
+    alphas: dict[str, int]  # alpha (as text) -> layers; "not stored" when the loader falls back to alpha = rank
+    targets: dict[str, dict[str, int]]  # component -> layer kind -> count
+    base_model: str | None = None
+    family: str | None = None
+    trigger_words: list[str] = field(default_factory=list)
+    training: dict = field(default_factory=dict)
+    record: str | None = None
+    model: str | None = None  # --model, when given
+    matched: int | None = None
+    wanted: int | None = None
+    miss: str | None = None
+
+    def as_dict(self) -> dict:
+        data = dict(self.__dict__)
+        data["path"] = str(self.path)
+        data["ranks"] = {str(k): v for k, v in self.ranks.items()}
+        return data
+
+
+def inspect_lora(path: str | Path, model: str | None = None) -> LoraInfo:
+    """What a LoRA file holds; with `model` (a preset, folder or hub id) how many of its layers fit that model."""
+    lora = open_lora(path)
+    fmt = key_format(lora.tensors)
+    state, alphas = diffusers_state(lora)
+    layers = split_layers(state)
+    ranks: Counter = Counter()
+    alpha_count: Counter = Counter()
+    targets: dict[str, Counter] = {}
+    for component, named in layers.items():
+        config = adapter_config(lora.header, component)
+        for name, pair in named.items():
+            rank = int(pair["A"].shape[0]) if "A" in pair else 0
+            ranks[rank] += 1
+            alpha = layer_alpha(config, name, alphas, component)
+            alpha_count["not stored (alpha = rank)" if alpha is None else f"{alpha:g}"] += 1
+            targets.setdefault(component, Counter())[layer_kind(name)] += 1
+    info = LoraInfo(path=lora.path, format=fmt, size=lora.path.stat().st_size, tensors=len(lora.tensors),
+                    components={c: len(n) for c, n in layers.items()}, ranks=dict(sorted(ranks.items())),
+                    alphas=dict(alpha_count.most_common()),
+                    targets={c: dict(sorted(t.items())) for c, t in targets.items()}, record=lora.record_source)
+    _describe(info, lora)
+    if model is not None:
+        _fit(info, lora, model)
+    return info
+
+
+def _describe(info: LoraInfo, lora: LoraFile) -> None:
+    """Base model, trigger words and training settings: genkit's record first, then kohya's ss_* fields."""
+    header, record = lora.header, lora.record
+    if record:
+        recipe = record.get("recipe") or {}
+        train, data, adapter = recipe.get("train", {}), recipe.get("data", {}), recipe.get("lora", {})
+        info.base_model, info.family = record.get("base_model"), record.get("family")
+        info.trigger_words = list(record.get("trigger_words") or [])
+        if record.get("instance_prompt"):
+            info.trigger_words.append(record["instance_prompt"])
+        wanted = {"steps": record.get("steps"), "learning_rate": train.get("learning_rate"),
+                  "lr_scheduler": train.get("lr_scheduler"), "batch_size": train.get("batch_size"),
+                  "effective_batch_size": record.get("effective_batch_size"), "resolution": data.get("resolution"),
+                  "rank": adapter.get("rank"), "alpha": adapter.get("alpha"),
+                  "target_modules": adapter.get("target_modules"), "text_encoder": adapter.get("text_encoder"),
+                  "seed": train.get("seed"), "mixed_precision": train.get("mixed_precision"),
+                  "images": record.get("images"), "items": record.get("items"), "data_dir": record.get("data_dir"),
+                  "dataset": record.get("dataset"), "genkit": (record.get("versions") or {}).get("genkit")}
+        info.training = {k: v for k, v in wanted.items() if v not in (None, "", [])}
+        return
+    info.base_model = header.get("ss_sd_model_name") or header.get("modelspec.architecture")
+    info.family = header.get("ss_base_model_version")
+    info.training = {k.removeprefix("ss_"): header[k] for k in _TRAINING_SS if header.get(k) not in (None, "", "None")}
+    info.trigger_words = kohya_triggers(header)
+
+
+def kohya_triggers(header: dict) -> list[str]:
+    """Trigger words of a kohya file: its dataset folders' names (`<repeats>_<words>`), else its most frequent tags."""
+    words: list[str] = []
+    for field_name in ("ss_dataset_dirs", "ss_tag_frequency"):
+        try:
+            folders = json.loads(header.get(field_name) or "{}")
+        except ValueError:
+            continue
+        if not isinstance(folders, dict):
+            continue
+        for name, value in folders.items():
+            match = re.match(r"^\d+_(.+)$", str(name))
+            if match and match.group(1) not in words:
+                words.append(match.group(1))
+            elif field_name == "ss_tag_frequency" and isinstance(value, dict) and not words:
+                ranked = sorted(value.items(), key=lambda item: (-_number(item[1]), item[0]))
+                words.extend(tag for tag, _ in ranked[:5] if tag not in words)
+    return words
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def _fit(info: LoraInfo, lora: LoraFile, model: str) -> None:
+    import genkit
+    from genkit import lora as lora_module
+
+    pipeline = genkit.load(model, device="cpu")
+    state, _, _ = lora_module.read(lora.path, pipeline.pipe)
+    fit = lora_module.check_fit(state, pipeline.pipe, pipeline.family)
+    info.model, info.matched, info.wanted, info.miss = pipeline.name, fit.matched, fit.wanted, fit.miss
+
+
+def format_info(info: LoraInfo) -> str:
+    """The report `genkit lora inspect` prints."""
+    kib = info.size / 1024
+    lines = [("file", f"{info.path} ({kib:,.1f} KiB, {info.tensors} tensors)"),
+             ("format", {"kohya": "kohya (lora_unet_... lora_down/lora_up/alpha)",
+                         "diffusers": "diffusers (<component>.<layer>.lora.down/up)",
+                         "peft": "peft (<component>.<layer>.lora_A/lora_B)"}.get(info.format, info.format)),
+             ("layers", ", ".join(f"{c} {n}" for c, n in info.components.items())),
+             ("rank", ", ".join(f"{r} ({n} layers)" if len(info.ranks) > 1 else str(r) for r, n in info.ranks.items())),
+             ("alpha", ", ".join(f"{a} ({n} layers)" if len(info.alphas) > 1 else a for a, n in info.alphas.items()))]
+    for component, kinds in info.targets.items():
+        lines.append((f"targets {component}", ", ".join(f"{kind} x{n}" for kind, n in kinds.items())))
+    lines.append(("base model", f"{info.base_model or 'not recorded'}" + (f" ({info.family})" if info.family else "")))
+    lines.append(("trigger words", ", ".join(info.trigger_words) or "none recorded"))
+    source = {"header": "genkit record in the file's header"}.get(info.record, info.record) if info.record else \
+        ("kohya ss_* fields" if info.training else None)
+    lines.append(("training", (", ".join(f"{k}={_short(v)}" for k, v in info.training.items()) + f" [{source}]")
+                  if info.training else "no record (no genkit_lora.json beside it, no ss_* fields)"))
+    if info.model is not None:
+        verdict = "fits" if info.matched == info.wanted else f"does not fit; first that did not: {info.miss}"
+        lines.append(("model", f"{info.model}: {info.matched} of {info.wanted} layers match ({verdict})"))
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(textwrap.fill(v, 118, initial_indent=f"{k:<{width}}  ", subsequent_indent=" " * (width + 2),
+                                   break_on_hyphens=False, break_long_words=False)
+                     if k.startswith(("targets", "training")) else f"{k:<{width}}  {v}" for k, v in lines)
+
+
+def _short(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(map(str, value)) + "]"
+    text = str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- Export to kohya ---------------------------------------------------------------------------
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    layers: int
+    rank: int
+    alpha: float
+    base_version: str
+    sha256: str  # sshs_model_hash: sha256 of the tensor data (kohya's and A1111's LoRA hash)
+
+
+def kohya_prefix(component: str, family: str) -> str:
+    if component == "unet":
+        return "lora_unet_"
+    if component == "text_encoder":
+        return "lora_te1_" if family == "sdxl" else "lora_te_"
+    return "lora_te2_"
+
+
+def _family_of(lora: LoraFile, layers: dict, model: str | None) -> tuple[str, object]:
+    """(family name, loaded pipeline or None): --model, else the record, else the keys."""
+    if model is not None:
+        import genkit
+
+        pipeline = genkit.load(model, device="cpu")
+        return pipeline.family.name, pipeline
+    if lora.record and lora.record.get("family"):
+        return lora.record["family"], None
+    if "transformer" in layers:
+        return "transformer", None
+    return ("sdxl" if "text_encoder_2" in layers else "sd"), None
+
+
+def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
+                 overwrite: bool = False) -> ExportResult:
+    """Write the LoRA at `src` (a genkit/diffusers/peft folder or file) as one kohya .safetensors file at `out`."""
+    import torch
+
+    out = Path(out).expanduser()
+    if out.suffix != ".safetensors":
+        raise _fail(out, "the kohya file's name must end in .safetensors")
+    if out.exists() and not overwrite:
+        raise _fail(out, "already exists (pass --overwrite to replace it)")
+    lora = open_lora(src)
+    if key_format(lora.tensors) == "kohya":
+        raise _fail(lora.path, "is already in kohya's layout")
+    state, stored_alphas = diffusers_state(lora)
+    layers = split_layers(state)
+    family, pipeline = _family_of(lora, layers, model)
+    if family not in EXPORTABLE or set(layers) - {"unet", "text_encoder", "text_encoder_2"}:
+        what = ", ".join(sorted(layers))
+        raise _fail(lora.path, f"holds {what} adapters of a {family} model; kohya export covers the UNet families "
+                               f"({', '.join(EXPORTABLE)}): kohya's Flux and SD3 files name the original models' fused "
+                               "q/k/v layers, which diffusers' separate projections do not map onto one to one")
+    if pipeline is not None:
+        from genkit import lora as lora_module
+
+        fit = lora_module.check_fit(state, pipeline.pipe, pipeline.family)
+        if fit.matched < fit.wanted:
+            raise _fail(lora.path, f"does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} layers matched "
+                                   f"(first that did not: {fit.miss})")
+    kohya, expected = {}, {}
+    for component, named in layers.items():
+        config = adapter_config(lora.header, component)
+        if config.get("use_dora"):
+            raise _fail(lora.path, f"{component} is a DoRA adapter; kohya's networks.lora has no magnitude vectors")
+        prefix = kohya_prefix(component, family)
+        for name, pair in sorted(named.items()):
+            if set(pair) != {"A", "B"}:
+                raise _fail(lora.path, f"layer {component}.{name} has only lora_{''.join(pair)}")
+            rank = int(pair["A"].shape[0])
+            alpha = layer_alpha(config, name, stored_alphas, component)
+            alpha = float(rank) if alpha is None else alpha  # diffusers' loader: no alpha stored means alpha = rank
+            if config.get("use_rslora"):  # peft scales by alpha / sqrt(r), kohya by alpha / r
+                alpha *= math.sqrt(rank)
+            key = prefix + name.replace(".", "_")
+            kohya[f"{key}.lora_down.weight"] = pair["A"].contiguous()
+            kohya[f"{key}.lora_up.weight"] = pair["B"].contiguous()
+            kohya[f"{key}.alpha"] = torch.tensor(alpha, dtype=pair["A"].dtype)
+            expected[(component, name)] = (pair["A"], pair["B"], alpha)
+    _check_read_back(lora.path, kohya, expected)
+    ranks = Counter(int(a.shape[0]) for a, _, _ in expected.values())
+    alphas = Counter(alpha for _, _, alpha in expected.values())
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    base_version = _base_version(family, expected, pipeline)
+    metadata = _kohya_metadata(lora, out, family, base_version, rank, alpha, ranks, alphas)
+    digest = data_hash(kohya)
+    metadata["sshs_model_hash"] = digest
+    _write(out, kohya, metadata)
+    return ExportResult(out, len(expected), rank, alpha, base_version, digest)
+
+
+def _check_read_back(path: Path, kohya: dict, expected: dict) -> None:
+    """Read the kohya tensors back through diffusers' converter: every layer, tensor and alpha must come back."""
+    import torch
+
+    lora = LoraFile(path, dict(kohya), {}, None, None)
+    state, alphas = diffusers_state(lora)
+    back = split_layers(state)
+    got = {(c, name): pair for c, named in back.items() for name, pair in named.items()}
+    for (component, name), (down, up, alpha) in expected.items():
+        pair = got.pop((component, name), None)
+        if pair is None:
+            raise _fail(path, f"layer {component}.{name} would not be read back under its name from kohya's layout "
+                              "by diffusers' converter; not exported")
+        if not (torch.equal(pair["A"], down) and torch.equal(pair["B"], up)):
+            raise _fail(path, f"layer {component}.{name}: diffusers' converter reads back other tensors")
+        if alphas.get(f"{component}.{name}") != alpha:
+            raise _fail(path, f"layer {component}.{name}: its alpha {alpha:g} is read back as "
+                              f"{alphas.get(f'{component}.{name}')}")
+    if got:
+        raise _fail(path, f"diffusers' converter reads back a layer that was not written: {sorted(got)[0]}")
+
+
+def _base_version(family: str, expected: dict, pipeline) -> str:
+    """kohya's ss_base_model_version; SD 2.x told from its 1024-wide text context when the LoRA or model shows it."""
+    if family != "sd":
+        return BASE_VERSIONS[family]
+    width = None
+    if pipeline is not None:
+        width = pipeline.pipe.unet.config.cross_attention_dim
+    else:
+        widths = {int(a.shape[1]) for (c, name), (a, _, _) in expected.items()
+                  if c == "unet" and re.search(r"attn2\.to_[kv]$", name)}
+        width = widths.pop() if len(widths) == 1 else None
+    return "sd_v2" if width == 1024 else "sd_v1"
+
+
+def _kohya_metadata(lora: LoraFile, out: Path, family: str, base_version: str, rank: int, alpha: float,
+                    ranks: Counter, alphas: Counter) -> dict[str, str]:
+    from genkit import __version__
+
+    record = lora.record or {}
+    recipe = record.get("recipe") or {}
+    train, data = recipe.get("train", {}), recipe.get("data", {})
+    metadata = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": base_version,
+        "ss_v2": str(base_version == "sd_v2"),
+        "ss_output_name": out.stem,
+        "ss_training_comment": f"trained with genkit (genkit train lora), exported to kohya's layout by genkit "
+                               f"{__version__} (genkit lora export) from {lora.path.name}; the genkit record is "
+                               f"in the {RECORD_FIELD} field",
+    }
+    if len(ranks) > 1 or len(alphas) > 1:  # per layer in the tensors; the fields above hold the most common
+        metadata["ss_network_args"] = json.dumps({"ranks": {str(k): v for k, v in ranks.items()},
+                                                  "alphas": {f"{k:g}": v for k, v in alphas.items()}})
+    if record:
+        triggers = list(record.get("trigger_words") or []) + ([record["instance_prompt"]]
+                                                             if record.get("instance_prompt") else [])
+        folder = Path(record.get("data_dir") or "dataset").name
+        settings = {"ss_sd_model_name": record.get("base_model"), "ss_max_train_steps": record.get("steps"),
+                    "ss_steps": record.get("steps"), "ss_learning_rate": train.get("learning_rate"),
+                    "ss_unet_lr": train.get("learning_rate"), "ss_lr_scheduler": train.get("lr_scheduler"),
+                    "ss_lr_warmup_steps": train.get("warmup_steps"), "ss_seed": train.get("seed"),
+                    "ss_batch_size_per_device": train.get("batch_size"),
+                    "ss_gradient_accumulation_steps": train.get("gradient_accumulation_steps"),
+                    "ss_total_batch_size": record.get("effective_batch_size"),
+                    "ss_mixed_precision": train.get("mixed_precision"), "ss_num_train_images": record.get("images"),
+                    "ss_resolution": f"({data['resolution']}, {data['resolution']})" if data.get("resolution")
+                    else None,
+                    "ss_optimizer": "torch.optim.AdamW"}
+        metadata.update({k: str(v) for k, v in settings.items() if v is not None})
+        if triggers:  # genkit keeps no per-caption tag counts: each trigger word is listed once
+            metadata["ss_tag_frequency"] = json.dumps({folder: {word: 1 for word in triggers}})
+        metadata[RECORD_FIELD] = json.dumps(record)
+    return metadata
+
+
+def data_hash(tensors: dict) -> str:
+    """sha256 of a safetensors file's data section (not its header): kohya's `sshs_model_hash`, which A1111 shows."""
+    from safetensors.torch import save
+
+    raw = save(tensors)
+    size = int.from_bytes(raw[:8], "little")
+    return hashlib.sha256(io.BytesIO(raw[8 + size:]).getvalue()).hexdigest()
+
+
+def _write(out: Path, tensors: dict, metadata: dict) -> None:
+    from safetensors.torch import save_file
+
+    from genkit.outputs import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda path: save_file(tensors, str(path), metadata=metadata))
