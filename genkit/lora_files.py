@@ -421,7 +421,7 @@ def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
     family, pipeline = _family_of(lora, layers, model)
     if family not in EXPORTABLE or set(layers) - {"unet", "text_encoder", "text_encoder_2"}:
         what = ", ".join(sorted(layers))
-        raise _fail(lora.path, f"holds {what} adapters of a {family} model; kohya export covers the UNet families "
+        raise _fail(lora.path, f"holds {what} adapters (model family: {family}); kohya export covers the UNet families "
                                f"({', '.join(EXPORTABLE)}): kohya's Flux and SD3 files name the original models' fused "
                                "q/k/v layers, which diffusers' separate projections do not map onto one to one")
     if pipeline is not None:

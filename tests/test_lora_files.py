@@ -115,6 +115,21 @@ def test_inspect_peft_layout(loras, tmp_path):
     assert (peft.matched, peft.wanted) == (diffusers.components["unet"],) * 2
 
 
+def test_inspect_a_transformer_lora_in_peft_layout(dataset, tmp_path):
+    """A transformer family's LoRA as genkit (and diffusers' SD3/Flux scripts) write it: peft names, `transformer.`
+    keys; it fits its model, and kohya export refuses it in one line."""
+    model = build_tiny("sd3", tmp_path / "tiny-sd3")
+    folder = trained(dataset, model, tmp_path / "sd3-lora")
+    n = len(lora.layer_names(weights(folder)))
+    info = lora_files.inspect_lora(folder, model=str(model))
+    assert info.format == "peft" and info.components == {"transformer": n} and n > 0
+    assert info.ranks == {4: n} and info.alphas == {"8": n} and info.family == "sd3"
+    assert sum(info.targets["transformer"].values()) == n and "attn.to_q" in info.targets["transformer"]
+    assert (info.matched, info.wanted) == (n, n)
+    message = one_line_error(run("lora", "export", folder, "--out", tmp_path / "sd3.safetensors"))
+    assert "transformer adapters (model family: sd3); kohya export covers the UNet families" in message
+
+
 def test_inspect_a_kohya_file_from_sd_scripts(loras, tmp_path):
     """A file as kohya's sd-scripts writes one: alpha 1 at rank 4, ss_* fields, a `10_sks dog` dataset folder."""
     from tests.test_lora import kohya_copy
