@@ -354,3 +354,17 @@ def test_new_shapes_at_other_sizes():
             scene = extra_shape_scenes(shape, 1)[17]
             found = judge(shapes.render(scene, size, color_jitter=12))
             assert [(o.color, o.shape) for o in found.objects] == [(scene.objects[0].color, shape)], (size, shape)
+
+
+def test_judge_candidates_narrow_what_a_shape_may_be_read_as():
+    heart = shapes.single_object_scene(random.Random(3), shape="heart", color="red", size="large")
+    image = shapes.render(heart, 32, color_jitter=12)
+    assert [o.shape for o in judge(image).objects] == ["heart"]
+    assert [o.shape for o in judge(image, candidates=["heart", "circle"]).objects] == ["heart"]
+    only_base = judge(image, candidates=shapes.SHAPES).objects
+    assert len(only_base) == 1 and only_base[0].shape in shapes.SHAPES and only_base[0].color == "red"
+    assert only_base[0].shape_fit < judge(image).objects[0].shape_fit  # a worse fit than the heart's
+    with pytest.raises(ValueError, match="unknown shape"):
+        judge(image, candidates=["hexagon"])
+    with pytest.raises(ValueError, match="empty"):
+        judge(image, candidates=[])

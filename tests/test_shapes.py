@@ -231,9 +231,9 @@ def test_new_shape_outlines():
     assert crescent[at(left + 0.2, 0)] and crescent[at(0.8, -1.0)] and crescent[at(0.8, 1.0)]  # back, two horns
     assert not crescent[at(0.6, 0)]  # the bite between the horns
     diamond = covered_at_64("diamond")
-    assert diamond[at(0, 0)] and diamond[at(0, 1.1)] and diamond[at(0, -1.1)] and diamond[at(0.85, 0)]
+    assert diamond[at(0, 0)] and diamond[at(0, 1.1)] and diamond[at(0, -1.1)] and diamond[at(0.7, 0)]
     assert not any(diamond[at(dx, dy)] for dx, dy in ((0.6, 0.6), (-0.6, 0.6), (0.6, -0.6), (-0.6, -0.6)))
-    assert not diamond[at(0, 1.3)] and not diamond[at(1.05, 0)]  # taller than wide
+    assert not diamond[at(0, 1.3)] and not diamond[at(0.95, 0)]  # taller than wide
     for shape in NEW_SHAPES:  # no new shape reaches past 1.2 radii from its centre, along either axis
         x0, y0, x1, y1 = shapes.extent(shape, 0.0, 0.0, 1.0)
         assert max(-x0, -y0, x1, y1) <= 1.2 + 1e-9, shape

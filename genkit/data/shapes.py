@@ -28,14 +28,15 @@ EXTRA_SHAPES = ("star", "heart", "cross", "ring", "crescent", "diamond")
 STAR_INNER = 0.5  # inner (notch) radius as a fraction of the outer (tip) radius; a regular pentagram has 0.382
 STAR_OUTER = 1.35  # tip radius as a multiple of the object's radius
 # The other extra shapes, in multiples of the object's radius r. Each covers about as much as the
-# circle's 3.14 r^2 (heart 3.17, cross 3.2, ring 2.9, diamond 2.28, crescent 2.07) and reaches at most
+# circle's 3.14 r^2 (heart 3.17, cross 3.2, ring 2.9, crescent 2.07, diamond 1.92, the triangle 1.87)
+# and reaches at most
 # 1.2 r from its centre along either axis, so two objects of a two-object scene (centres at least
 # 0.4 apart, radii at most 0.16) never overlap.
 HEART_WIDTH = 1.2  # half-width at the lobes
 CROSS_ARM, CROSS_HALF_WIDTH = 1.2, 0.4  # plus sign: centre to arm end, half an arm's thickness
 RING_OUTER, RING_INNER = 1.15, 0.55  # annulus: outer radius, hole radius as a fraction of the outer
 CRESCENT_OUTER, CRESCENT_CUT, CRESCENT_SHIFT = 1.2, 1.0, 0.6  # disc minus a disc this far to the right
-DIAMOND_HALF_HEIGHT, DIAMOND_HALF_WIDTH = 1.2, 0.95  # rhombus, taller than wide, corners up/down/left/right
+DIAMOND_HALF_HEIGHT, DIAMOND_HALF_WIDTH = 1.2, 0.8  # rhombus 1.5 times taller than wide, corners up/down/left/right
 COLORS = {  # name -> RGB drawn (training jitters it a little)
     "red": (220, 30, 30),
     "orange": (245, 140, 20),

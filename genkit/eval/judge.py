@@ -15,7 +15,9 @@ with tolerances rather than exact colours:
    and the closest wins. At 32x32 a small object is about 7 pixels across, too few for a
    bounding-box fill ratio to tell a circle from a square reliably. The candidates are
    `shapes.SHAPES` plus `shapes.EXTRA_SHAPES` (star, heart, cross, ring, crescent, diamond, which
-   only a LoRA teaches);
+   only a LoRA teaches), or the shapes a caller names (`judge(image, candidates=...)`): a badly
+   drawn star may sit closer to the cross than to the star, so with every shape in play it is
+   read as a cross, with only the base shapes and the star as a star;
 6. position, size and relation follow from the fitted centre and radius.
 
 `score_single` and `score_two` then compare a `Judgement` with a `Spec`, what the prompt asked for.
@@ -119,8 +121,14 @@ def relation_between(a: JudgedObject, b: JudgedObject) -> str:
     return "above" if dy < 0 else "below"
 
 
-def judge(image: Image.Image, *, min_area: float = MIN_AREA) -> Judgement:
-    """Read `image` (RGB, square, any size) into its objects."""
+def judge(image: Image.Image, *, min_area: float = MIN_AREA, candidates=None) -> Judgement:
+    """Read `image` (RGB, square, any size) into its objects. `candidates`: the shapes an object may
+    be read as (default every shape the renderer draws, `CANDIDATE_SHAPES`)."""
+    candidates = CANDIDATE_SHAPES if candidates is None else tuple(candidates)
+    for shape in candidates:
+        _check(shape, CANDIDATE_SHAPES, "shape")
+    if not candidates:
+        raise ValueError("candidates is empty; give at least one shape")
     # 1. Pixels and background
     pixels = np.asarray(image.convert("RGB"), dtype=np.float64)  # (height, width, 3)
     height, width = pixels.shape[:2]
@@ -136,7 +144,7 @@ def judge(image: Image.Image, *, min_area: float = MIN_AREA) -> Judgement:
         if component.sum() < min_area * width * width / 4:
             continue  # a speck even with its faint edges added; skipping it keeps noisy images fast
         free = (labels == 0) | component  # coverage may spread into the background, not into others
-        objects += _read_component(pixels, background, component, free, min_area * width * width)
+        objects += _read_component(pixels, background, component, free, min_area * width * width, candidates)
     # 4. Drop specks
     objects = [o for o in objects if o.area >= min_area]
     objects.sort(key=lambda o: o.area, reverse=True)
@@ -180,13 +188,13 @@ def _label(mask: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _read_component(pixels, background, component, free, min_pixels) -> list[JudgedObject]:
+def _read_component(pixels, background, component, free, min_pixels, candidates) -> list[JudgedObject]:
     """One object, unless splitting the component by hue gives parts whose fitted outlines explain
     the pixels clearly better (`SPLIT_GAIN`): then each part. Judging the split by the fit, not by
     the hues alone, keeps a noisy object whose colour lies between two palette hues in one piece."""
-    whole = _measure(pixels, background, component, free)
+    whole = _measure(pixels, background, component, free, candidates)
     parts = [
-        _measure(pixels, background, part, free & ~(component & ~part))
+        _measure(pixels, background, part, free & ~(component & ~part), candidates)
         for part in _split_by_hue(pixels, component, min_pixels)
     ]
     parts = [p for p in parts if p.area * pixels.shape[0] * pixels.shape[1] >= min_pixels]
@@ -234,7 +242,7 @@ def _hue_gap(a, b):
     return np.minimum(gap, 360 - gap)
 
 
-def _measure(pixels, background, component, free) -> JudgedObject:
+def _measure(pixels, background, component, free, candidates) -> JudgedObject:
     """Colour, coverage, shape, position and size of the object whose pixels are `component`."""
     rgb = _component_color(pixels, background, component)
     coverage = _coverage(pixels, background, rgb, component, free)
@@ -242,7 +250,7 @@ def _measure(pixels, background, component, free) -> JudgedObject:
     width = pixels.shape[1]
     ys, xs = np.mgrid[0 : pixels.shape[0], 0 : width] + 0.5  # pixel centres
     centroid = ((coverage * xs).sum() / area, (coverage * ys).sum() / area)
-    shape, radius, center, fit = _fit_shape(coverage, area, centroid)
+    shape, radius, center, fit = _fit_shape(coverage, area, centroid, candidates)
     center_frac = (center[0] / width, center[1] / pixels.shape[0])
     return JudgedObject(
         color=_nearest_color(rgb),
@@ -281,12 +289,12 @@ def _coverage(pixels, background, rgb, component, free) -> np.ndarray:
     return np.where(grown, np.clip(alpha, 0.0, 1.0), 0.0)
 
 
-def _fit_shape(coverage, area, centroid):
+def _fit_shape(coverage, area, centroid, candidates):
     """The candidate outline closest to the coverage mask: (shape, radius px, centre px, fit)."""
     box = _crop_box(coverage)
     mask = coverage[box[1] : box[3], box[0] : box[2]]
     best = None
-    for shape in CANDIDATE_SHAPES:
+    for shape in candidates:
         radius, center, template = _matched_template(shape, area, centroid, box)
         error = np.abs(mask - template).sum()
         if best is None or error < best[0]:
