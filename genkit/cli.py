@@ -50,13 +50,29 @@ def _quiet_libraries() -> None:
     diffusers_logging.disable_progress_bar()
 
 
+def _one_line_warnings() -> None:
+    """genkit's own warnings (a skipped training image ...) as `genkit: warning: <message>`, without the source
+    file, line and code line Python prints by default."""
+    import warnings
+
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"genkit: warning: {message}\n"
+
+
 @click.group(cls=GenkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="genkit")
-def main():
+@click.option("--threads", default=None, metavar="N|auto",
+              help="CPU threads: N, or auto for the cores free now (env GENKIT_THREADS). Unset, --fast takes the "
+                   "free cores and --exact keeps torch's count (pixels differ by thread count) and says when cores "
+                   "are busy.")
+def main(threads):
     """genkit: text-to-image generation and LoRA fine-tuning on diffusers models.
 
     With no --model, genkit uses genkit-mini, a 32x32 shapes model that runs offline on a CPU.
     """
+    if threads is not None:
+        from genkit.cpu import parse_threads
+
+        os.environ["GENKIT_THREADS"] = str(parse_threads(threads))
 
 
 def model_options(f):
@@ -166,7 +182,13 @@ def info():
     lines = {"device": device, "python": platform.python_version(), **versions()}
     if device.startswith("cuda"):
         lines["gpu"] = torch.cuda.get_device_name(0)
-    lines["cpu threads"] = str(torch.get_num_threads())
+    if device == "cpu":
+        from genkit import cpu
+
+        threads = cpu.choose_threads(exact=True)
+        lines["cpu threads"] = f"{threads.count} ({threads.advice or threads.why})"
+    else:
+        lines["cpu threads"] = str(torch.get_num_threads())
     lines["bf16 on CPU"] = "yes" if "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags() else "no"
     for backend, state in attention.available(device).items():
         lines[f"attention {backend}"] = state
@@ -213,6 +235,7 @@ def train_base_command(config, overrides, out, resume, stop_at, quiet):
     from genkit.train.base import load_recipe, train_base
 
     _quiet_libraries()
+    _one_line_warnings()
     folder = train_base(load_recipe(_recipe_path(config), overrides), out, resume=resume, progress=not quiet,
                         stop_at=stop_at)
     click.echo(str(folder))
@@ -234,6 +257,7 @@ def train_lora_command(data_dir, model, out, config, overrides, instance_prompt,
     from genkit.train.lora import train_lora
 
     _quiet_libraries()
+    _one_line_warnings()
     result = train_lora(data_dir, out, model=model, config=_recipe_path(config), overrides=overrides, resume=resume,
                         instance_prompt=instance_prompt, progress=not quiet)
     if os.environ.get("RANK", "0") == "0":  # one process of a launch reports what was written
@@ -295,6 +319,7 @@ def data_check(data_dir, instance_prompt, model):
     from genkit.data.imagefolder import check_dataset, format_report
 
     _quiet_libraries()
+    _one_line_warnings()
     tokenizer = None
     if model is not None:
         import genkit

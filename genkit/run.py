@@ -5,14 +5,15 @@ The CLI is a thin layer over these; an application can call them the same way.
 
 from __future__ import annotations
 
+import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from genkit import distributed
 from genkit.errors import GenkitError
-from genkit.outputs import OutputWriter, check_out_dir, read_record
+from genkit.outputs import OutputWriter, check_out_dir, read_record, recorded_seed, run_key
 
 
 @dataclass
@@ -65,12 +66,17 @@ def load_for(request, device: str | None = None) -> "object":
     import genkit
     from genkit import lora
 
+    specs = [lora.parse_spec(spec) for spec in request.loras]  # a bad path or scale fails before the slow load
+    for spec in specs:
+        file = lora.weights_file(spec.path, request.allow_pickle)
+        if file.suffix == ".safetensors":
+            lora.check_safetensors(file)
     pipeline = genkit.load(request.model, device=device or request.device, dtype=request.dtype, attention=request.attention,
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
                            cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", None))
     if request.loras:
-        lora.apply(pipeline, [lora.parse_spec(spec) for spec in request.loras], allow_pickle=request.allow_pickle)
+        lora.apply(pipeline, specs, allow_pickle=request.allow_pickle)
     if getattr(request, "compile", False):
         if getattr(request, "progress", False):
             print("genkit: --compile: the first batch compiles the UNet first (about 40 s on 2 CPU cores; once "
@@ -91,11 +97,21 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     if processes is not None and request.seed is None:
         raise GenkitError("several processes need one shared --seed (pass --seed N)")
     pipeline = pipeline or load_for(request, device=str(processes.device) if processes else None)
-    config = request.config()
+    config, run_seed = request.config(), None
+    if request.seed is None and jobs is None:  # a drawn seed is kept in the folder, so a rerun finishes the run
+        key = run_key(request)
+        seed = recorded_seed(request.out, key)
+        if seed is None:
+            seed = secrets.randbelow(2**31)
+            run_seed = (key, seed)
+        else:
+            print(f"genkit: finishing the run in {request.out} with its recorded base seed {seed} (pass --seed to "
+                  "start another)", file=sys.stderr)
+        config = replace(config, seed=seed)
     all_jobs = pipeline.plan(request.prompts, config) if jobs is None else jobs
     jobs = distributed.share(all_jobs, processes)
-    writer = OutputWriter(request.out, overwrite=request.overwrite)
-    kept = [record for record in map(pipeline.record, jobs) if writer.exists(record)]
+    writer = OutputWriter(request.out, overwrite=request.overwrite, run_seed=run_seed)
+    kept = [pipeline.record(job) for job in jobs if writer.has(job.index, job.seed, job.prompt)]
     kept_indices = {record["index"] for record in kept}
     todo = [job for job in jobs if job.index not in kept_indices]
     main_process = processes is None or processes.is_main_process
@@ -213,6 +229,10 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
                               attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
                               dtype=record.get("dtype"), exact=record.get("exact", True))
+    from genkit import cpu
+
+    if isinstance(record.get("threads"), int) and 1 <= record["threads"] <= cpu.usable_cores():  # pixels depend on it
+        cpu.choose_threads(record["threads"])  # GENKIT_THREADS / --threads still win inside genkit.load
     pipeline = load_for(request)
     job = Job(**{key: record[key] for key in Job.__dataclass_fields__
                  if key in record and key not in ("image", "mask")}, **inputs)

@@ -453,6 +453,21 @@ def test_a_drawn_base_seed_is_recorded_with_the_first_image(tmp_path):
     assert recorded_seed(request.out, key) is None  # a damaged file draws a new seed, it does not stop the run
 
 
+def test_rerun_without_seed_finishes_the_run(tiny_sd, tmp_path):
+    """Without --seed, rerunning the same command in the same folder after a crash writes only the missing images,
+    with the base seed the first run drew (recorded in the folder), and says so on stderr."""
+    ctx = _ctx(tmp_path, tiny_sd)
+    first = CliRunner().invoke(main, [str(a) for a in ctx.gen("a red circle", "-n", 2)])
+    assert first.exit_code == 0, first.output
+    made = sorted(p.name for p in ctx.out.glob("*.png"))
+    (ctx.out / made[1]).unlink()  # as if the run had been killed before its second image
+    again = CliRunner().invoke(main, [str(a) for a in ctx.gen("a red circle", "-n", 2)])
+    assert again.exit_code == 0 and "recorded base seed" in again.stderr, again.output
+    assert sorted(p.name for p in ctx.out.glob("*.png")) == made
+    other = CliRunner().invoke(main, [str(a) for a in ctx.gen("a blue square")])  # another command: a new seed
+    assert other.exit_code == 0 and "recorded base seed" not in other.stderr
+
+
 if __name__ == "__main__":  # the child of test_bad_input_under_a_memory_limit: run each argv, print the results
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
