@@ -152,7 +152,7 @@ def load_errors(source: str, local: bool):
 
 def default_exact(device: str) -> bool:
     """--exact unless asked otherwise on a CPU, where it holds bitwise; --fast on GPUs (README: Seeds)."""
-    return device == "cpu"
+    return str(device).split(":")[0] == "cpu"  # "cpu:0" is what accelerate gives each process
 
 
 def load(

@@ -94,6 +94,6 @@ def test_exact_is_the_default_on_the_cpu_only(tiny_sd):
     import genkit
     from genkit.loader import default_exact
 
-    assert [default_exact(d) for d in ("cpu", "cuda", "cuda:1", "mps")] == [True, False, False, False]
+    assert [default_exact(d) for d in ("cpu", "cpu:0", "cuda", "cuda:1", "mps")] == [True, True, False, False, False]
     assert genkit.load(str(tiny_sd), device="cpu").exact is True
     assert genkit.load(str(tiny_sd), device="cpu", exact=False).exact is False
