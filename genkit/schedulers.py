@@ -58,7 +58,9 @@ def parse(name: str | Sampler, flow: bool | None = None) -> Sampler:
         return next(k for k, v in _COUNTERPART.items() if v is sampler)
     kind = "flow-matching models (SD3, Flux, SANA)" if flow else "noise-prediction models (SD, SDXL, PixArt, genkit-mini)"
     valid = [s.value for s in Sampler if (s in FLOW) == flow]
-    raise GenkitError(f"scheduler {sampler.value!r} does not fit {kind} (valid: {', '.join(valid)}, default)")
+    asked = str(name.value if isinstance(name, Sampler) else name)
+    also = "" if asked.strip().lower() == sampler.value else f" ({sampler.value})"
+    raise GenkitError(f"scheduler {asked!r}{also} does not fit {kind} (valid: {', '.join(valid)}, default)")
 
 
 def _lookup(name: str) -> Sampler:

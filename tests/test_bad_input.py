@@ -188,7 +188,7 @@ CASES = [
     Case("seed-negative", lambda c: c.gen("a", "--seed", -1), ("seed", "got -1")),
     Case("seed-too-large", lambda c: c.gen("a", "--seed", 2**63), ("seed", str(2**63))),
     Case("scheduler-unknown", lambda c: c.gen("a", "--scheduler", "heun"),
-         ("heun", "ddim, euler, euler-a, dpm++, unipc, ddpm")),
+         ("'heun' (flow-heun) does not fit", "ddim, euler, euler-a, dpm++, unipc, ddpm")),
     Case("attention-unknown", lambda c: c.gen("a", "--attention", "flash"), ("flash", "auto, xformers, sdpa")),
     Case("dtype-unknown", lambda c: c.gen("a", "--dtype", "fp8"), ("fp8", "fp32, fp16, bf16")),
     Case("threads-0", lambda c: ["--threads", 0, *c.gen("a")], ("threads", "got '0'", "--threads 2")),
