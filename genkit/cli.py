@@ -131,7 +131,7 @@ def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, proces
     """Generate images for PROMPTS (or --prompts-file) into --out."""
     from genkit import distributed
     from genkit.prompts import from_strings, read_prompts_file
-    from genkit.run import GenerateRequest, run_generate
+    from genkit.run import GenerateRequest, check_request, run_generate
 
     if processes is not None and not distributed.launched():
         sys.exit(distributed.relaunch(processes, distributed.without_option(sys.argv[1:], "--processes")))
@@ -140,8 +140,9 @@ def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, proces
     specs = read_prompts_file(prompts_file) if prompts_file else from_strings(prompts)
     if not specs:
         raise GenkitError('no prompts given (try: genkit generate "a red circle on the left")')
-    _quiet_libraries()
     request = GenerateRequest(prompts=specs, out=out, overwrite=overwrite, grid=grid, progress=not quiet, **options)
+    check_request(request)  # a mistake that needs no model is reported before the libraries load
+    _quiet_libraries()
     for record in run_generate(request):
         click.echo(json.dumps(record, ensure_ascii=False) if as_json else str(Path(out) / record["file"]))
 

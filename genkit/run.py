@@ -91,8 +91,7 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     Images already in the folder (same index, seed and prompt) are kept unless `overwrite`;
     `jobs` restricts the run to a share of the plan (one process of several).
     """
-    check_out_dir(request.out)  # before the slow model load
-    _check_edit_inputs(request)
+    check_request(request)  # before the slow model load
     processes = distributed.state()  # None unless under accelerate launch / torchrun
     if processes is not None and request.seed is None:
         raise GenkitError("several processes need one shared --seed (pass --seed N)")
@@ -127,6 +126,30 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
         yield {**record, "file": writer.path_for(record).name, "skipped": True}
     if request.grid and all_jobs and main_process:
         _write_grid(writer, all_jobs, pipeline)
+
+
+def check_request(request: GenerateRequest) -> None:
+    """Everything about a request that needs no model: the output folder, the numbers, the edit's inputs."""
+    check_out_dir(request.out)
+    _check_numbers(request)
+    _check_edit_inputs(request)
+
+
+def _check_numbers(request: GenerateRequest) -> None:
+    """The settings a model is not needed to judge, checked before it loads (the plan checks them again)."""
+    from genkit import prompts
+
+    prompts.check_count(request.num_images_per_prompt, "num_images_per_prompt (-n)")
+    prompts.check_count(request.batch_size, "batch_size (--batch-size)")
+    if request.num_inference_steps is not None:
+        prompts.check_steps(request.num_inference_steps)
+    if request.guidance_scale is not None:
+        prompts.check_guidance(request.guidance_scale)
+    if request.seed is not None:
+        prompts.check_seed(request.seed)
+    for side in ("width", "height"):
+        if getattr(request, side) is not None:
+            prompts.check_side(getattr(request, side), side)
 
 
 def _check_edit_inputs(request: GenerateRequest) -> None:

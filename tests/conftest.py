@@ -1,8 +1,12 @@
 import os
 
-import pytest
+# Child processes (the CLI run as a real process, accelerate launch) run torch on one thread too: beside a busy
+# core, two OpenMP threads spin-wait for each other (the killed-run test took 400 s so on a busy machine).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-from tests.tiny_models import build_tiny_mini, build_tiny_sd
+import pytest  # noqa: E402
+
+from tests.tiny_models import build_tiny_mini, build_tiny_sd  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
