@@ -48,6 +48,7 @@ def _quiet_libraries() -> None:
 
     diffusers_logging.set_verbosity_error()
     diffusers_logging.disable_progress_bar()
+    _one_line_warnings()
 
 
 def _one_line_warnings() -> None:
@@ -56,6 +57,13 @@ def _one_line_warnings() -> None:
     import warnings
 
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"genkit: warning: {message}\n"
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"genkit: warning: {message}", file=file or sys.stderr)  # above a progress bar, not inside it
+
+    warnings.showwarning = show
 
 
 @click.group(cls=GenkitGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -247,20 +255,31 @@ def train_base_command(config, overrides, out, resume, stop_at, quiet):
 @click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
               help="Base model: preset name, SD-family diffusers folder or hub id (env GENKIT_MODEL; default genkit-mini).")
 @click.option("--out", "-o", required=True, type=click.Path(), help="Folder for the LoRA, its record and checkpoints.")
-@click.option("--config", "-c", default="lora", show_default=True,
-              help="Recipe TOML file, or the name of a shipped recipe (lora, lora-tiny).")
+@click.option("--config", "-c", default=None,
+              help="Recipe TOML file, or the name of a shipped recipe (lora-tiny), laid over the defaults "
+                   "(configs/lora.toml: generic values and one table per model family).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. lora.rank=16.")
 @click.option("--instance-prompt", default=None, help='Caption for images without one, e.g. "a photo of sks dog".')
+@click.option("--trigger", "triggers", multiple=True, metavar="WORD",
+              help="A word that names the new concept in the captions (repeatable); default: found in the captions "
+                   "(a word in at least a quarter of them that the text encoder does not know). Prior images are "
+                   "made from the captions without it.")
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in --out.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_lora_command(data_dir, model, out, config, overrides, instance_prompt, resume, quiet):
-    """Fine-tune a LoRA adapter on the images (and captions) in DATA_DIR; print the files written."""
+def train_lora_command(data_dir, model, out, config, overrides, instance_prompt, triggers, resume, quiet):
+    """Fine-tune a LoRA adapter on the images (and captions) in DATA_DIR; print the files written.
+
+    With no --config the recipe is the base model's family's default (configs/lora.toml), prior
+    preservation included: prior images (genkit-mini: scenes of its own world; other families: the base
+    model's images of the captions without the trigger words) are made once into OUT/priors."""
     from genkit.train.lora import train_lora
 
     _quiet_libraries()
     _one_line_warnings()
-    result = train_lora(data_dir, out, model=model, config=_recipe_path(config), overrides=overrides, resume=resume,
-                        instance_prompt=instance_prompt, progress=not quiet)
+    if triggers:
+        overrides = (*overrides, "data.trigger_words=" + json.dumps(list(triggers)))
+    result = train_lora(data_dir, out, model=model, config=_recipe_path(config) if config else None,
+                        overrides=overrides, resume=resume, instance_prompt=instance_prompt, progress=not quiet)
     if os.environ.get("RANK", "0") == "0":  # one process of a launch reports what was written
         click.echo(str(result.weights))
         click.echo(str(result.record))

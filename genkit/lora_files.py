@@ -289,6 +289,9 @@ def _describe(info: LoraInfo, lora: LoraFile) -> None:
                   "seed": train.get("seed"), "mixed_precision": train.get("mixed_precision"),
                   "images": record.get("images"), "items": record.get("items"), "data_dir": record.get("data_dir"),
                   "dataset": record.get("dataset"), "genkit": (record.get("versions") or {}).get("genkit")}
+        prior = record.get("prior") or {}
+        if prior.get("images"):
+            wanted["prior"] = f"{prior['images']} {prior['source']} images, {prior['fraction']:.0%} of every batch"
         info.training = {k: v for k, v in wanted.items() if v not in (None, "", [])}
         return
     info.base_model = header.get("ss_sd_model_name") or header.get("modelspec.architecture")

@@ -139,7 +139,7 @@ def trained(folder, pipe, family, tmp_path_factory):
     result = genkit.train_lora(data, root / "out", model=str(folder), progress=False, overrides=[
         "train.device=cpu", "train.threads=1", "train.steps=3", "train.batch_size=2",
         "train.gradient_accumulation_steps=1", "train.learning_rate=5e-2", "validation.every=0",
-        f"data.resolution={side}", "lora.rank=4"])
+        f"data.resolution={side}", "lora.rank=4", "prior.images=2", "prior.batch_size=2"])
     return result
 
 

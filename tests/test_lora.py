@@ -23,7 +23,9 @@ from genkit.train.lora import LoraRecipe, load_recipe, train_lora
 REPO = Path(__file__).resolve().parents[1]
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30),
            "purple": (140, 30, 160), "orange": (240, 140, 20)}
-FAST = ["train.device=cpu", "train.threads=1", "validation.num_inference_steps=2"]  # CPU runs are bitwise repeatable
+# CPU runs are bitwise repeatable; prior images stay on (the default) but few (tests/test_priors.py tests them)
+FAST = ["train.device=cpu", "train.threads=1", "validation.num_inference_steps=2", "prior.images=4",
+        "prior.batch_size=4"]
 PROMPT = "a red square"
 
 

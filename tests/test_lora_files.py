@@ -22,6 +22,7 @@ from tests.test_lora import FAST, make_dataset
 
 PROMPT = "a red square"
 TRIGGER = "zwx square"
+WORD = "zwx"  # the trigger word found in the captions (the word the text encoder does not know)
 MIXED = 'lora.target_modules=["to_q", "to_k", "to_v", "to_out.0", "ff.net.2", "conv1"]'  # attention, feed-forward, conv
 
 
@@ -82,12 +83,12 @@ def test_inspect_a_genkit_lora_in_diffusers_layout(loras, dataset):
     assert info.components == {"unet": n} and info.ranks == {4: n} and info.alphas == {"8": n}
     assert info.targets == {"unet": {f"attn{i}.{p}": n // 8 for i in (1, 2) for p in ("to_q", "to_k", "to_v",
                                                                                        "to_out.0")}}
-    assert info.base_model == str(model) and info.family == "sd" and info.trigger_words == [TRIGGER]
+    assert info.base_model == str(model) and info.family == "sd" and info.trigger_words == [WORD]
     assert info.training["steps"] == 3 and info.training["learning_rate"] == 5e-2 and info.training["images"] == 6
     assert info.record == str(folder / "genkit_lora.json") and info.matched is None
     text = lora_files.format_info(info)
     for line in ("format         diffusers", f"layers         unet {n}", "rank           4", "alpha          8",
-                 f"trigger words  {TRIGGER}", "targets unet   attn1.to_k x4"):
+                 f"trigger words  {WORD}", "targets unet   attn1.to_k x4"):
         assert line in text, text
 
 
@@ -205,12 +206,12 @@ def test_kohya_header(loras, tmp_path):
     assert header["ss_base_model_version"] == "sdxl_base_v1-0" and header["ss_v2"] == "False"
     assert header["ss_sd_model_name"] == str(model) and header["ss_output_name"] == "style"
     assert "genkit" in header["ss_training_comment"] and header["ss_max_train_steps"] == "3"
-    assert json.loads(header["ss_tag_frequency"]) == {"squares": {TRIGGER: 1}}
+    assert json.loads(header["ss_tag_frequency"]) == {"squares": {WORD: 1}}
     assert json.loads(header["genkit_lora"]) == json.loads((folder / "genkit_lora.json").read_text())
     raw = file.read_bytes()  # kohya's sshs_model_hash: sha256 of everything after the header
     assert header["sshs_model_hash"] == hashlib.sha256(raw[8 + int.from_bytes(raw[:8], "little"):]).hexdigest()
     info = lora_files.inspect_lora(file)  # the record travels in the header
-    assert info.format == "kohya" and info.record == "header" and info.trigger_words == [TRIGGER]
+    assert info.format == "kohya" and info.record == "header" and info.trigger_words == [WORD]
     assert info.base_model == str(model) and info.training["steps"] == 3
     sd = lora_files.export_kohya(loras["sd"][1], tmp_path / "sd.safetensors")
     mini = lora_files.export_kohya(loras["genkit-mini"][1], tmp_path / "mini.safetensors")

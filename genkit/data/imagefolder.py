@@ -79,6 +79,32 @@ class CaptionSource(enum.Enum):
     METADATA = "metadata"
     FOLDER = "folder name"
     INSTANCE_PROMPT = "instance prompt"
+    PRIOR = "prior image"  # made by the trainer (genkit.train.priors), not found in the folder
+
+
+class SmallImageWarning(UserWarning):
+    """Training images far smaller than the training size: upscaled, they teach blur."""
+
+
+def warn_small_images(items, resolution: int, factor: int = 4) -> list[Path]:
+    """Warn once about the images whose shorter side is under `resolution / factor`; returns them."""
+    from PIL import Image
+
+    small = []
+    for path in dict.fromkeys(item.path for item in items):
+        try:
+            with Image.open(path) as image:
+                side = min(image.size)
+        except OSError:
+            continue  # unreadable files are the pre-flight check's to report
+        if side * factor < resolution:
+            small.append((side, path))
+    if small:
+        side, path = min(small)
+        warnings.warn(SmallImageWarning(
+            f"{len(small)} training image(s) under a quarter of the training size {resolution} px, smallest {path.name} "
+            f"({side} px): upscaled, they teach blur (remove them or lower data.resolution)"), stacklevel=2)
+    return [path for _, path in sorted(small)]
 
 
 class SkippedFileWarning(UserWarning):
@@ -319,11 +345,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
 
 def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from genkit.files import file_sha256
+
+    return file_sha256(path)
 
 
 def fingerprint(items) -> str:

@@ -46,13 +46,25 @@ class Family:
     num_inference_steps = 25  # default --steps
     scheduler = "default"  # default sampler: the model's own
     size_multiple: int | None = None  # None: the VAE's factor (8)
-    lora_target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     lora_layout = "diffusers"  # "diffusers" (lora.down/up, what SD loaders expect) or "peft" (lora_A/B)
     edit_tasks: tuple[str, ...] = ("img2img", "inpaint")  # diffusers has these pipelines for the family
 
     # -- what the engine asks ---------------------------------------------------------------
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
+
+    prompt_tokenizer = "tokenizer"  # the tokenizer of the text the denoiser mostly reads
+    max_sequence_length: int | None = None  # the pipeline's own cap on it (None: the tokenizer's model_max_length)
+
+    def prompt_limit(self, pipe):
+        """(tokenizer, tokens it keeps) of the main text conditioning; a longer prompt is cut there."""
+        tokenizer, limit = getattr(pipe, self.prompt_tokenizer, None), self.max_sequence_length
+        if tokenizer is None:  # e.g. SD3 loaded without its T5: the CLIP tokenizer's own length
+            tokenizer, limit = getattr(pipe, "tokenizer", None), None
+        if tokenizer is None:
+            return None, None
+        limit = limit or tokenizer.model_max_length
+        return tokenizer, (limit if limit and limit < 100_000 else None)
 
     def text_encoders(self, pipe) -> list[torch.nn.Module]:
         return [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")

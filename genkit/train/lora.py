@@ -26,7 +26,6 @@ with `pipe.load_lora_weights(OUT_DIR)`, and `genkit_lora.json`, the record of ho
 
 from __future__ import annotations
 
-import enum
 import json
 import math
 import os
@@ -34,7 +33,8 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
@@ -42,119 +42,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genkit.config import apply_overrides, build, load as load_config, to_dict
+from genkit.config import to_dict
 from genkit.errors import GenkitError
-from genkit.lora import diffusers_layout, text_encoder_problem
-from genkit.train import checkpoint
+from genkit.lora import WEIGHTS_NAME, diffusers_layout, text_encoder_problem
+from genkit.train import checkpoint, priors, schedule
+from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
+    AdapterConfig, DataConfig, LoraRecipe, Precision, PriorConfig, PriorSource, Schedule, TrainConfig,
+    ValidationConfig, load_recipe, resolve)
 
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 RECORD_NAME = "genkit_lora.json"
 ENCODE_CHUNK = 8  # images or captions per encoder call while filling the caches (fixed: results stay bitwise stable)
-
-
-class Precision(enum.Enum):
-    AUTO = "auto"  # fp32 on a CPU; bf16 on a GPU that has it, else fp16
-    FP32 = "fp32"
-    FP16 = "fp16"
-    BF16 = "bf16"
-
-
-class Schedule(enum.Enum):
-    CONSTANT = "constant"
-    COSINE = "cosine"
-
-
-def _choice(enum_type, value, key: str):
-    try:
-        return enum_type(value)
-    except ValueError:
-        valid = ", ".join(e.value for e in enum_type)
-        raise ValueError(f"{key} must be one of {valid}, got {value!r}") from None
-
-
-@dataclass
-class AdapterConfig:
-    rank: int = 8  # LoRA rank r: the width of the low-rank update
-    alpha: float = 8.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # dropout on the adapter's input
-    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # decoder layers that get adapters
-    text_encoder: bool = False  # also train adapters on the text encoder (SD-family only; no caption cache then)
-    text_encoder_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
-
-    def __post_init__(self):
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.rank must be >= 1, lora.alpha > 0 and lora.dropout in [0, 1), got "
-                             f"{self.rank}, {self.alpha}, {self.dropout}")
-        if not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one layer, e.g. [\"to_q\", \"to_v\"]")
-
-
-@dataclass
-class DataConfig:
-    resolution: int = 0  # square training size in pixels; 0 is the model's own (512 for SD 1.x, 32 for genkit-mini)
-    instance_prompt: str = ""  # caption for images that have none (DreamBooth style); also --instance-prompt
-    random_crop: bool = False  # random instead of centre crops (needs cache_latents = false)
-    flip: bool = False  # mirror half the images, a fresh choice each epoch
-    cache_latents: bool = True  # encode each image variant once, not every step
-
-    def __post_init__(self):
-        if self.resolution < 0:
-            raise ValueError(f"data.resolution must be 0 (the model's own) or a size in pixels, got {self.resolution}")
-        if self.random_crop and self.cache_latents:
-            raise ValueError("data.random_crop gives a new crop every step, so it cannot be cached: "
-                             "also set data.cache_latents=false")
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 1  # images per process per forward pass
-    gradient_accumulation_steps: int = 4  # forward passes per optimizer step
-    learning_rate: float = 1e-4  # peak, after warm-up
-    lr_scheduler: str = "constant"  # constant or cosine (decay to 0 at the last step)
-    warmup_steps: int = 0  # linear warm-up from 0
-    weight_decay: float = 1e-2  # AdamW's decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
-    seed: int = 0  # decides data order, flips, noise and the adapters' initial weights
-    mixed_precision: str = "auto"  # auto (fp32 on CPU; bf16, else fp16, on GPU), fp32, fp16 or bf16
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
-    device: str = "auto"  # auto (what accelerate picks) or cpu
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    checkpoint_every: int = 250  # steps between checkpoints (the last step always gets one)
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
-
-    def __post_init__(self):
-        if min(self.steps, self.batch_size, self.gradient_accumulation_steps, self.checkpoint_every,
-               self.keep_checkpoints) < 1:
-            raise ValueError("train.steps, batch_size, gradient_accumulation_steps, checkpoint_every and "
-                             "keep_checkpoints must be at least 1")
-        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError(f"train.learning_rate must be > 0 and warmup_steps, max_grad_norm >= 0, got "
-                             f"{self.learning_rate}, {self.warmup_steps}, {self.max_grad_norm}")
-        _choice(Schedule, self.lr_scheduler, "train.lr_scheduler")
-        _choice(Precision, self.mixed_precision, "train.mixed_precision")
-        if self.device not in ("auto", "cpu"):
-            raise ValueError(f"train.device must be auto or cpu, got {self.device!r}")
-
-
-@dataclass
-class ValidationConfig:
-    every: int = 250  # steps between sample grids (and one at the end); 0 turns them off
-    prompts: tuple = ()  # empty: the instance prompt, else the first 4 distinct captions
-    seed: int = 0  # image i gets seed + i, so grids from different steps compare
-    num_inference_steps: int = 20  # denoising steps per sample
-
-    def __post_init__(self):
-        if self.every < 0 or self.num_inference_steps < 1:
-            raise ValueError("validation.every must be >= 0 and validation.num_inference_steps >= 1")
-
-
-@dataclass
-class LoraRecipe:
-    lora: AdapterConfig = field(default_factory=AdapterConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 @dataclass
@@ -166,18 +63,10 @@ class LoraTrainResult:
     loss: float | None  # the last step's loss in this call (None when a resume found nothing left to do)
 
 
-def load_recipe(path: str | Path | None, overrides=()) -> LoraRecipe:
-    return load_config(LoraRecipe, path, overrides)
-
-
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then constant or cosine decay to zero at the last step."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    if Schedule(cfg.lr_scheduler) is Schedule.CONSTANT:
-        return cfg.learning_rate
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.learning_rate * 0.5 * (1 + math.cos(math.pi * progress))
+    return schedule.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
+                                  decay=Schedule(cfg.lr_scheduler).value)
 
 
 def step_generator(seed: int, *parts: int) -> torch.Generator:
@@ -186,10 +75,11 @@ def step_generator(seed: int, *parts: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
-@lru_cache(maxsize=4)
-def epoch_plan(seed: int, epoch: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(order of the n items, which of them are mirrored) for one epoch."""
-    rng = np.random.default_rng([seed, epoch])
+@lru_cache(maxsize=8)
+def epoch_plan(seed: int, epoch: int, n: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(order of the n items, which of them are mirrored) for one epoch of one stream (0: the user's images,
+    1: the prior images)."""
+    rng = np.random.default_rng([seed, epoch] + ([stream] if stream else []))
     return rng.permutation(n), rng.random(n) < 0.5
 
 
@@ -198,15 +88,34 @@ def sample_index(step: int, micro: int, cfg: TrainConfig, processes: int = 1, ra
     return ((step * cfg.gradient_accumulation_steps + micro) * processes + rank) * cfg.batch_size
 
 
-def batch_items(step: int, micro: int, cfg: TrainConfig, n: int, flip: bool, processes: int = 1, rank: int = 0):
-    """[(item index, epoch, mirrored)] of one forward pass: epochs cover every item once, in a seeded order."""
+@dataclass(frozen=True)
+class Streams:
+    """The run's items: `n` of the user's images, then `priors` prior images, which fill `fraction` of the samples."""
+
+    n: int
+    priors: int = 0
+    fraction: Fraction = Fraction(0)
+
+    def item(self, k: int, seed: int, flip: bool) -> tuple[int, int, bool]:
+        """(item index, epoch, mirrored) of sample k of the run. Whether sample k is a prior image depends on k
+        alone (priors before k: floor(k * fraction)), so batch sizes and process counts split the same samples."""
+        before = math.floor(k * self.fraction) if self.priors else 0
+        if self.priors and math.floor((k + 1) * self.fraction) > before:
+            stream, position, n, offset = 1, before, self.priors, self.n
+        else:
+            stream, position, n, offset = 0, k - before, self.n, 0
+        epoch, position = divmod(position, n)
+        order, flips = epoch_plan(seed, epoch, n, stream)
+        return offset + int(order[position]), epoch, flip and bool(flips[order[position]])
+
+
+def batch_items(step: int, micro: int, cfg: TrainConfig, streams: Streams | int, flip: bool, processes: int = 1,
+                rank: int = 0):
+    """[(item index, epoch, mirrored)] of one forward pass: epochs cover every item of a stream once, in a seeded
+    order."""
+    streams = Streams(streams) if isinstance(streams, int) else streams
     start = sample_index(step, micro, cfg, processes, rank)
-    picked = []
-    for k in range(start, start + cfg.batch_size):
-        epoch, position = divmod(k, n)
-        order, flips = epoch_plan(cfg.seed, epoch, n)
-        picked.append((int(order[position]), epoch, flip and bool(flips[order[position]])))
-    return picked
+    return [streams.item(k, cfg.seed, flip) for k in range(start, start + cfg.batch_size)]
 
 
 class _Encoders:
@@ -280,16 +189,6 @@ class _Encoders:
 # --- Pre-flight -----------------------------------------------------------------------------
 
 
-def _resolve_recipe(config, overrides, instance_prompt) -> LoraRecipe:
-    if isinstance(config, LoraRecipe):
-        recipe = build(LoraRecipe, apply_overrides(to_dict(config), overrides)) if overrides else config
-    else:
-        recipe = load_recipe(config, overrides)
-    if instance_prompt is not None:
-        recipe = replace(recipe, data=replace(recipe.data, instance_prompt=instance_prompt))
-    return recipe
-
-
 def _check_out_dir(out: Path, resume: bool) -> Path | None:
     """The checkpoint to resume from (None for a fresh run); refuses the ambiguous cases."""
     if out.exists() and not out.is_dir():
@@ -313,7 +212,7 @@ def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> N
     if meta["dataset"] != dataset:
         raise GenkitError(f"--resume: DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
                           f"{dataset}); restore it, or start a new run in another --out")
-    keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [
+    keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [("prior", k) for k in now["prior"]] + [
         ("train", k) for k in ("seed", "batch_size", "gradient_accumulation_steps")]
     for section, key in keys:
         if saved[section][key] != now[section][key]:
@@ -358,6 +257,30 @@ def _precision(value: str, device: torch.device) -> str:
         raise GenkitError(f"train.mixed_precision=fp16 needs a CUDA GPU, and this run is on {device.type} "
                           "(use fp32 or bf16)")
     return {Precision.FP32: "no", Precision.FP16: "fp16", Precision.BF16: "bf16"}[precision]
+
+
+def _prior_items(out: Path, recipe: LoraRecipe, pipeline, items, triggers, progress: bool) -> list:
+    """The prior images as training items (made into OUT/priors, or found there from an earlier start)."""
+    from genkit.data.imagefolder import CaptionSource, Item
+
+    prior = recipe.prior
+    if not prior.active:
+        return []
+    source = PriorSource(prior.source)
+    if source is PriorSource.RENDER and pipeline.family.name != "genkit-mini":
+        raise GenkitError(f"prior.source=render draws genkit-mini's shapes world, and {pipeline.name} is "
+                          f"{pipeline.family.title}; set prior.source=model (the base model's images) or none")
+    captions = priors.class_captions([item.caption for item in items], triggers)
+    if source is PriorSource.MODEL and progress:
+        example = f" (e.g. {captions[0]!r})" if captions else ""
+        found = ", ".join(triggers) if triggers else "none found: pass --trigger WORD"
+        print(f"train lora: making {prior.images} prior images with the base model from {len(captions)} class "
+              f"captions{example}; trigger words removed: {found}", file=sys.stderr)
+    plan = priors.PriorPlan(source.value, prior.images, seed=recipe.train.seed, resolution=recipe.data.resolution,
+                            captions=captions if source is PriorSource.MODEL else ())
+    made = priors.make_priors(out / "priors", plan, pipeline=pipeline, batch_size=prior.batch_size,
+                              progress=progress and source is PriorSource.MODEL)
+    return [Item(path.resolve(), caption, CaptionSource.PRIOR) for path, caption in made]
 
 
 # --- The adapters ---------------------------------------------------------------------------
@@ -500,6 +423,7 @@ class _Loop:
     params: dict[str, torch.nn.Parameter]
     optimizer: object
     recipe: LoraRecipe
+    streams: Streams  # which item each sample of the run is
 
     def step(self, step: int) -> float:
         """One optimizer step over `gradient_accumulation_steps` forward passes; returns their mean loss."""
@@ -513,7 +437,7 @@ class _Loop:
         cfg, accelerator, denoiser = self.recipe.train, self.accelerator, self.models[0]
         family, pipe = self.encoders.family, self.encoders.pipe
         rank = accelerator.process_index
-        picked = batch_items(step, micro, cfg, len(self.items), self.recipe.data.flip, accelerator.num_processes, rank)
+        picked = batch_items(step, micro, cfg, self.streams, self.recipe.data.flip, accelerator.num_processes, rank)
         # one generator per sample, keyed by its place in the whole run: one process with batch 2 and two
         # processes with batch 1 draw the same latents, noise and timesteps for the same samples
         first = sample_index(step, micro, cfg, accelerator.num_processes, rank)
@@ -539,17 +463,23 @@ class _Loop:
         return loss.item()
 
 
-def _accelerator(cfg: TrainConfig):
-    """(accelerate's Accelerator, the dtype name the frozen base runs in)."""
-    from accelerate import Accelerator, PartialState
+def _placement(cfg: TrainConfig) -> tuple[torch.device, str, bool]:
+    """(device, accelerate's mixed-precision name, CPU only) for a recipe, before any model is loaded."""
+    from accelerate import PartialState
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     cpu = cfg.device == "cpu" or not torch.cuda.is_available()  # accelerate uses gloo for CPU processes only if told
-    mixed = _precision(cfg.mixed_precision, PartialState(cpu=cpu).device)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-                              cpu=cpu)
-    return accelerator, {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed]
+    device = PartialState(cpu=cpu).device
+    return device, _precision(cfg.mixed_precision, device), cpu
+
+
+def _accelerator(cfg: TrainConfig):
+    """accelerate's Accelerator for the run's final recipe (its gradient accumulation is the family's)."""
+    from accelerate import Accelerator
+
+    _, mixed, cpu = _placement(cfg)
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu)
 
 
 def _log_line(log, step: int, loss: float, started: float) -> None:
@@ -578,11 +508,11 @@ def train_lora(
     from tqdm.auto import tqdm
 
     import genkit
-    from genkit.data.imagefolder import fingerprint, scan_folder
+    from genkit.data.imagefolder import fingerprint, scan_folder, warn_small_images
     from genkit.generate import versions
 
     # 1. Pre-flight, before the slow model load: recipe, images and captions, the output folder
-    recipe = _resolve_recipe(config, overrides, instance_prompt)
+    recipe = resolve(config, overrides, instance_prompt)  # every user value checked; the family's table comes later
     cfg, out = recipe.train, Path(out)
     scan = scan_folder(data_dir, instance_prompt=recipe.data.instance_prompt or None)
     items, dataset = scan.items, fingerprint(scan.items)
@@ -592,18 +522,28 @@ def train_lora(
     model_name = _model_id(model)
 
     # 2. Device and precision from accelerate; the base model, frozen, in the compute dtype
-    accelerator, dtype = _accelerator(cfg)
-    pipeline = genkit.load(model_name, device=str(accelerator.device), dtype=dtype)
+    device, mixed, _ = _placement(cfg)
+    pipeline = genkit.load(model_name, device=str(device), dtype={"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed])
+    recipe = resolve(config, overrides, instance_prompt, family=pipeline.family.name)
+    cfg = recipe.train
+    accelerator = _accelerator(cfg)  # after the family's table: it sets gradient accumulation
     _supported(pipeline, recipe)
     pipe = pipeline.pipe
     recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
+    if accelerator.is_main_process:
+        warn_small_images(items, recipe.data.resolution)
     if ckpt is not None:
         _check_resume(checkpoint.load(ckpt)[1], recipe, model_name, dataset)
     for part in (pipeline.denoiser, *pipeline.family.text_encoders(pipe), getattr(pipe, "vae", None)):
         if part is not None:
             part.requires_grad_(False)
 
-    # 3. Adapters (seeded; trained in fp32 whatever the base's dtype), optimizer, and the state to resume
+    # 3. Prior images (made once, by the main process, before any adapter exists), then the adapters (seeded; trained in fp32 whatever the base's dtype), optimizer, and the state to resume
+    triggers = tuple(recipe.data.trigger_words) or priors.find_trigger_words(
+        [item.caption for item in items], getattr(pipe, "tokenizer", None))
+    with accelerator.main_process_first():
+        prior_items = _prior_items(out, recipe, pipeline, items, triggers, progress and accelerator.is_main_process)
+    streams = Streams(len(items), len(prior_items), Fraction(recipe.prior.fraction).limit_denominator(1000))
     torch.manual_seed(cfg.seed)
     trained = _add_adapters(pipe, pipeline.family, recipe.lora)
     cast_training_params([module for _, module in trained], dtype=torch.float32)
@@ -624,13 +564,14 @@ def train_lora(
 
     # 4. Encode each caption and each image variant once (the encoders are frozen)
     encoders = _Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=models[-1])
+    run_items = items + prior_items
     if not recipe.lora.text_encoder:
-        encoders.fill_text_cache([item.caption for item in items])
+        encoders.fill_text_cache([item.caption for item in run_items])
     if recipe.data.cache_latents:
         mirrored = (False, True) if recipe.data.flip else (False,)
-        encoders.fill_image_cache([(item.path, m) for item in items for m in mirrored])
-    loop = _Loop(accelerator, models, encoders, items, pipeline.family.training_scheduler(pipe), params, optimizer,
-                 recipe)
+        encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
+    loop = _Loop(accelerator, models, encoders, run_items, pipeline.family.training_scheduler(pipe), params, optimizer,
+                 recipe, streams)
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
     start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every
@@ -641,6 +582,9 @@ def train_lora(
         _trim_log(out / "loss.jsonl", start)
     effective = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     if main and progress:
+        if prior_items:
+            print(f"train lora: {len(prior_items)} prior images ({recipe.prior.source}) in {out / 'priors'}, "
+                  f"{recipe.prior.fraction:.0%} of every batch", file=sys.stderr)
         print(f"train lora: {len(items)} items, effective batch {effective} = {cfg.batch_size} per pass x "
               f"{cfg.gradient_accumulation_steps} accumulated x {accelerator.num_processes} processes",
               file=sys.stderr)
@@ -668,7 +612,9 @@ def train_lora(
         weights, record = _export(out, pipeline, trained, {
             "base_model": model_name, "kind": pipeline.kind, "family": pipeline.family.name, "steps": cfg.steps, "dataset": dataset,
             "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
-            "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": _trigger_words(items),
+            "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": list(triggers or _trigger_words(items)),
+            "prior": {"source": recipe.prior.source, "images": len(prior_items), "fraction": recipe.prior.fraction,
+                      "folder": "priors" if prior_items else None},
             "effective_batch_size": effective, "processes": accelerator.num_processes,
             "recipe": to_dict(recipe), "versions": versions(),
         })

@@ -6,7 +6,7 @@ wherever it strays (Ruiz et al. 2022, https://arxiv.org/abs/2208.12242). Two sou
 
 - `render`, for genkit-mini: scenes of its own training world (`genkit.data.shapes`), drawn by the
   renderer that made its training data. The base model already minimises its loss on these, so they
-  cost it nothing to keep (measured in configs/lora-star.toml: half the drift of generated priors).
+  cost it nothing to keep (measured: half the drift of generated priors, configs/lora.toml).
 - `model`, for every other family: the base model's own images of each training caption with its
   trigger words removed ("a photo of sks dog" -> "a photo of dog"), DreamBooth's recipe.
 
@@ -51,6 +51,19 @@ def without_trigger_words(caption: str, trigger_words) -> str:
     for word in sorted({w for w in trigger_words if w.strip()}, key=len, reverse=True):
         caption = re.sub(rf"(?<!\w){re.escape(word.strip())}(?!\w)", " ", caption, flags=re.IGNORECASE)
     return re.sub(r"\s+([,.;:!?])", r"\1", re.sub(r"\s+", " ", caption)).strip(" ,")
+
+
+def find_trigger_words(captions, tokenizer=None, share: float = 0.25) -> tuple[str, ...]:
+    """Words that name a new concept: in at least `share` of the captions, and not a word the text encoder
+    knows (its tokenizer splits it into pieces, as WordPiece does "zqx" -> z ##q ##x). Empty without a tokenizer."""
+    if tokenizer is None or not captions:
+        return ()
+    counts: dict[str, int] = {}
+    for caption in captions:
+        for word in set(re.findall(r"[a-z0-9]+", caption.lower())):
+            counts[word] = counts.get(word, 0) + 1
+    common = sorted(w for w, c in counts.items() if c >= max(1, share * len(captions)) and not w.isdigit())
+    return tuple(w for w in common if len(tokenizer.tokenize(w)) > 1)
 
 
 def class_captions(captions, trigger_words) -> tuple[str, ...]:

@@ -1,0 +1,217 @@
+"""The LoRA recipe: its sections, its defaults per model family, and how a run's recipe is resolved.
+
+A run's recipe is built in layers, each over the one before:
+
+1. the generic defaults (the dataclasses below; `[lora]`, `[data]`, ... of configs/lora.toml);
+2. the base model's family table in configs/lora.toml (`[families.genkit-mini.train]` ...): the
+   recipe measured or chosen for that family, with the reasons written beside each value;
+3. the user's recipe file (`--config`), if any, with its own `[families.<name>.*]` tables;
+4. `--set section.key=value` overrides, and `--instance-prompt`.
+
+The family is known only once the model is loaded, so `resolve` runs twice: before the load without
+a family (every user value checked before the slow part) and after it with the family.
+A `LoraRecipe` object passed by a library caller is used as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from genkit.config import apply_overrides, build, read_toml, to_dict
+
+PLACEMENT = {"device", "threads", "mixed_precision"}  # decided before the model (and so its family) is loaded
+SHIPPED = "lora"  # configs/lora.toml: the generic defaults and every family's table
+
+
+class Precision(enum.Enum):
+    AUTO = "auto"  # fp32 on a CPU; bf16 on a GPU that has it, else fp16
+    FP32 = "fp32"
+    FP16 = "fp16"
+    BF16 = "bf16"
+
+
+class PriorSource(enum.Enum):
+    RENDER = "render"  # scenes of genkit-mini's training world, drawn by genkit.data.shapes
+    MODEL = "model"  # the base model's own images of the class captions (DreamBooth's class images)
+    NONE = "none"
+
+
+class Schedule(enum.Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+def _choice(enum_type, value, key: str):
+    try:
+        return enum_type(value)
+    except ValueError:
+        valid = ", ".join(e.value for e in enum_type)
+        raise ValueError(f"{key} must be one of {valid}, got {value!r}") from None
+
+
+@dataclass
+class AdapterConfig:
+    rank: int = 8  # LoRA rank r: the width of the low-rank update
+    alpha: float = 8.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input
+    target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # decoder layers that get adapters
+    text_encoder: bool = False  # also train adapters on the text encoder (SD-family only; no caption cache then)
+    text_encoder_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
+
+    def __post_init__(self):
+        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.rank must be >= 1, lora.alpha > 0 and lora.dropout in [0, 1), got "
+                             f"{self.rank}, {self.alpha}, {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one layer, e.g. [\"to_q\", \"to_v\"]")
+
+
+@dataclass
+class DataConfig:
+    resolution: int = 0  # square training size in pixels; 0 is the model's own (512 for SD 1.x, 32 for genkit-mini)
+    instance_prompt: str = ""  # caption for images that have none (DreamBooth style); also --instance-prompt
+    random_crop: bool = False  # random instead of centre crops (needs cache_latents = false)
+    flip: bool = False  # mirror half the images, a fresh choice each epoch
+    cache_latents: bool = True  # encode each image variant once, not every step
+    trigger_words: tuple = ()  # the words that name the new concept; empty: found in the captions (see priors)
+
+    def __post_init__(self):
+        if self.resolution < 0:
+            raise ValueError(f"data.resolution must be 0 (the model's own) or a size in pixels, got {self.resolution}")
+        if self.random_crop and self.cache_latents:
+            raise ValueError("data.random_crop gives a new crop every step, so it cannot be cached: "
+                             "also set data.cache_latents=false")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 1  # images per process per forward pass
+    gradient_accumulation_steps: int = 4  # forward passes per optimizer step
+    learning_rate: float = 1e-4  # peak, after warm-up
+    lr_scheduler: str = "constant"  # constant or cosine (decay to 0 at the last step)
+    warmup_steps: int = 0  # linear warm-up from 0
+    weight_decay: float = 1e-2  # AdamW's decoupled weight decay
+    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
+    seed: int = 0  # decides data order, flips, noise and the adapters' initial weights
+    mixed_precision: str = "auto"  # auto (fp32 on CPU; bf16, else fp16, on GPU), fp32, fp16 or bf16
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
+    device: str = "auto"  # auto (what accelerate picks) or cpu
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    checkpoint_every: int = 250  # steps between checkpoints (the last step always gets one)
+    keep_checkpoints: int = 2  # newest complete checkpoints kept
+
+    def __post_init__(self):
+        if min(self.steps, self.batch_size, self.gradient_accumulation_steps, self.checkpoint_every,
+               self.keep_checkpoints) < 1:
+            raise ValueError("train.steps, batch_size, gradient_accumulation_steps, checkpoint_every and "
+                             "keep_checkpoints must be at least 1")
+        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
+            raise ValueError(f"train.learning_rate must be > 0 and warmup_steps, max_grad_norm >= 0, got "
+                             f"{self.learning_rate}, {self.warmup_steps}, {self.max_grad_norm}")
+        _choice(Schedule, self.lr_scheduler, "train.lr_scheduler")
+        _choice(Precision, self.mixed_precision, "train.mixed_precision")
+        if self.device not in ("auto", "cpu"):
+            raise ValueError(f"train.device must be auto or cpu, got {self.device!r}")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 250  # steps between sample grids (and one at the end); 0 turns them off
+    prompts: tuple = ()  # empty: the instance prompt, else the first 4 distinct captions
+    seed: int = 0  # image i gets seed + i, so grids from different steps compare
+    num_inference_steps: int = 20  # denoising steps per sample
+
+    def __post_init__(self):
+        if self.every < 0 or self.num_inference_steps < 1:
+            raise ValueError("validation.every must be >= 0 and validation.num_inference_steps >= 1")
+
+
+@dataclass
+class PriorConfig:
+    source: str = "model"  # render (genkit-mini's own world), model (the base model's images) or none
+    images: int = 100  # prior images, made once into OUT/priors
+    fraction: float = 0.5  # share of every batch that is prior images
+    batch_size: int = 4  # images per generation batch while making model priors
+
+    def __post_init__(self):
+        _choice(PriorSource, self.source, "prior.source")
+        if self.images < 0 or self.batch_size < 1:
+            raise ValueError(f"prior.images must be >= 0 and prior.batch_size >= 1, got {self.images}, {self.batch_size}")
+        if not 0 <= self.fraction < 1:
+            raise ValueError(f"prior.fraction must be in [0, 1), got {self.fraction}")
+
+    @property
+    def active(self) -> bool:
+        return PriorSource(self.source) is not PriorSource.NONE and self.images > 0 and self.fraction > 0
+
+
+@dataclass
+class LoraRecipe:
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """`top` over `base`, section by section (a value in `top` replaces the same key in `base`)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _layers(raw: dict, family: str | None) -> dict:
+    """A recipe file's sections with its table for `family` on top; the `families` key itself dropped."""
+    tables = raw.get("families", {})
+    if not isinstance(tables, dict):
+        from genkit.errors import GenkitError
+
+        raise GenkitError("families in a LoRA recipe must be a table of [families.<family>.<section>] tables")
+    sections = {k: v for k, v in raw.items() if k != "families"}
+    table = tables.get(family, {}) if family else {}
+    placed = sorted(set(table.get("train", {})) & PLACEMENT)
+    if placed:  # the model is loaded on these before the family is known
+        from genkit.errors import GenkitError
+
+        raise GenkitError(f"train.{placed[0]} cannot be set per family ([families.{family}.train]); set it in [train]")
+    return _merge(sections, table)
+
+
+def shipped_path() -> Path:
+    from genkit.presets import packaged_dir
+
+    return Path(str(packaged_dir("_configs", "configs").joinpath(f"{SHIPPED}.toml")))
+
+
+def family_table(family: str) -> dict:
+    """The shipped defaults' table for one family (empty when the family uses the generic defaults)."""
+    return read_toml(shipped_path()).get("families", {}).get(family, {})
+
+
+def resolve(config: LoraRecipe | str | Path | None = None, overrides=(), instance_prompt: str | None = None,
+            family: str | None = None) -> LoraRecipe:
+    """The run's recipe: shipped defaults (with `family`'s table), then `config`'s file, then `overrides`."""
+    if isinstance(config, LoraRecipe):
+        recipe = build(LoraRecipe, apply_overrides(to_dict(config), overrides)) if overrides else config
+    else:
+        raw = _layers(read_toml(shipped_path()), family)
+        if config is not None and Path(config).resolve() != shipped_path().resolve():
+            raw = _merge(raw, _layers(read_toml(config), family))
+        recipe = build(LoraRecipe, apply_overrides(raw, overrides))
+    if instance_prompt is not None:
+        recipe = replace(recipe, data=replace(recipe.data, instance_prompt=instance_prompt))
+    return recipe
+
+
+def load_recipe(path: str | Path | None, overrides=(), family: str | None = None) -> LoraRecipe:
+    """The recipe of a file (None: the shipped defaults) for `family`, with `section.key=value` overrides."""
+    return resolve(path, overrides, family=family)
