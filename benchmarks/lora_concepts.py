@@ -94,16 +94,34 @@ def table(results: dict) -> str:
     return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
 
 
+def pair(a: Concept, b: Concept, args) -> dict:
+    """Both LoRAs at scale 1 on prompts naming both concepts."""
+    import genkit
+    from genkit import lora
+    from genkit.eval.concepts import generate_fn, judge_pair, pair_prompts
+    from genkit.generate import GenerationConfig
+
+    pipeline = genkit.load()
+    lora.apply(pipeline, [lora.parse_spec(f"{args.out / c.shape / 'lora'}:1.0") for c in (a, b)])
+    return judge_pair(a, b, generate_fn(pipeline, GenerationConfig(batch_size=60)), pair_prompts(a, b, args.pair_prompts))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("runs/concepts"))
     parser.add_argument("--concepts", default=",".join(CONCEPTS), help="comma-separated shapes")
     parser.add_argument("--per-color", type=int, default=10, help="concept prompts per colour")
     parser.add_argument("--quick", action="store_true", help="a smaller standard set (40/20/20/40)")
+    parser.add_argument("--standard", type=int, nargs=4, metavar=("SEEN", "HELD_OUT", "UNSEEN_PHRASING", "TWO_OBJECT"),
+                        help="standard set counts (default 200 100 100 200, genkit eval's)")
+    parser.add_argument("--pair", default="star,heart", help="two concepts loaded together ('' for none)")
+    parser.add_argument("--pair-prompts", type=int, default=40)
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     counts = QUICK if args.quick else STANDARD
+    if args.standard:
+        counts = dict(zip(STANDARD, args.standard))
     results, base = {}, None
     for shape in args.concepts.split(","):
         trigger, colors = CONCEPTS[shape]
@@ -111,14 +129,30 @@ def main(argv=None) -> int:
         out = args.out / shape
         out.mkdir(parents=True, exist_ok=True)
         training = train(concept, out, retrain=args.retrain, progress=not args.quiet)
-        figures = evaluate(concept, out / "lora", counts, args.per_color, base)
-        base = figures["standard_without"]  # the base model's set is the same for every concept
-        results[shape] = {"trigger": trigger, "colors": colors, "training": training, **figures}
-        (out / "results.json").write_text(json.dumps(results[shape], indent=1, default=str))
+        saved = out / "results.json"
+        if saved.is_file() and not args.retrain and json.loads(saved.read_text()).get("counts") == counts:
+            results[shape] = json.loads(saved.read_text())
+        else:
+            figures = evaluate(concept, out / "lora", counts, args.per_color, base)
+            results[shape] = {"trigger": trigger, "colors": colors, "training": training, "counts": counts, **figures}
+            saved.write_text(json.dumps(results[shape], indent=1, default=str))
+        base = results[shape]["standard_without"]  # the base model's set is the same for every concept
         print(table({shape: results[shape]}).splitlines()[-1], flush=True)
     print()
+    print(f"standard set: {sum(counts.values())} prompts ({'/'.join(str(v) for v in counts.values())}); concept "
+          f"prompts: {args.per_color} per colour")
     print(table(results))
-    (args.out / "table.txt").write_text(table(results) + "\n")
+    text = table(results) + "\n"
+    if args.pair:
+        a, b = (Concept(shape, *CONCEPTS[shape]) for shape in args.pair.split(","))
+        figures = pair(a, b, args)["figures"]
+        line = (f"multi-concept ({a.shape} + {b.shape} LoRAs at scale 1, {figures['n']} two-object prompts): both drawn "
+                f"{pct(figures['both'])}, {a.shape} {pct(figures[a.shape])}, {b.shape} {pct(figures[b.shape])}, "
+                f"all-correct {pct(figures['all_correct'])}")
+        print(line)
+        text += line + "\n"
+        (args.out / "pair.json").write_text(json.dumps(figures, indent=1))
+    (args.out / "table.txt").write_text(text)
     return 0
 
 

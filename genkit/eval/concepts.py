@@ -86,6 +86,14 @@ def concept_prompts(concept: Concept, per_color: int = 10, *, seed: int = 0) -> 
     return prompts
 
 
+def candidates(*concepts: Concept) -> tuple[str, ...]:
+    """The shapes an object may be read as: the base model's, and the concepts' the loaded LoRAs teach. (With every
+    extra shape in play a thin star reads as a cross; a model that was never taught crosses does not draw them.)"""
+    from genkit.data import shapes
+
+    return shapes.SHAPES + tuple(dict.fromkeys(c.shape for c in concepts))
+
+
 def judge_concept(concept: Concept, generate, prompts: list[ConceptPrompt], batch_size: int = 60) -> dict:
     """Generate and judge every prompt: per-prompt rows, the images, and the rates (`concept_figures`)."""
     from genkit.eval.judge import judge, score_single
@@ -94,7 +102,7 @@ def judge_concept(concept: Concept, generate, prompts: list[ConceptPrompt], batc
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         for item, image in zip(batch, generate([p.prompt for p in batch], [p.seed for p in batch])):
-            found = judge(image)
+            found = judge(image, candidates=candidates(concept))
             rows.append({
                 "prompt": item.prompt, "seed": item.seed, "color": item.color, "seen_color": item.seen_color,
                 "found": any(o.shape == concept.shape for o in found.objects),
@@ -115,6 +123,43 @@ def concept_figures(rows: list[dict]) -> dict:
 
     return {"overall": rates(rows), "seen_colors": rates([r for r in rows if r["seen_color"]]),
             "unseen_colors": rates([r for r in rows if not r["seen_color"]])}
+
+
+def pair_prompts(a: Concept, b: Concept, n: int = 40, *, seed: int = 0) -> list[ConceptPrompt]:
+    """Two-object prompts naming both concepts ("a red zqx heart left of a blue sks star"), colours drawn from all."""
+    from genkit.data import shapes
+    from genkit.eval.judge import Spec
+
+    rng = random.Random(f"concept-pair-{a.shape}-{b.shape}-{seed}")
+    prompts = []
+    for i in range(n):
+        first, second = rng.sample(list(shapes.COLORS), 2)
+        pair = (a, b) if i % 2 == 0 else (b, a)
+        scene = shapes.two_object_scene(rng, a=(first, pair[0].shape), b=(second, pair[1].shape))
+        caption = scene.caption
+        for c in pair:
+            caption = re.sub(rf"\b{c.shape}\b", f"{c.trigger} {c.shape}", caption)
+        scene = replace(scene, caption=caption)
+        prompts.append(ConceptPrompt(caption, f"{first}+{second}", False, Spec.from_scene(scene), rng.randrange(2**31)))
+    return prompts
+
+
+def judge_pair(a: Concept, b: Concept, generate, prompts: list[ConceptPrompt], batch_size: int = 60) -> dict:
+    """Both concepts drawn in one image: the share with both shapes found, each found, and all-correct."""
+    from genkit.eval.judge import judge, score_two
+
+    rows = []
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        for item, image in zip(batch, generate([p.prompt for p in batch], [p.seed for p in batch])):
+            found = judge(image, candidates=candidates(a, b))
+            drawn = {o.shape for o in found.objects}
+            rows.append({"prompt": item.prompt, "seed": item.seed, a.shape: a.shape in drawn, b.shape: b.shape in drawn,
+                         "both": {a.shape, b.shape} <= drawn, "all_correct": score_two(found, item.spec).all_correct,
+                         "saw": [f"{o.color} {o.shape}" for o in found.objects]})
+    n = len(rows)
+    rates = {key: sum(r[key] for r in rows) / n for key in (a.shape, b.shape, "both", "all_correct")}
+    return {"rows": rows, "figures": {"n": n, **rates}}
 
 
 def generate_fn(pipeline, config):
