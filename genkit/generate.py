@@ -123,6 +123,7 @@ class Pipeline:
         self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
         self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
         self.compiled = False
+        self._cut: dict[str, dict | None] = {}  # prompt -> what its text encoder drops of it (prompt_cut)
         self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
         self.attention = None
         self.set_attention(attention)
@@ -200,9 +201,11 @@ class Pipeline:
             width, height = (self._check_side(key, getattr(spec, key) or base[key]) for key in ("width", "height"))
             scheduler = self._sampler(spec.scheduler) if spec.scheduler else base["scheduler"]
             edits = self._edit(spec, config, steps, read)
+            first = spec.seed if spec.seed is not None else seed + len(jobs)
+            _check_seed(first)
+            _check_seed(first + n - 1)  # the prompt's seeds run from first to first + n - 1
             for k in range(n):
-                image_seed = (spec.seed + k) if spec.seed is not None else seed + len(jobs)
-                _check_seed(image_seed)
+                image_seed = first + k
                 jobs.append(Job(
                     index=len(jobs), prompt=spec.prompt,
                     negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"],
@@ -307,7 +310,10 @@ class Pipeline:
         jobs = self.plan(prompts, config) if jobs is None else jobs
         bar = tqdm(total=len(jobs), unit="img", desc="generate", disable=not progress, leave=False)
         encoded: dict = {}  # each distinct prompt's text encoding, once per run (genkit.invariance.rows_apart)
-        for number, batch in enumerate(_batches(jobs, config.batch_size)):
+        # a long run starts with a batch of one, so its first image comes in about one image's time, not a whole
+        # batch's (batch size never changes pixels in exact mode; see genkit.invariance)
+        first = 1 if len(jobs) > LONG_RUN * config.batch_size else config.batch_size
+        for number, batch in enumerate(_batches(jobs, config.batch_size, first)):
             result = self._run_batch(batch, number, callback, encoded)
             bar.update(len(batch))
             yield result
@@ -378,7 +384,37 @@ class Pipeline:
             "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device, "exact": self.exact, "threads": _threads(),
             "versions": versions(), **({"compiled": True} if self.compiled else {}), **_edit_record(job),
+            **({"prompt_truncated": cut} if (cut := self.prompt_cut(job.prompt)) else {}),
         }
+
+    def prompt_cut(self, prompt: str) -> dict | None:
+        """What the text encoder drops of a prompt longer than it reads: {"tokens": kept, "dropped": text}, else
+        None. Said once per prompt as a warning (the pipelines cut silently), and recorded with each image."""
+        if prompt not in self._cut:
+            self._cut[prompt] = cut = _prompt_cut(*self.family.prompt_limit(self.pipe), prompt)
+            if cut:
+                import warnings
+
+                from genkit.prompts import PromptWarning
+
+                def short(text):
+                    return text if len(text) <= 60 else text[:57] + "..."
+
+                warnings.warn(PromptWarning(
+                    f"prompt {short(prompt)!r} is longer than the {cut['tokens']} tokens {self.name}'s text encoder "
+                    f"reads; {short(cut['dropped'])!r} is ignored (shorten the prompt)"), stacklevel=2)
+        return self._cut[prompt]
+
+
+def _prompt_cut(tokenizer, limit: int | None, prompt: str) -> dict | None:
+    if tokenizer is None or not limit or not prompt:
+        return None
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+    if len(ids) <= limit:
+        return None
+    end = 1 if ids[-1] in set(tokenizer.all_special_ids) else 0  # the closing token is kept past the cut
+    dropped = tokenizer.decode(ids[limit - end:len(ids) - end], skip_special_tokens=True).strip()
+    return {"tokens": limit, "dropped": dropped} if dropped else None
 
 
 def _edit_record(job: Job) -> dict:
@@ -416,13 +452,18 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _batches(jobs: list[Job], size: int):
-    """Consecutive jobs that share steps, guidance, size and scheduler, at most `size` at a time."""
+LONG_RUN = 4  # batches: a run longer than this starts with a batch of one
+
+
+def _batches(jobs: list[Job], size: int, first: int | None = None):
+    """Consecutive jobs that share steps, guidance, size and scheduler, at most `size` at a time (`first` for the
+    first batch)."""
     batch: list[Job] = []
+    limit = first or size
     for job in jobs:
-        if batch and (len(batch) == size or job.batch_key() != batch[0].batch_key()):
+        if batch and (len(batch) == limit or job.batch_key() != batch[0].batch_key()):
             yield batch
-            batch = []
+            batch, limit = [], size
         batch.append(job)
     if batch:
         yield batch

@@ -292,7 +292,11 @@ class OutputWriter:
         return self._names
 
     def write(self, image: Image.Image, record: dict) -> Path:
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise GenkitError(f"cannot create {self.out}: {exc.strerror or exc} (free some space or choose another "
+                              "--out)") from None
         path = self.path_for(record)
         save_png(image, path, record)
         if self._names is not None:

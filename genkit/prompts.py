@@ -32,6 +32,11 @@ RECORD_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "n
 RECORD_ONLY = frozenset({"index", "file", "skipped", "model", "family", "lora", "attention", "dtype", "device",
                          "exact", "threads", "versions", "compiled"})
 MAX_SEED = 2**63 - 1
+
+
+class PromptWarning(UserWarning):
+    """A prompt the model cannot read whole (longer than its text encoder's tokens)."""
+
 MAX_GUIDANCE = 100.0  # A1111's slider stops at 30; serve's limit is the same 100
 DEFAULT_MAX_STEPS = 1000  # the schedulers' training timesteps: more steps cannot sample anything new
 

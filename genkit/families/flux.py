@@ -13,6 +13,8 @@ class Flux(FlowFamily):
     name = "flux"
     title = "Flux.1"
     pipeline_classes = ("FluxPipeline",)
+    prompt_tokenizer = "tokenizer_2"  # T5: the sequence the transformer attends to
+    max_sequence_length = 512  # the pipeline's max_sequence_length default
     negative_prompt = False
     dispatcher = True
     guidance_scale = 3.5

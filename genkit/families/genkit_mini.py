@@ -19,6 +19,7 @@ class GenkitMini(Family):
     name = "genkit-mini"
     title = "genkit-mini"
     pipeline_classes = ("GenkitMiniPipeline",)
+    max_sequence_length = 24  # genkit.pipeline.MAX_TOKENS
     latent = False
     guidance_scale = 4.0
     num_inference_steps = 20

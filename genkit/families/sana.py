@@ -15,6 +15,7 @@ class Sana(FlowFamily):
     name = "sana"
     title = "SANA"
     pipeline_classes = ("SanaPipeline",)
+    max_sequence_length = 300  # the pipeline's max_sequence_length default
     guidance_scale = 4.5
     num_inference_steps = 20
     edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it

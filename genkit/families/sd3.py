@@ -9,6 +9,8 @@ class StableDiffusion3(FlowFamily):
     name = "sd3"
     title = "Stable Diffusion 3"
     pipeline_classes = ("StableDiffusion3Pipeline",)
+    prompt_tokenizer = "tokenizer_3"  # T5: the sequence the transformer attends to
+    max_sequence_length = 256  # the pipeline's max_sequence_length default
     guidance_scale = 7.0
     num_inference_steps = 28
 
