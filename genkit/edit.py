@@ -117,11 +117,15 @@ def check_mask(mask: Picture, image_size: tuple[int, int]) -> None:
         raise GenkitError(f"mask {mask.source} is {mask.pixels.width}x{mask.pixels.height} but the image is "
                           f"{image_size[0]}x{image_size[1]} (pass a mask of the image's size; white repaints)")
     low, high = mask.pixels.getextrema()
-    if high == 0:
-        raise GenkitError(f"mask {mask.source} is all black: nothing to repaint (paint white where the image should "
-                          "change)")
-    if low == 255:
-        raise GenkitError(f"mask {mask.source} is all white: it repaints the whole image (drop --mask for img2img, or "
+    check_coverage(f"mask {mask.source}", 0.0 if high == 0 else 1.0 if low == 255 else 0.5)
+
+
+def check_coverage(which: str, share: float) -> None:
+    """A mask must repaint something and keep something (`share`: the part it repaints)."""
+    if share == 0:
+        raise GenkitError(f"{which} is all black: nothing to repaint (paint white where the image should change)")
+    if share == 1:
+        raise GenkitError(f"{which} is all white: it repaints the whole image (drop the mask for image-to-image, or "
                           "paint black what should stay)")
 
 

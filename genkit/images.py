@@ -141,9 +141,9 @@ def sha256_of(source) -> str:
         path = Path(os.fspath(source)).expanduser()
         if not path.is_file():
             raise GenkitError(f"image file {path} does not exist (check the path)")
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        from genkit.files import file_sha256
+
+        return file_sha256(path)
     elif isinstance(source, Image.Image):
         digest.update(f"{source.mode} {source.width}x{source.height}\n".encode())
         digest.update(source.tobytes())

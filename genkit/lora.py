@@ -14,7 +14,6 @@ has no loader for it); the other pipelines load through their own diffusers load
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import math
 import re
@@ -353,8 +352,6 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
 
 
 def _digest(file: Path) -> str:
-    h = hashlib.sha256()
-    with open(file, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:12]
+    from genkit.files import file_sha256
+
+    return file_sha256(file)[:12]

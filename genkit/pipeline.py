@@ -286,13 +286,7 @@ class GenkitMiniPipeline(DiffusionPipeline):
         repaint = _rows(repaint, rows)
         for r in range(rows):
             share = float(repaint[r].float().mean())
-            which = f"mask_image (row {r})" if len(masks) > 1 else "mask_image"
-            if share == 0:
-                raise GenkitError(f"{which} is all black: nothing to repaint (paint the region to repaint white, or "
-                                  "drop mask_image for image-to-image)")
-            if share == 1:
-                raise GenkitError(f"{which} is all white: everything would be repainted (use text-to-image, or "
-                                  "image-to-image with a strength, instead)")
+            edit.check_coverage(f"mask_image (row {r})" if len(masks) > 1 else "mask_image", share)
         return init, repaint, width, height
 
     @staticmethod

@@ -211,7 +211,7 @@ def test_mask_size_unlike_image(mini):
 def test_all_black_and_all_white_masks(mini):
     with pytest.raises(GenkitError, match="mask_image is all black: nothing to repaint"):
         mini.pipe("a red circle", image=noise_image(0), mask_image=Image.new("L", (SIZE, SIZE), 0))
-    with pytest.raises(GenkitError, match=r"mask_image is all white: .*\(use text-to-image"):
+    with pytest.raises(GenkitError, match=r"mask_image is all white: .*\(drop the mask for image-to-image"):
         mini.pipe("a red circle", image=noise_image(0), mask_image=Image.new("L", (SIZE, SIZE), 255))
     with pytest.raises(GenkitError, match=r"mask_image \(row 1\) is all black"):
         mini.pipe(["a", "b"], image=noise_image(0), mask_image=[half_mask(), Image.new("L", (SIZE, SIZE), 100)])

@@ -425,3 +425,17 @@ def test_check_dataset_lists_problems_instead_of_raising(tmp_path):
     assert "have no caption" in report.problems[0] and "problem" in format_report(report)
     items = scan_folder(tmp_path, instance_prompt="p").items
     assert check_dataset(tmp_path, instance_prompt="p").fingerprint == fingerprint(items)
+
+
+def test_tiny_training_images_are_warned_about_once(tmp_path):
+    from genkit.data.imagefolder import SmallImageWarning, warn_small_images
+
+    for name, side in (("dot.png", 1), ("small.png", 7), ("fine.png", 8), ("big.png", 64)):
+        Image.new("RGB", (side, side + 3), "red").save(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text("a red square")
+    items = scan_folder(tmp_path).items
+    with pytest.warns(SmallImageWarning, match=r"2 training image\(s\) under a quarter of the training size 32 px, "
+                                               r"smallest dot.png \(1 px\)") as caught:
+        small = warn_small_images(items, 32)
+    assert len(caught) == 1 and [p.name for p in small] == ["dot.png", "small.png"]
+    assert warn_small_images(items, 4) == []

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -28,7 +27,8 @@ from genkit.config import load as load_config, to_dict
 from genkit.data import shapes
 from genkit.errors import GenkitError
 from genkit.families.genkit_mini import load_text_encoder
-from genkit.train import checkpoint
+from genkit.files import replace_folder
+from genkit.train import checkpoint, schedule
 
 SAMPLE_PROMPTS = (
     "a red circle on the left",
@@ -100,10 +100,8 @@ def load_recipe(path: str | Path | None, overrides=()) -> BaseRecipe:
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
     """Linear warm-up, then cosine decay from the peak to the minimum."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
-    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.min_learning_rate + 0.5 * (cfg.learning_rate - cfg.min_learning_rate) * (1 + math.cos(math.pi * progress))
+    return schedule.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
+                                  floor=cfg.min_learning_rate)
 
 
 def noise_scheduler():
@@ -306,17 +304,8 @@ def export(unet, folder: Path, recipe: BaseRecipe | None = None) -> Path:
     (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
     if recipe is not None:
         (tmp / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    replace_folder(tmp, folder)  # a complete model at `folder` at every moment
     return folder
-
-
-def export_checkpoint(ckpt_dir: Path, folder: Path, recipe: BaseRecipe) -> Path:
-    """Export the EMA weights of a (possibly mid-run) checkpoint."""
-    tensors, _ = checkpoint.load(Path(ckpt_dir))
-    unet = build_unet(recipe.model)
-    unet.load_state_dict(tensors["ema"])
-    return export(unet, folder, recipe)
 
 
 if __name__ == "__main__":  # python -m genkit.train.base CONFIG OUT [--resume]
