@@ -71,8 +71,12 @@ def test_only_the_command_line_uses_click():
 def test_datasets_know_nothing_of_models():
     for module in (m for m in GRAPH if within(m, ("genkit.data",))):
         bad = sorted(n for n in GRAPH[module] if within(n, MODEL_LIBRARIES) or
-                     (n in GRAPH and not within(n, ("genkit.data", "genkit.errors"))))
+                     (n in GRAPH and not within(n, ("genkit.data", "genkit.errors", "genkit.files"))))
         assert not bad, f"{module} imports {bad}"
+
+
+def test_file_helpers_need_nothing_of_genkit():
+    assert not [n for n in GRAPH["genkit.files"] if n in GRAPH], GRAPH["genkit.files"]
 
 
 def test_the_judge_reads_pixels_only():

@@ -164,8 +164,9 @@ def test_lora_trains_and_plain_diffusers_makes_genkits_image(trained, folder, fa
 
         state = {k.removeprefix("transformer."): v for k, v in
                  load_file(str(trained.weights)).items()}
-        inject_adapter_in_model(LoraConfig(r=4, lora_alpha=8, target_modules=["to_q", "to_k", "to_v", "to_out.0"]),
-                                plain.transformer)
+        adapter = record["recipe"]["lora"]  # rank 4 from the fixture, alpha from the family's defaults
+        inject_adapter_in_model(LoraConfig(r=adapter["rank"], lora_alpha=adapter["alpha"],
+                                           target_modules=adapter["target_modules"]), plain.transformer)
         set_peft_model_state_dict(plain.transformer, state)
     job = mine.plan(PROMPTS[:1], genkit.GenerationConfig(seed=3, **small(mine)))
     args = mine.family.call_args(job, [torch.Generator().manual_seed(3)], None)
