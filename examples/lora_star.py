@@ -13,7 +13,7 @@ What a person does with their own folder, step by step:
    into OUT/lora/priors, fill half of every batch.
 3. Images: star prompts in all six colours, four never shown with a star, without and with the
    LoRA; OUT/star_grid.png (the README's picture: wrong ones marked "x" with what the judge saw) and
-   OUT/star_grid_base.png, and the share of images in which the judge finds a star.
+   OUT/star_grid_base.png, and the share of images in which the judge finds a star (OUT/star_figures.json).
 
 The measured figures and their targets are benchmarks/lora_concepts.py's (this star is one of its
 concepts, the same data); a rerun with the same OUT reuses the trained LoRA.
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         print(f"{'with the LoRA' if lora_dir else 'base model   '}: star found in {figures['overall']['found']:.0%} "
               f"(training colours {figures['seen_colors']['found']:.0%}, unseen {figures['unseen_colors']['found']:.0%}), "
               f"asked colour {figures['overall']['right_color']:.0%}; {args.out / name}.png")
-    (args.out / "results.json").write_text(json.dumps(summary, indent=1))
+    (args.out / "star_figures.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 

@@ -192,11 +192,6 @@ def shipped_path() -> Path:
     return Path(str(packaged_dir("_configs", "configs").joinpath(f"{SHIPPED}.toml")))
 
 
-def family_table(family: str) -> dict:
-    """The shipped defaults' table for one family (empty when the family uses the generic defaults)."""
-    return read_toml(shipped_path()).get("families", {}).get(family, {})
-
-
 def resolve(config: LoraRecipe | str | Path | None = None, overrides=(), instance_prompt: str | None = None,
             family: str | None = None) -> LoraRecipe:
     """The run's recipe: shipped defaults (with `family`'s table), then `config`'s file, then `overrides`."""
