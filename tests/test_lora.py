@@ -338,5 +338,5 @@ def test_cli_preflight_errors_exit_2_before_loading_a_model(case, tmp_path):
     assert len(message.splitlines()) == 1 and message.startswith("Error: ")
     expected = {"no images": "no images in", "no captions": "have no caption", "checkpoints without --resume":
                 "already holds checkpoints", "--resume with none": "no complete checkpoint",
-                "a trained LoRA in --out": "already holds a trained LoRA"}[case]
+                "a trained LoRA in --out": "already holds a finished run"}[case]
     assert expected in message

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from genkit.data import shapes
 from genkit.errors import GenkitError
 from genkit.families.genkit_mini import load_text_encoder
 from genkit.files import replace_folder
-from genkit.train import checkpoint, schedule
+from genkit.train import checkpoint, shared
 
 SAMPLE_PROMPTS = (
     "a red circle on the left",
@@ -100,7 +99,7 @@ def load_recipe(path: str | Path | None, overrides=()) -> BaseRecipe:
 
 def learning_rate(step: int, cfg: OptimConfig) -> float:
     """Linear warm-up, then cosine decay from the peak to the minimum."""
-    return schedule.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
+    return shared.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
                                   floor=cfg.min_learning_rate)
 
 
@@ -120,24 +119,6 @@ MODEL_INDEX = {
     "unet": ["diffusers", "UNet2DConditionModel"],
     "scheduler": ["diffusers", "DDPMScheduler"],
 }
-
-
-class CaptionCache:
-    """Embeddings of each distinct caption, computed once: the encoder is frozen."""
-
-    def __init__(self, tokenizer, text_encoder):
-        self.tokenizer, self.text_encoder, self.cache = tokenizer, text_encoder, {}
-
-    @torch.no_grad()
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from genkit.pipeline import encode_text
-
-        missing = sorted(set(captions) - set(self.cache))
-        if missing:
-            hidden, mask = encode_text(self.tokenizer, self.text_encoder, missing)
-            self.cache.update({c: (h, m) for c, h, m in zip(missing, hidden, mask)})
-        hidden, mask = zip(*(self.cache[c] for c in captions))
-        return torch.stack(hidden), torch.stack(mask)
 
 
 def make_batch(step: int, recipe: BaseRecipe) -> tuple[torch.Tensor, list[str]]:
@@ -194,19 +175,18 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     """
     from tqdm.auto import tqdm
 
+    from genkit.pipeline import encode_text
+
     # 1. Set up: threads, frozen encoder, decoder and its EMA copy, optimizer
     cfg, out_dir = recipe.train, Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ckpt = checkpoint.latest(out_dir) if resume else None
-    if resume and ckpt is None:
-        raise GenkitError(f"--resume: no complete checkpoint in {out_dir} (start without --resume)")
-    if not resume and checkpoint.latest(out_dir) is not None:
-        raise GenkitError(f"{out_dir} already holds checkpoints (add --resume, or choose another --out)")
+    ckpt = shared.resume_point(out_dir, resume, finished=out_dir / "final")
     start_weights = init_weights(Path(cfg.init_from)) if ckpt is None and cfg.init_from else None  # before any work
     torch.manual_seed(cfg.seed)
     tokenizer, encoder = load_text_encoder()
-    captions = CaptionCache(tokenizer, encoder)
+    captions = shared.CaptionCache(lambda text: dict(zip(("hidden", "mask"), encode_text(tokenizer, encoder, text))),
+                                   chunk=None)
     unet = build_unet(recipe.model).train()
     ema = copy.deepcopy(unet).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
@@ -235,11 +215,10 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
 
     # 3. The loop: batch from seeds, noise from the step's generator, v-prediction loss
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train base")
-    log = (out_dir / "loss.jsonl").open("a")
-    started = time.time()
+    log = shared.LossLog(out_dir / "loss.jsonl", start)
     for step in bar:
         pixels, text = make_batch(step, recipe)
-        hidden, mask = captions(text)
+        hidden, mask = captions(text).values()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         noise = torch.randn(pixels.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(pixels),), generator=gen)
@@ -259,8 +238,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         # the EMA warms up from random weights; a second stage's EMA already holds the first stage's average
         ema_update(ema, unet, cfg.ema_decay if cfg.init_from else min(cfg.ema_decay, (1 + step) / (10 + step)))
         bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{learning_rate(step, cfg):.1e}")
-        log.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "time": round(time.time() - started, 2)}) + "\n")
-        log.flush()
+        log.write(step + 1, loss.item())
 
         # 4. Checkpoints and sample grids
         done = step + 1

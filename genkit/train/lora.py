@@ -32,7 +32,6 @@ import os
 import random
 import shutil
 import sys
-import time
 from dataclasses import dataclass, replace
 from fractions import Fraction
 from functools import lru_cache
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from genkit.config import to_dict
 from genkit.errors import GenkitError
 from genkit.lora import WEIGHTS_NAME, diffusers_layout, text_encoder_problem
-from genkit.train import checkpoint, priors, schedule
+from genkit.train import checkpoint, priors, shared
 from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
     AdapterConfig, DataConfig, LoraRecipe, Precision, PriorConfig, PriorSource, Schedule, TrainConfig,
     ValidationConfig, load_recipe, resolve)
@@ -65,14 +64,8 @@ class LoraTrainResult:
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then constant or cosine decay to zero at the last step."""
-    return schedule.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
+    return shared.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
                                   decay=Schedule(cfg.lr_scheduler).value)
-
-
-def step_generator(seed: int, *parts: int) -> torch.Generator:
-    """A CPU generator that depends on (seed, parts) only: noise is the same on any device."""
-    state = np.random.SeedSequence([seed, *parts]).generate_state(2, dtype=np.uint64)
-    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
 
 
 @lru_cache(maxsize=8)
@@ -125,7 +118,7 @@ class _Encoders:
         self.pipe, self.family, self.recipe = pipeline.pipe, pipeline.family, recipe
         self.text_encoder = text_encoder if recipe.lora.text_encoder else pipeline.pipe.text_encoder
         self.resolution, self.device = resolution, device
-        self.text_cache: dict[str, tuple] = {}
+        self.text_cache = shared.CaptionCache(self._encode_text, chunk=ENCODE_CHUNK)
         self.image_cache: dict[tuple, torch.Tensor] = {}
 
     # -- text -------------------------------------------------------------------------------
@@ -137,19 +130,10 @@ class _Encoders:
             return {"encoder_hidden_states": self.text_encoder(tokens.input_ids.to(self.device))[0]}
         return self.family.encode_captions(self.pipe, captions, self.device)
 
-    def fill_text_cache(self, captions) -> None:
-        distinct = sorted(set(captions))
-        with torch.no_grad():
-            for i in range(0, len(distinct), ENCODE_CHUNK):
-                chunk = distinct[i:i + ENCODE_CHUNK]
-                encoded = self._encode_text(chunk)
-                for j, caption in enumerate(chunk):
-                    self.text_cache[caption] = {k: v[j] for k, v in encoded.items()}
-
     def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         if self.recipe.lora.text_encoder:  # being trained: encode with gradients, every step
             return self._encode_text(captions)
-        return {k: torch.stack([self.text_cache[c][k] for c in captions]) for k in self.text_cache[captions[0]]}
+        return self.text_cache(captions)
 
     # -- images -----------------------------------------------------------------------------
     def _pixels(self, path: Path, mirrored: bool, crop_rng: random.Random | None) -> torch.Tensor:
@@ -187,20 +171,6 @@ class _Encoders:
 
 
 # --- Pre-flight -----------------------------------------------------------------------------
-
-
-def _check_out_dir(out: Path, resume: bool) -> Path | None:
-    """The checkpoint to resume from (None for a fresh run); refuses the ambiguous cases."""
-    if out.exists() and not out.is_dir():
-        raise GenkitError(f"--out {out} is a file; pass a folder for the LoRA and its checkpoints")
-    ckpt = checkpoint.latest(out)
-    if resume and ckpt is None:
-        raise GenkitError(f"--resume: no complete checkpoint in {out} (start without --resume)")
-    if not resume and ckpt is not None:
-        raise GenkitError(f"{out} already holds checkpoints (add --resume to continue, or choose another --out)")
-    if not resume and (out / WEIGHTS_NAME).exists():
-        raise GenkitError(f"{out} already holds a trained LoRA ({WEIGHTS_NAME}); choose another --out")
-    return ckpt
 
 
 def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> None:
@@ -395,13 +365,6 @@ def _validate(pipeline, trained, prompts: list[str], cfg: ValidationConfig, path
     make_grid(result.images, prompts, cols=min(4, len(prompts))).save(path)
 
 
-def _trim_log(path: Path, step: int) -> None:
-    """Drop loss lines after `step` (written after the checkpoint a resumed run starts from)."""
-    if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in lines))
-
-
 def _trigger_words(items) -> list[str]:
     from genkit.data.imagefolder import CaptionSource
 
@@ -441,7 +404,7 @@ class _Loop:
         # one generator per sample, keyed by its place in the whole run: one process with batch 2 and two
         # processes with batch 1 draw the same latents, noise and timesteps for the same samples
         first = sample_index(step, micro, cfg, accelerator.num_processes, rank)
-        gens = [step_generator(cfg.seed, first + j) for j in range(len(picked))]
+        gens = [shared.step_generator(cfg.seed, first + j) for j in range(len(picked))]
         with accelerator.accumulate(*self.models):
             clean = self.encoders.clean(self.items, picked, gens)
             noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
@@ -482,12 +445,6 @@ def _accelerator(cfg: TrainConfig):
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu)
 
 
-def _log_line(log, step: int, loss: float, started: float) -> None:
-    """One line of OUT/loss.jsonl: the step, its loss, and seconds since this call's loop started."""
-    log.write(json.dumps({"step": step, "loss": round(loss, 6), "time": round(time.time() - started, 3)}) + "\n")
-    log.flush()
-
-
 def train_lora(
     data_dir: str | Path,
     out: str | Path,
@@ -516,7 +473,7 @@ def train_lora(
     cfg, out = recipe.train, Path(out)
     scan = scan_folder(data_dir, instance_prompt=recipe.data.instance_prompt or None)
     items, dataset = scan.items, fingerprint(scan.items)
-    ckpt = _check_out_dir(out, resume)
+    ckpt = shared.resume_point(out, resume, finished=out / WEIGHTS_NAME)
     if recipe.lora.text_encoder and (problem := text_encoder_problem()):
         raise GenkitError(f"lora.text_encoder: {problem} (upgrade peft, or set lora.text_encoder=false)")
     model_name = _model_id(model)
@@ -566,7 +523,7 @@ def train_lora(
     encoders = _Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=models[-1])
     run_items = items + prior_items
     if not recipe.lora.text_encoder:
-        encoders.fill_text_cache([item.caption for item in run_items])
+        encoders.text_cache.fill([item.caption for item in run_items])
     if recipe.data.cache_latents:
         mirrored = (False, True) if recipe.data.flip else (False,)
         encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
@@ -579,7 +536,6 @@ def train_lora(
     prompts = _validation_prompts(recipe.validation, recipe, items)
     if main:
         out.mkdir(parents=True, exist_ok=True)
-        _trim_log(out / "loss.jsonl", start)
     effective = cfg.batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     if main and progress:
         if prior_items:
@@ -588,15 +544,15 @@ def train_lora(
         print(f"train lora: {len(items)} items, effective batch {effective} = {cfg.batch_size} per pass x "
               f"{cfg.gradient_accumulation_steps} accumulated x {accelerator.num_processes} processes",
               file=sys.stderr)
-    loss, started = None, time.time()
-    with open(out / "loss.jsonl", "a") if main else open(os.devnull, "w") as log, tqdm(
+    loss = None
+    with shared.LossLog(out / "loss.jsonl", start, enabled=main) as log, tqdm(
             range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train lora",
             disable=None if progress and main else True) as bar:
         for step in bar:
             loss = loop.step(step)
             done = step + 1
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(step, cfg):.1e}")
-            _log_line(log, done, loss, started)
+            log.write(done, loss)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 _check_finite(params, done)
                 accelerator.wait_for_everyone()
