@@ -128,6 +128,9 @@ def model_options(f):
               help="--exact: an image's pixels never depend on its batch-mates or the batch size (the default on a "
                    "CPU); --fast: skip that guard (the default on a GPU, where batching is the speed; see the "
                    "README's Seeds section).")
+@click.option("--long-prompts", type=click.Choice(["chunk", "truncate"]), default=None,
+              help="A prompt past CLIP's 75 tokens (SD 1.x/2.x, SDXL): chunk reads all of it in 75-token chunks as "
+                   "A1111 does (the default); truncate cuts it as diffusers does (said and recorded).")
 @click.option("--out", "-o", default="outputs", show_default=True, type=click.Path(), help="Output folder.")
 @click.option("--grid", is_flag=True, help="Also write grid.png with every image of the run.")
 @click.option("--overwrite", is_flag=True, help="Regenerate images that already exist in --out.")

@@ -124,6 +124,10 @@ class Pipeline:
         self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
         self.compiled = False
         self._cut: dict[str, dict | None] = {}  # prompt -> what its text encoder drops of it (prompt_cut)
+        self._chunks: dict[str, int] = {}  # prompt -> its 75-token CLIP chunks (chunks_of)
+        # a prompt past CLIP's 75 tokens: "chunk" reads all of it as A1111 does (genkit.families.clip_chunks),
+        # "truncate" cuts it as diffusers does; families without CLIP text always truncate (at their own length)
+        self.long_prompts = "chunk" if family.prompt_chunks else "truncate"
         self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
         self.attention = None
         self.set_attention(attention)
@@ -132,6 +136,26 @@ class Pipeline:
     def kind(self) -> str:
         """"genkit" for genkit-mini's format, "diffusers" for every diffusers pipeline."""
         return "genkit" if self.family.name == "genkit-mini" else "diffusers"
+
+    def set_long_prompts(self, mode: str) -> None:
+        """"chunk" (A1111's 75-token chunks, the default for CLIP families) or "truncate" (diffusers' cut)."""
+        if mode not in ("chunk", "truncate"):
+            raise GenkitError(f"long_prompts must be 'chunk' or 'truncate', got {mode!r}")
+        if mode == "chunk" and not self.family.prompt_chunks:
+            raise GenkitError(f"long_prompts: {self.family.title} reads prompts with its own text encoder's length; "
+                              "chunking is for CLIP models (SD 1.x/2.x, SDXL): drop it")
+        self.long_prompts, self._cut = mode, {}
+
+    def chunks_of(self, job: Job) -> int:
+        """How many 75-token chunks the job's prompt and negative are read in (1: as diffusers reads them)."""
+        if self.long_prompts != "chunk":
+            return 1
+        from genkit.families.clip_chunks import MAX_CHUNKS
+
+        for text in (job.prompt, job.negative_prompt):
+            if text not in self._chunks:
+                self._chunks[text] = min(self.family.chunks(self.pipe, text), MAX_CHUNKS)
+        return max(self._chunks[job.prompt], self._chunks[job.negative_prompt])
 
     @property
     def denoiser(self):
@@ -313,7 +337,7 @@ class Pipeline:
         # a long run starts with a batch of one, so its first image comes in about one image's time, not a whole
         # batch's (batch size never changes pixels in exact mode; see genkit.invariance)
         first = 1 if len(jobs) > LONG_RUN * config.batch_size else config.batch_size
-        for number, batch in enumerate(_batches(jobs, config.batch_size, first)):
+        for number, batch in enumerate(_batches(jobs, config.batch_size, first, self.chunks_of)):
             result = self._run_batch(batch, number, callback, encoded)
             bar.update(len(batch))
             yield result
@@ -347,6 +371,9 @@ class Pipeline:
                 rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
                 self.family.attention_context(self.attention):
             args = self.family.call_args(batch, generators, on_step)
+            if (chunks := self.chunks_of(first)) > 1:  # a batch shares its chunk count (_batches)
+                args = {k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")}
+                args.update(self.family.chunked_args(self.pipe, batch, chunks))
             if first.task is not None:
                 inputs = [edit.inputs_for(job.image, job.mask, job.outpaint, job.width, job.height, self.size_factor)
                           for job in batch]
@@ -385,13 +412,17 @@ class Pipeline:
             "device": self.device, "exact": self.exact, "threads": _threads(),
             "versions": versions(), **({"compiled": True} if self.compiled else {}), **_edit_record(job),
             **({"prompt_truncated": cut} if (cut := self.prompt_cut(job.prompt)) else {}),
+            **({"prompt_chunks": chunks} if (chunks := self.chunks_of(job)) > 1 else {}),
         }
 
     def prompt_cut(self, prompt: str) -> dict | None:
         """What the text encoder drops of a prompt longer than it reads: {"tokens": kept, "dropped": text}, else
         None. Said once per prompt as a warning (the pipelines cut silently), and recorded with each image."""
         if prompt not in self._cut:
-            self._cut[prompt] = cut = _prompt_cut(*self.family.prompt_limit(self.pipe), prompt)
+            if self.long_prompts == "chunk":
+                self._cut[prompt] = cut = _chunks_cut(self.family.chunk_tokenizer(self.pipe), prompt)
+            else:
+                self._cut[prompt] = cut = _prompt_cut(*self.family.prompt_limit(self.pipe), prompt)
             if cut:
                 import warnings
 
@@ -415,6 +446,16 @@ def _prompt_cut(tokenizer, limit: int | None, prompt: str) -> dict | None:
     end = 1 if ids[-1] in set(tokenizer.all_special_ids) else 0  # the closing token is kept past the cut
     dropped = tokenizer.decode(ids[limit - end:len(ids) - end], skip_special_tokens=True).strip()
     return {"tokens": limit, "dropped": dropped} if dropped else None
+
+
+def _chunks_cut(tokenizer, prompt: str) -> dict | None:
+    from genkit.families.clip_chunks import MAX_CHUNKS, split
+
+    parts = split(tokenizer, prompt)
+    if len(parts) <= MAX_CHUNKS:
+        return None
+    dropped = tokenizer.decode([t for part in parts[MAX_CHUNKS:] for t in part], skip_special_tokens=True).strip()
+    return {"tokens": sum(len(part) for part in parts[:MAX_CHUNKS]), "dropped": dropped} if dropped else None
 
 
 def _edit_record(job: Job) -> dict:
@@ -455,13 +496,13 @@ def _threads() -> int:
 LONG_RUN = 4  # batches: a run longer than this starts with a batch of one
 
 
-def _batches(jobs: list[Job], size: int, first: int | None = None):
-    """Consecutive jobs that share steps, guidance, size and scheduler, at most `size` at a time (`first` for the
-    first batch)."""
+def _batches(jobs: list[Job], size: int, first: int | None = None, chunks=lambda job: 1):
+    """Consecutive jobs that share steps, guidance, size, scheduler and text chunks (`chunks(job)`), at most `size`
+    at a time (`first` for the first batch)."""
     batch: list[Job] = []
     limit = first or size
     for job in jobs:
-        if batch and (len(batch) == limit or job.batch_key() != batch[0].batch_key()):
+        if batch and (len(batch) == limit or job.batch_key() != batch[0].batch_key() or chunks(job) != chunks(batch[0])):
             yield batch
             batch, limit = [], size
         batch.append(job)

@@ -30,7 +30,7 @@ JSONL_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "n": int, "ste
 RECORD_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "n"}
 # what an image record (manifest.jsonl) says about how it was made; the command line decides these
 RECORD_ONLY = frozenset({"index", "file", "skipped", "model", "family", "lora", "attention", "dtype", "device",
-                         "exact", "threads", "versions", "compiled"})
+                         "exact", "threads", "versions", "compiled", "prompt_truncated", "prompt_chunks"})
 MAX_SEED = 2**63 - 1
 
 

@@ -46,6 +46,7 @@ class GenerateRequest:
     cpu_offload: bool = False
     compile: bool = False
     exact: bool | None = None  # pixels independent of the batch (genkit.invariance); None: on the CPU only
+    long_prompts: str | None = None  # "chunk" or "truncate" past CLIP's 75 tokens; None: the family's way
     overwrite: bool = False
     grid: bool = False
     progress: bool = True
@@ -75,6 +76,8 @@ def load_for(request, device: str | None = None) -> "object":
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
                            cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", None))
+    if getattr(request, "long_prompts", None):
+        pipeline.set_long_prompts(request.long_prompts)
     if request.loras:
         lora.apply(pipeline, specs, allow_pickle=request.allow_pickle)
     if getattr(request, "compile", False):
@@ -251,7 +254,8 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
               for key, given in (("image", input_image), ("mask", input_mask)) if record.get(key) is not None}
     request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
                               attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
-                              dtype=record.get("dtype"), exact=record.get("exact", True))
+                              dtype=record.get("dtype"), exact=record.get("exact", True),
+                              long_prompts=_long_prompts(record))
     from genkit import cpu
 
     if isinstance(record.get("threads"), int) and 1 <= record["threads"] <= cpu.usable_cores():  # pixels depend on it
@@ -273,6 +277,15 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     reasons = [f"{label} {record.get(key)} -> {now.get(key)}" for key, label in _ENVIRONMENT.items()
                if key in record and record.get(key) != now.get(key)]
     return Replay(path, largest == 0, largest, reasons)
+
+
+def _long_prompts(record: dict) -> str | None:
+    """How the recorded prompt was read: in chunks, cut (by a CLIP family's "truncate"), or as its family reads it."""
+    if "prompt_chunks" in record:
+        return "chunk"
+    if "prompt_truncated" in record and record.get("family") in ("sd", "sdxl"):  # cut at 77 (or made before chunks)
+        return "truncate"
+    return None
 
 
 def _find_input(record: dict, key: str, given, beside: Path):

@@ -66,6 +66,29 @@ class Family:
         limit = limit or tokenizer.model_max_length
         return tokenizer, (limit if limit and limit < 100_000 else None)
 
+    prompt_chunks = True  # CLIP text: a prompt past 75 tokens can be read in chunks (genkit.families.clip_chunks)
+
+    def chunks(self, pipe, text: str) -> int:
+        """75-token chunks `text` takes (1 when it fits; families without chunking: always 1)."""
+        from genkit.families import clip_chunks
+
+        tokenizer = self.chunk_tokenizer(pipe)
+        return clip_chunks.count(tokenizer, text) if self.prompt_chunks and tokenizer is not None else 1
+
+    def chunk_tokenizer(self, pipe):
+        """The CLIP tokenizer that splits prompts into chunks (SDXL's two share one vocabulary)."""
+        return getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+
+    def chunked_args(self, pipe, batch, chunks: int) -> dict:
+        """The call's text as embeddings of `chunks` chunks each (replacing prompt / negative_prompt)."""
+        from genkit.families import clip_chunks
+
+        def encode(texts):
+            return clip_chunks.encode(pipe.text_encoder, pipe.tokenizer, texts, chunks)[0].to(pipe.text_encoder.dtype)
+
+        return {"prompt_embeds": encode([job.prompt for job in batch]),
+                "negative_prompt_embeds": encode([job.negative_prompt for job in batch])}
+
     def text_encoders(self, pipe) -> list[torch.nn.Module]:
         return [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
                 if getattr(pipe, n, None) is not None]
@@ -205,6 +228,7 @@ class TransformerFamily(Family):
     """Transformer denoisers (DiT / MMDiT): SDPA inside their own processors, patchified latents."""
 
     denoiser_name = "transformer"
+    prompt_chunks = False  # T5 / Gemma text of hundreds of tokens: read as the pipeline reads it
     lora_layout = "peft"  # diffusers' SD3/Flux/SANA training scripts save peft's lora_A/lora_B keys
 
     def patch(self, pipe) -> int:

