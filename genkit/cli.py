@@ -343,12 +343,12 @@ def data_check(data_dir, instance_prompt, model):
 
     _quiet_libraries()
     _one_line_warnings()
-    tokenizer = None
+    tokenizer = limit = None
     if model is not None:
-        import genkit
+        from genkit.loader import load_tokenizer
 
-        tokenizer = genkit.load(model, device="cpu").pipe.tokenizer
-    report = check_dataset(data_dir, instance_prompt=instance_prompt, tokenizer=tokenizer)
+        tokenizer, limit = load_tokenizer(model)  # the tokenizer alone: no weights are read
+    report = check_dataset(data_dir, instance_prompt=instance_prompt, tokenizer=tokenizer, max_tokens=limit)
     click.echo(format_report(report))
     if not report.ok:
         sys.exit(2)

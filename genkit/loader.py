@@ -150,6 +150,55 @@ def load_errors(source: str, local: bool):
         raise GenkitError(f"could not load hub id {source}: {first_line(exc)} ({hint})") from None
 
 
+def _locate(name: str, allow_pickle: bool = False):
+    """(source, family or None, preset defaults, preset or None) of a preset name, local folder or hub id."""
+    from genkit import families
+
+    preset = presets.get(name)
+    if preset is not None:
+        source, family, defaults = preset.location(), preset.family, preset.defaults
+    elif Path(name).expanduser().exists():
+        source, family, defaults = str(Path(name).expanduser()), None, {}
+    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        source, family, defaults = name, None, {}  # hub id: the family is known once loaded
+    else:
+        raise GenkitError(f"unknown model {name!r}: not a preset ({', '.join(presets.names())}) and no such folder "
+                          "(pass a preset name, a diffusers folder, or a hub id like org/model)")
+    if Path(source).exists():
+        folder = Path(source)
+        if not folder.is_dir():
+            raise GenkitError(f"model path {folder} is a file; pass the pipeline folder that holds model_index.json")
+        config = check_folder(folder, allow_pickle)
+        family = family or families.detect(config.get("_class_name"), str(folder))
+    return source, family, defaults, preset
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """(tokenizer, tokens it reads) of a model's main text conditioning, without loading any weights: what
+    `genkit data check --model` counts captions with. A hub id's family is read from its model_index.json."""
+    from transformers import AutoTokenizer
+
+    from genkit import families
+
+    name = name_or_path or presets.DEFAULT_MODEL
+    source, family, _, _ = _locate(name)
+    local = Path(source).exists()
+    with load_errors(source, local):
+        if family is None:  # a hub id: its model_index.json says the family
+            from huggingface_hub import hf_hub_download
+
+            with open(hf_hub_download(source, "model_index.json")) as f:
+                family = families.detect(json.load(f).get("_class_name"), source)
+        if family.name == "genkit-mini":
+            from genkit.families.genkit_mini import load_tokenizer as minilm_tokenizer
+
+            tokenizer = minilm_tokenizer()
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, subfolder=family.prompt_tokenizer)
+    limit = family.max_sequence_length or tokenizer.model_max_length
+    return tokenizer, (limit if limit and limit < 100_000 else None)
+
+
 def default_exact(device: str) -> bool:
     """--exact unless asked otherwise on a CPU, where it holds bitwise; --fast on GPUs (README: Seeds)."""
     return str(device).split(":")[0] == "cpu"  # "cpu:0" is what accelerate gives each process
@@ -182,24 +231,8 @@ def load(
     from genkit.generate import Pipeline
 
     name = name_or_path or presets.DEFAULT_MODEL
-    preset = presets.get(name)
-    if preset is not None:
-        source, family, defaults = preset.location(), preset.family, preset.defaults
-    elif Path(name).expanduser().exists():
-        source, family, defaults = str(Path(name).expanduser()), None, {}
-    elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        source, family, defaults = name, None, {}  # hub id: the family is known once loaded
-    else:
-        raise GenkitError(f"unknown model {name!r}: not a preset ({', '.join(presets.names())}) and no such folder "
-                          "(pass a preset name, a diffusers folder, or a hub id like org/model)")
-
+    source, family, defaults, preset = _locate(name, allow_pickle)
     local = Path(source).exists()
-    if local:
-        folder = Path(source)
-        if not folder.is_dir():
-            raise GenkitError(f"model path {folder} is a file; pass the pipeline folder that holds model_index.json")
-        config = check_folder(folder, allow_pickle)
-        family = family or families.detect(config.get("_class_name"), str(folder))
     backend_device = pick_device(device)
     exact = default_exact(backend_device) if exact is None else exact
     backend = attn.resolve(attention, backend_device)  # fail on xformers before the slow load

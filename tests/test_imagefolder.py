@@ -439,3 +439,20 @@ def test_tiny_training_images_are_warned_about_once(tmp_path):
         small = warn_small_images(items, 32)
     assert len(caught) == 1 and [p.name for p in small] == ["dot.png", "small.png"]
     assert warn_small_images(items, 4) == []
+
+
+@pytest.mark.parametrize("model, limit", [("tiny_sd", 77), ("tiny_mini", 24)])
+def test_data_check_reads_the_tokenizer_alone(tmp_path, model, limit, request):
+    """`genkit data check --model` counts tokens with the model's tokenizer and its real limit (genkit-mini reads 24
+    tokens, not MiniLM's 512) without loading the model: a folder without weights does."""
+    from click.testing import CliRunner
+
+    from genkit.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(request.getfixturevalue(model), folder)
+    for weights in folder.rglob("*.safetensors"):
+        weights.unlink()
+    save(tmp_path / "data" / "a.png", Image.new("RGB", (32, 32)), caption="red circle " * 30)
+    result = CliRunner().invoke(main, ["data", "check", str(tmp_path / "data"), "--model", str(folder)])
+    assert f"limit {limit}" in result.output, result.output
