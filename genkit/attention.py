@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 from enum import Enum
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 
 
 class Attention(str, Enum):
@@ -59,7 +59,7 @@ def resolve(name: str | Attention, device: str) -> Attention:
     if choice is Attention.XFORMERS:
         problem = xformers_problem(device)
         if problem:
-            raise GenkitError(f"--attention xformers: {problem} (use --attention sdpa)")
+            raise GenkitError(f"{term('attention')} xformers: {problem} (use {term('attention')} sdpa)")
     return choice
 
 

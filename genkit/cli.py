@@ -22,8 +22,11 @@ class GenkitGroup(click.Group):
     """Turns GenkitError into `Error: <message>` and exit code 2, with no traceback."""
 
     def invoke(self, ctx):
+        from genkit.errors import command_line
+
         try:
-            return super().invoke(ctx)
+            with command_line():  # library errors name settings by their flags here
+                return super().invoke(ctx)
         except GenkitError as exc:
             from genkit.distributed import rank_prefix
 

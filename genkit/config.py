@@ -9,7 +9,7 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 
 
 def read_toml(path: str | Path) -> dict:
@@ -27,7 +27,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise GenkitError(f"--set expects section.key=value, got {item!r}")
+            raise GenkitError(f"{term('overrides')} expects section.key=value, got {item!r}")
         try:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

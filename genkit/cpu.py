@@ -85,7 +85,7 @@ def check_size(pipeline, width: int, height: int, batch_size: int) -> None:
     block's channels, three alive at once (a resnet's input, its normalised copy, its output), per image of
     the batch. Real peaks are several times higher; this refuses only what cannot fit at all.
     """
-    from genkit.errors import GenkitError
+    from genkit.errors import GenkitError, term
     from genkit.prompts import check_side
 
     check_side(width, "width")
@@ -94,8 +94,8 @@ def check_size(pipeline, width: int, height: int, batch_size: int) -> None:
     free = available_memory(pipeline.device) if needed else None
     if free is not None and needed > free:
         raise GenkitError(f"{width}x{height} at batch size {batch_size} needs at least {needed / 2**30:.1f} GiB and "
-                          f"{free / 2**30:.1f} GiB is free on {pipeline.device} (lower --width/--height or "
-                          "--batch-size, or free memory)")
+                          f"{free / 2**30:.1f} GiB is free on {pipeline.device} (lower {term('width')}/{term('height')} or "
+                          f"{term('batch_size')}, or free memory)")
 
 
 def size_memory(pipeline, width: int, height: int, batch_size: int) -> int:
@@ -166,7 +166,7 @@ def free_cores(seconds: float = 0.25) -> int:
 
 def parse_threads(value) -> int | str | None:
     """`--threads` / $GENKIT_THREADS: a whole number >= 1, "auto", or None (unset)."""
-    from genkit.errors import GenkitError
+    from genkit.errors import GenkitError, term
 
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
@@ -177,7 +177,7 @@ def parse_threads(value) -> int | str | None:
     except (TypeError, ValueError):
         threads = 0
     if threads < 1 or isinstance(value, bool) or (isinstance(value, float) and value != threads):
-        raise GenkitError(f"threads must be a whole number (1 or more) or 'auto', got {value!r} (e.g. --threads 2; "
+        raise GenkitError(f"threads must be a whole number (1 or more) or 'auto', got {value!r} (e.g. {term('threads')} 2; "
                           f"this machine has {usable_cores()} usable cores)")
     return threads
 

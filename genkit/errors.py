@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from contextvars import ContextVar
 
 
 class GenkitError(Exception):
     """A user mistake: the message names the value and the fix."""
+
+
+# A library caller passes parameters and a shell user passes flags: a message names a setting with `term(name)`,
+# which is the parameter's name (`lora`, `out`, `resume`), or its command-line flag while the CLI runs a command
+# (`with command_line():` in genkit.cli). This table is the one place that knows the flags.
+FLAGS = {"out": "--out", "device": "--device", "cpu_offload": "--cpu-offload", "vae_slicing": "--vae-slicing",
+         "vae_tiling": "--vae-tiling", "lora_dir": "--lora-dir", "port": "--port", "host": "--host",
+         "threads": "--threads", "stop_at": "--stop-at", "resume": "--resume", "model": "--model", "seen": "--seen",
+         "held_out": "--held-out", "attention": "--attention", "lora": "--lora", "processes": "--processes",
+         "compile": "--compile", "prompts_file": "--prompts-file", "image": "--image", "mask": "--mask",
+         "outpaint": "--outpaint", "negative_prompt": "--negative", "seed": "--seed", "overrides": "--set",
+         "strength": "--strength", "allow_pickle": "--allow-pickle", "width": "--width", "height": "--height",
+         "dtype": "--dtype", "batch_size": "--batch-size", "api_key": "--api-key", "overwrite": "--overwrite",
+         "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger"}
+_COMMAND_LINE: ContextVar[bool] = ContextVar("genkit_command_line", default=False)
+
+
+def term(name: str) -> str:
+    """How the user at hand names setting `name`: its flag under the CLI, else the parameter itself."""
+    return FLAGS[name] if _COMMAND_LINE.get() else name
+
+
+@contextlib.contextmanager
+def command_line():
+    """Errors raised inside name settings by their command-line flags."""
+    token = _COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _COMMAND_LINE.reset(token)
 
 
 def first_line(exc: BaseException, limit: int = 300) -> str:

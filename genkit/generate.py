@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 from genkit import edit, schedulers
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
 
@@ -184,8 +184,8 @@ class Pipeline:
             try:
                 cpp_builder.get_cpp_compiler()
             except exc.InvalidCxxCompiler:
-                raise GenkitError("--compile on a CPU needs a C++ compiler for torch.compile and none was found "
-                                  "(install g++ or set CXX, or drop --compile)") from None
+                raise GenkitError(f"{term('compile')} on a CPU needs a C++ compiler for torch.compile and none was found "
+                                  f"(install g++ or set CXX, or drop {term('compile')})") from None
         self.denoiser.compile()
         self.compiled = True
         self.exact = False  # compiled kernels are not bitwise equal across batch sizes anyway, and tracing the
@@ -208,7 +208,7 @@ class Pipeline:
         config = config or GenerationConfig()
         specs = from_strings([prompts] if isinstance(prompts, (str, PromptSpec)) else prompts)
         if not specs:
-            raise GenkitError("no prompts given (pass at least one prompt or --prompts-file)")
+            raise GenkitError(f"no prompts given (pass at least one prompt or {term('prompts_file')})")
         base = self._settings(config)
         seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
         _check_count("num_images_per_prompt (-n)", config.num_images_per_prompt)
@@ -257,13 +257,13 @@ class Pipeline:
         if source is None:
             if mask_source is not None or outpaint is not None:
                 raise GenkitError(f"{'mask' if mask_source is not None else 'outpaint'} needs an input image to edit "
-                                  "(pass --image, or image= in the library)")
+                                  f"(pass {term('image')})")
             if strength is not None:
-                raise GenkitError(f"strength {strength} applies only to an input image (pass --image, or drop "
-                                  "--strength)")
+                raise GenkitError(f"strength {strength} applies only to an input image (pass {term('image')}, or drop "
+                                  f"{term('strength')})")
             return {}
         if mask_source is not None and outpaint is not None:
-            raise GenkitError("outpaint makes its own mask (the new border); pass --mask or --outpaint, not both")
+            raise GenkitError(f"outpaint makes its own mask (the new border); pass {term('mask')} or {term('outpaint')}, not both")
         task = "inpaint" if mask_source is not None or outpaint is not None else "img2img"
         self.family.check_edit(task)
         strength = edit.check_strength(edit.default_strength(task == "inpaint") if strength is None else strength)

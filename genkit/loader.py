@@ -15,7 +15,7 @@ from pathlib import Path
 
 from genkit import attention as attn
 from genkit import presets
-from genkit.errors import GenkitError, first_line
+from genkit.errors import GenkitError, first_line, term
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16", "half": "float16",
@@ -42,18 +42,18 @@ def _check_device(device: str) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise GenkitError(f"--device {device}: not a device torch knows (available here: {here})") from None
+        raise GenkitError(f"{term('device')} {device}: not a device torch knows (available here: {here})") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise GenkitError(f"--device {device}: CUDA is not available here (available here: {here})")
+            raise GenkitError(f"{term('device')} {device}: CUDA is not available here (available here: {here})")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise GenkitError(f"--device {device}: this machine has {count} CUDA device(s), numbered from 0 "
+            raise GenkitError(f"{term('device')} {device}: this machine has {count} CUDA device(s), numbered from 0 "
                               f"(try cuda:0)")
     elif parsed.type == "mps" and not _mps():
-        raise GenkitError(f"--device {device}: Apple's MPS is not available here (available here: {here})")
+        raise GenkitError(f"{term('device')} {device}: Apple's MPS is not available here (available here: {here})")
     elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise GenkitError(f"--device {device}: genkit runs on cpu, cuda or mps (available here: {here})")
+        raise GenkitError(f"{term('device')} {device}: genkit runs on cpu, cuda or mps (available here: {here})")
     return device
 
 
@@ -100,7 +100,7 @@ def check_folder(folder: Path, allow_pickle: bool) -> dict:
         pickles = [p for p in files if p.suffix in PICKLE_SUFFIXES]
         if pickles and not any(p.suffix == ".safetensors" for p in files) and not allow_pickle:
             raise GenkitError(f"{sub} holds weights only in a pickle format ({pickles[0].name}), which can run code "
-                              "when loaded; convert them to safetensors, or pass --allow-pickle if you trust them")
+                              f"when loaded; convert them to safetensors, or pass {term('allow_pickle')} if you trust them")
     return config
 
 
@@ -140,7 +140,7 @@ def load_errors(source: str, local: bool):
         raise
     except MemoryError:
         raise GenkitError(f"not enough memory to load {source} (close other programs, or pick a smaller model "
-                          "or --dtype fp16/bf16)") from None
+                          f"or {term('dtype')} fp16/bf16)") from None
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError,
             SafetensorError) as exc:
         if local:
@@ -252,7 +252,7 @@ def load(
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload:
         if not backend_device.startswith("cuda"):
-            raise GenkitError("--cpu-offload moves models between CPU and GPU and needs CUDA (drop it on CPU)")
+            raise GenkitError(f"{term('cpu_offload')} moves models between CPU and GPU and needs CUDA (drop it on CPU)")
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(backend_device)
@@ -262,7 +262,7 @@ def load(
         cpu.keep_freed_memory()
     vae = getattr(pipe, "vae", None)
     if (vae_slicing or vae_tiling) and vae is None:
-        raise GenkitError(f"{name} decodes pixels directly and has no VAE; drop --vae-slicing/--vae-tiling")
+        raise GenkitError(f"{name} decodes pixels directly and has no VAE; drop {term('vae_slicing')}/{term('vae_tiling')}")
     if vae_slicing:
         vae.enable_slicing()
     if vae_tiling:

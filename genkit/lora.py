@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from genkit.errors import GenkitError, first_line
+from genkit.errors import GenkitError, first_line, term
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _SUFFIXES = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.[\w]+)?\.weight$|\.alpha$")
@@ -62,7 +62,7 @@ def parse_spec(text: str | LoraSpec) -> LoraSpec:
             path, scale = head, float(tail)
         except ValueError:
             if not Path(path).expanduser().exists() and Path(head).expanduser().exists():
-                raise GenkitError(f"--lora {text}: the scale {tail!r} after the last ':' is not a number "
+                raise GenkitError(f"{term('lora')} {text}: the scale {tail!r} after the last ':' is not a number "
                                   f"(write {head}:0.8, or {head} for scale 1)") from None
     check_scale(scale, path)
     return LoraSpec(Path(path).expanduser(), scale)
@@ -70,7 +70,7 @@ def parse_spec(text: str | LoraSpec) -> LoraSpec:
 
 def check_scale(scale: float, path) -> None:
     if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
-        raise GenkitError(f"--lora {path}: scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got "
+        raise GenkitError(f"{term('lora')} {path}: scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got "
                           f"{scale:g} (1 is full strength; most adapters work from 0.5 to 1.2)")
 
 
@@ -82,14 +82,14 @@ def weights_file(path: Path, allow_pickle: bool = False) -> Path:
             pickles = sorted(path.glob("*.bin"))
             if pickles and allow_pickle:
                 return pickles[0]
-            hint = " (it holds only .bin pickles; pass --allow-pickle if you trust them)" if pickles else ""
-            raise GenkitError(f"--lora {path}: no .safetensors file in the folder{hint}")
+            hint = f" (it holds only .bin pickles; pass {term('allow_pickle')} if you trust them)" if pickles else ""
+            raise GenkitError(f"{term('lora')} {path}: no .safetensors file in the folder{hint}")
         return found
     if not path.is_file():
-        raise GenkitError(f"--lora {path}: no such file or folder")
+        raise GenkitError(f"{term('lora')} {path}: no such file or folder")
     if path.suffix != ".safetensors" and not allow_pickle:
-        raise GenkitError(f"--lora {path} is not a .safetensors file; pickle files can run code when loaded "
-                          "(convert it, or pass --allow-pickle if you trust it)")
+        raise GenkitError(f"{term('lora')} {path} is not a .safetensors file; pickle files can run code when loaded "
+                          f"(convert it, or pass {term('allow_pickle')} if you trust it)")
     return path
 
 
@@ -101,7 +101,7 @@ def check_safetensors(file: Path) -> None:
         with safe_open(str(file), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError, ValueError) as exc:
-        raise GenkitError(f"--lora {file} is not a valid safetensors file ({first_line(exc)}); pass the LoRA's "
+        raise GenkitError(f"{term('lora')} {file} is not a valid safetensors file ({first_line(exc)}); pass the LoRA's "
                           ".safetensors file as it was saved (is it truncated, or another format renamed?)") from None
 
 
@@ -130,7 +130,7 @@ def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
         parts = loader.lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True,
                                        use_safetensors=file.suffix == ".safetensors", **extra)
     except (ValueError, KeyError, RuntimeError, OSError, TypeError, SafetensorError) as exc:
-        raise GenkitError(f"--lora {file}: cannot read it as a LoRA ({first_line(exc)})") from None
+        raise GenkitError(f"{term('lora')} {file}: cannot read it as a LoRA ({first_line(exc)})") from None
     if len(parts) == 2:  # transformer loaders keep no network alphas
         return parts[0], None, parts[1]
     return parts
@@ -323,25 +323,25 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
         state_dict, alphas, metadata = read(file, pipe)
         fit = check_fit(state_dict, pipe, family)
         if fit.wanted == 0:
-            raise GenkitError(f"--lora {spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
+            raise GenkitError(f"{term('lora')} {spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
                               "lora_down/lora_up keys)")
         if fit.matched < fit.wanted:
-            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
+            raise GenkitError(f"{term('lora')} {spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
                               f"layers matched the model (first that did not: {fit.miss}; was it trained for "
                               "another base model?)")
         problem = text_encoder_problem() if any(k.startswith("text_encoder") for k in state_dict) else None
         if problem:
-            raise GenkitError(f"--lora {spec.path} holds text-encoder layers, but {problem} (upgrade peft)")
+            raise GenkitError(f"{term('lora')} {spec.path} holds text-encoder layers, but {problem} (upgrade peft)")
         adapter = f"lora{number}_{re.sub(r'[^A-Za-z0-9_]', '_', spec.path.stem)}"
         try:
             _load(pipe, family, file, state_dict, alphas, metadata, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:
             _unload(pipe, family, adapter)
-            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {first_line(exc)}") from None
+            raise GenkitError(f"{term('lora')} {spec.path} does not fit {pipeline.name}: {first_line(exc)}") from None
         loaded = _adapter_layers(pipe, adapter)
         if loaded < fit.wanted:
             _unload(pipe, family, adapter)
-            raise GenkitError(f"--lora {spec.path} does not fit {pipeline.name}: {loaded} of its {fit.wanted} layers "
+            raise GenkitError(f"{term('lora')} {spec.path} does not fit {pipeline.name}: {loaded} of its {fit.wanted} layers "
                               "received the adapter")
         names.append(adapter)
         scales.append(spec.scale)

@@ -31,7 +31,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from genkit.errors import GenkitError, first_line
+from genkit.errors import GenkitError, first_line, term
 from genkit.lora import WEIGHTS_NAME, peft_names
 
 RECORD_NAME = "genkit_lora.json"  # what genkit.train.lora writes beside the weights
@@ -415,7 +415,7 @@ def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
     if out.suffix != ".safetensors":
         raise _fail(out, "the kohya file's name must end in .safetensors")
     if out.exists() and not overwrite:
-        raise _fail(out, "already exists (pass --overwrite to replace it)")
+        raise _fail(out, f"already exists (pass {term('overwrite')} to replace it)")
     lora = open_lora(src)
     if key_format(lora.tensors) == "kohya":
         raise _fail(lora.path, "is already in kohya's layout")

@@ -27,7 +27,7 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from genkit.errors import GenkitError, strict_json
+from genkit.errors import GenkitError, strict_json, term
 
 MANIFEST = "manifest.jsonl"
 
@@ -166,7 +166,7 @@ def atomic_write(path: Path, write) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
-            raise GenkitError(f"cannot write {path}: {exc.strerror} (free some space or choose another --out; "
+            raise GenkitError(f"cannot write {path}: {exc.strerror} (free some space or choose another {term('out')}; "
                               "files written before are complete and a rerun keeps them)") from None
         raise
 
@@ -202,18 +202,18 @@ def check_out_dir(out: str | Path) -> Path:
     """
     out = Path(os.path.normpath(Path(out).expanduser()))
     if out.exists() and not out.is_dir():
-        raise GenkitError(f"--out {out} is a file, not a folder (choose a folder path)")
+        raise GenkitError(f"{term('out')} {out} is a file, not a folder (choose a folder path)")
     parent = out
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise GenkitError(f"--out {out}: {parent} is a file, so the folder cannot be created (choose another path)")
+        raise GenkitError(f"{term('out')} {out}: {parent} is a file, so the folder cannot be created (choose another path)")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise GenkitError(f"--out {out}: {parent} is not writable (choose a folder you can write to)")
+        raise GenkitError(f"{term('out')} {out}: {parent} is not writable (choose a folder you can write to)")
     try:
         tempfile.TemporaryDirectory(dir=parent, prefix=".genkit-probe-").cleanup()
     except OSError as exc:
-        raise GenkitError(f"--out {out}: cannot create files in {parent} ({exc.strerror or exc}); choose a folder "
+        raise GenkitError(f"{term('out')} {out}: cannot create files in {parent} ({exc.strerror or exc}); choose a folder "
                           "you can write to") from None
     return out
 
@@ -296,7 +296,7 @@ class OutputWriter:
             self.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise GenkitError(f"cannot create {self.out}: {exc.strerror or exc} (free some space or choose another "
-                              "--out)") from None
+                              f"{term('out')})") from None
         path = self.path_for(record)
         save_png(image, path, record)
         if self._names is not None:
@@ -312,7 +312,7 @@ class OutputWriter:
             if exc.errno not in _DISK_ERRORS:
                 raise
             raise GenkitError(f"cannot write {self.out / MANIFEST}: {exc.strerror} (free some space or choose "
-                              "another --out; close() rewrites the manifest whole)") from None
+                              f"another {term('out')}; close() rewrites the manifest whole)") from None
         return path
 
     def close(self) -> Path | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Iterator
 
 from genkit import distributed
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.outputs import OutputWriter, check_out_dir, read_record, recorded_seed, run_key
 
 
@@ -97,7 +97,7 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     check_request(request)  # before the slow model load
     processes = distributed.state()  # None unless under accelerate launch / torchrun
     if processes is not None and request.seed is None:
-        raise GenkitError("several processes need one shared --seed (pass --seed N)")
+        raise GenkitError(f"several processes need one shared {term('seed')} (pass {term('seed')} N)")
     pipeline = pipeline or load_for(request, device=str(processes.device) if processes else None)
     config, run_seed = request.config(), None
     if request.seed is None and jobs is None:  # a drawn seed is kept in the folder, so a rerun finishes the run
@@ -348,7 +348,7 @@ def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_p
         return pipeline.generate(specs, config).images
 
     if not items:
-        raise GenkitError("the prompt set is empty (give at least one of --seen, --held-out, ...)")
+        raise GenkitError(f"the prompt set is empty (give at least one of {term('seen')}, {term('held_out')}, ...)")
     result = evaluate(generate_fn, items, batch_size=batch_size, progress=progress)
     table = format_table(result)
     out.mkdir(parents=True, exist_ok=True)

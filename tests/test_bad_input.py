@@ -374,7 +374,7 @@ def test_size_bounds_before_any_allocation(tiny_sd, monkeypatch):
     monkeypatch.setenv("GENKIT_MAX_SIZE", "1000000")
     free = cpu.available_memory("cpu")
     side = 8 * int((free / cpu.size_memory(pipeline, 8, 8, 1)) ** 0.5 + 2)  # just past what is free
-    with pytest.raises(GenkitError, match=r"needs at least .* GiB and .* GiB is free on cpu \(lower --width"):
+    with pytest.raises(GenkitError, match=r"needs at least .* GiB and .* GiB is free on cpu \(lower width/height"):
         cpu.check_size(pipeline, side, side, 1)
     monkeypatch.setenv("GENKIT_MAX_SIZE", "big")
     with pytest.raises(GenkitError, match=r"\$GENKIT_MAX_SIZE must be a whole number, got 'big'"):
@@ -478,3 +478,24 @@ if __name__ == "__main__":  # the child of test_bad_input_under_a_memory_limit: 
         result = CliRunner().invoke(main, args)
         results.append({"exit_code": result.exit_code, "stderr": result.stderr, "output": result.output})
     print(json.dumps(results))
+
+
+def test_errors_name_parameters_in_the_library_and_flags_on_the_command_line(tmp_path):
+    """One message, two readers: a library caller reads the parameter it passed, a shell user the flag it typed
+    (genkit.errors.FLAGS is the one map between them)."""
+    from genkit import lora
+    from genkit.errors import FLAGS, GenkitError, command_line
+
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(GenkitError, match=r"^lora .*nope\.safetensors: no such file or folder$"):
+        lora.weights_file(missing, False)
+    with command_line(), pytest.raises(GenkitError, match=r"^--lora .*nope\.safetensors: no such file or folder$"):
+        lora.weights_file(missing, False)
+    result = CliRunner().invoke(main, ["generate", "a", "--lora", str(missing), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2 and f"--lora {missing}: no such file or folder" in result.output
+    with pytest.raises(GenkitError, match=r"^lora "):  # the CLI's spelling ends with its command
+        lora.weights_file(missing, False)
+    flags = [line for line in Path("genkit/cli.py").read_text().splitlines() if "click.option(" in line]
+    for flag in FLAGS.values():  # every flag the map names exists on the command line
+        if flag.startswith("--") and flag not in ("--lora-dir", "--api-key", "--host", "--port"):  # genkit serve's
+            assert any(f'"{flag}"' in line for line in flags), flag

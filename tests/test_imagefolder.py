@@ -295,7 +295,7 @@ def test_missing_captions_without_instance_prompt(tmp_path):
     save(tmp_path / "a.png", caption="a")
     save(tmp_path / "b.png")
     save(tmp_path / "c.png")
-    with pytest.raises(GenkitError, match=r"2 of 3 images have no caption \(first: .*b\.png\).*--instance-prompt"):
+    with pytest.raises(GenkitError, match=r"2 of 3 images have no caption \(first: .*b\.png\).*pass instance_prompt"):
         scan_folder(tmp_path)
 
 

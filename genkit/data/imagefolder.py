@@ -64,7 +64,7 @@ from genkit.data.decode import (  # noqa: F401  (load_image, open_rgb, to_tensor
     open_rgb,
     to_tensor,
 )
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 UNSUPPORTED_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw")
@@ -290,7 +290,7 @@ def _problems(folder: Path, usable: list[_Found], skipped: list[Skipped]) -> lis
     if missing:
         return [
             f"{len(missing)} of {len(usable)} images have no caption (first: {missing[0]}); "
-            'pass --instance-prompt "a photo of sks dog" or add sidecar .txt files'
+            f'pass {term("instance_prompt")} "a photo of sks dog" or add sidecar .txt files'
         ]
     return []
 

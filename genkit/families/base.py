@@ -16,7 +16,7 @@ from enum import Enum
 import torch
 
 from genkit.attention import Attention
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 
 
 class Target(str, Enum):
@@ -127,7 +127,7 @@ class Family:
     def check_job(self, job) -> None:
         """Refuse settings this family cannot honour (before any work)."""
         if job.negative_prompt and not self.negative_prompt:
-            raise GenkitError(f"negative_prompt: {self.title} models take no negative prompt (drop --negative)")
+            raise GenkitError(f"negative_prompt: {self.title} models take no negative prompt (drop {term('negative_prompt')})")
 
     # -- editing ----------------------------------------------------------------------------
     def edit_pipe(self, pipe, task: str):
@@ -242,7 +242,7 @@ class TransformerFamily(Family):
         """Their processors are their own (joint, linear, rotary): never replaced; SDPA's kernel is chosen per call."""
         if backend is Attention.SLICED:
             raise GenkitError(f"attention: sliced attention is for UNet models; {self.title} computes attention in "
-                              "its own processors (use --attention sdpa or math)")
+                              f"its own processors (use {term('attention')} sdpa or math)")
         if backend is Attention.XFORMERS:
             denoiser = self.denoiser(pipe)
             if hasattr(denoiser, "set_attention_backend") and self.dispatcher:

@@ -10,7 +10,7 @@ import socket
 import threading
 import time
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -21,7 +21,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise GenkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another --port or --host)") \
+        raise GenkitError(f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another {term('port')} or {term('host')})") \
             from None
     sock.listen(2048)
     sock.set_inheritable(True)

@@ -14,7 +14,7 @@ import base64
 import hmac
 import ipaddress
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.serve.errors import ApiError, response_for
 
 PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
@@ -32,7 +32,7 @@ def is_loopback(host: str) -> bool:
 def check_bind(host: str, api_key: str | None) -> None:
     if not is_loopback(host) and not api_key:
         raise GenkitError(f"refusing to listen on {host} without an API key: anyone who can reach it could use the "
-                          "model (pass --api-key KEY or set GENKIT_API_KEY, or keep --host 127.0.0.1)")
+                          f"model (pass {term('api_key')} KEY or set GENKIT_API_KEY, or keep {term('host')} 127.0.0.1)")
 
 
 def key_matches(header: bytes | None, key: str) -> bool:

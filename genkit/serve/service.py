@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.serve.errors import ApiError, one_line
 from genkit.serve.loras import LoraLibrary, split_tags
 from genkit.serve.queue import Coalescer, QueueFull, ShuttingDown, Ticket
@@ -171,7 +171,7 @@ class Service:
             if isinstance(exc, ShuttingDown):
                 raise ApiError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
             if isinstance(exc, GenkitError):
-                raise ApiError(422, str(exc), param=order.field("loras") if "--lora" in str(exc) else None)
+                raise ApiError(422, str(exc), param=order.field("loras") if str(exc).startswith(term("lora") + " ") else None)
             raise ApiError(500, f"generation failed: {one_line(exc)}", code="generation_failed")
         return Delivery(entries=ticket.outputs_done(), interrupted=ticket.interrupted, model=ticket.key[0])
 
