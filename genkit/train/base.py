@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from genkit.config import load as load_config, to_dict
 from genkit.data import shapes
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.families.genkit_mini import load_text_encoder
 from genkit.files import replace_folder
 from genkit.train import checkpoint, shared
@@ -209,7 +209,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         start = meta["step"]
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     if end <= start:
-        raise GenkitError(f"--stop-at {stop_at}: the run is already at step {start} (choose a later step)")
+        raise GenkitError(f"{term('stop_at')} {stop_at}: the run is already at step {start} (choose a later step)")
     (out_dir / "recipe.json").parent.mkdir(parents=True, exist_ok=True)
     (out_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
 

@@ -10,11 +10,11 @@ text encoder is being trained), and each image variant is encoded once, into the
 distribution (mean, std) for SD-family models and into pixels for genkit-mini. A variant is an
 image as training sees it: centre-cropped, and mirrored or not when `data.flip` is on (so at
 most two per image). Random crops give a new variant every step, so `data.random_crop` needs
-`data.cache_latents = false`, which encodes each batch as it comes.
+`data.cache_latents = false`, which encodes each batch as it comes (train/encoders.py).
 
 A run is a pure function of (seed, step): the epoch's image order and flips, each step's
 latent sample, noise and timesteps come from generators seeded by them, the dropout RNG is
-reseeded every step, and the learning rate is a function of the step. So a run resumed from a
+reseeded every step, and the learning rate is a function of the step (train/sampling.py, train/shared.py). So a run resumed from a
 checkpoint ends with the same weights as an unbroken one. Checkpoints (adapter weights,
 optimizer and loss-scaler state) are written atomically and rotated afterwards; a NaN or
 infinite loss stops the run in that step, before anything is written.
@@ -27,14 +27,11 @@ with `pipe.load_lora_weights(OUT_DIR)`, and `genkit_lora.json`, the record of ho
 from __future__ import annotations
 
 import json
-import math
 import os
-import random
 import shutil
 import sys
 from dataclasses import dataclass, replace
 from fractions import Fraction
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -42,15 +39,16 @@ import torch
 import torch.nn.functional as F
 
 from genkit.config import to_dict
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.lora import WEIGHTS_NAME, diffusers_layout, text_encoder_problem
 from genkit.train import checkpoint, priors, shared
+from genkit.train.encoders import Encoders
+from genkit.train.sampling import Streams, batch_items, sample_index
 from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
     AdapterConfig, DataConfig, LoraRecipe, Precision, PriorConfig, PriorSource, Schedule, TrainConfig,
     ValidationConfig, load_recipe, resolve)
 
 RECORD_NAME = "genkit_lora.json"
-ENCODE_CHUNK = 8  # images or captions per encoder call while filling the caches (fixed: results stay bitwise stable)
 
 
 @dataclass
@@ -68,108 +66,6 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
                                   decay=Schedule(cfg.lr_scheduler).value)
 
 
-@lru_cache(maxsize=8)
-def epoch_plan(seed: int, epoch: int, n: int, stream: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(order of the n items, which of them are mirrored) for one epoch of one stream (0: the user's images,
-    1: the prior images)."""
-    rng = np.random.default_rng([seed, epoch] + ([stream] if stream else []))
-    return rng.permutation(n), rng.random(n) < 0.5
-
-
-def sample_index(step: int, micro: int, cfg: TrainConfig, processes: int = 1, rank: int = 0) -> int:
-    """Index, in the whole run, of the first sample of this forward pass."""
-    return ((step * cfg.gradient_accumulation_steps + micro) * processes + rank) * cfg.batch_size
-
-
-@dataclass(frozen=True)
-class Streams:
-    """The run's items: `n` of the user's images, then `priors` prior images, which fill `fraction` of the samples."""
-
-    n: int
-    priors: int = 0
-    fraction: Fraction = Fraction(0)
-
-    def item(self, k: int, seed: int, flip: bool) -> tuple[int, int, bool]:
-        """(item index, epoch, mirrored) of sample k of the run. Whether sample k is a prior image depends on k
-        alone (priors before k: floor(k * fraction)), so batch sizes and process counts split the same samples."""
-        before = math.floor(k * self.fraction) if self.priors else 0
-        if self.priors and math.floor((k + 1) * self.fraction) > before:
-            stream, position, n, offset = 1, before, self.priors, self.n
-        else:
-            stream, position, n, offset = 0, k - before, self.n, 0
-        epoch, position = divmod(position, n)
-        order, flips = epoch_plan(seed, epoch, n, stream)
-        return offset + int(order[position]), epoch, flip and bool(flips[order[position]])
-
-
-def batch_items(step: int, micro: int, cfg: TrainConfig, streams: Streams | int, flip: bool, processes: int = 1,
-                rank: int = 0):
-    """[(item index, epoch, mirrored)] of one forward pass: epochs cover every item of a stream once, in a seeded
-    order."""
-    streams = Streams(streams) if isinstance(streams, int) else streams
-    start = sample_index(step, micro, cfg, processes, rank)
-    return [streams.item(k, cfg.seed, flip) for k in range(start, start + cfg.batch_size)]
-
-
-class _Encoders:
-    """The frozen parts of a pipeline, and the caches of what they produce."""
-
-    def __init__(self, pipeline, recipe: LoraRecipe, resolution: int, device, text_encoder=None):
-        self.pipe, self.family, self.recipe = pipeline.pipe, pipeline.family, recipe
-        self.text_encoder = text_encoder if recipe.lora.text_encoder else pipeline.pipe.text_encoder
-        self.resolution, self.device = resolution, device
-        self.text_cache = shared.CaptionCache(self._encode_text, chunk=ENCODE_CHUNK)
-        self.image_cache: dict[tuple, torch.Tensor] = {}
-
-    # -- text -------------------------------------------------------------------------------
-    def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """What the denoiser reads of each caption, as the pipeline computes it when generating."""
-        if self.recipe.lora.text_encoder:  # SD 1.x/2.x only: the adapted encoder runs with gradients
-            tokens = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                         truncation=True, return_tensors="pt")
-            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids.to(self.device))[0]}
-        return self.family.encode_captions(self.pipe, captions, self.device)
-
-    def text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        if self.recipe.lora.text_encoder:  # being trained: encode with gradients, every step
-            return self._encode_text(captions)
-        return self.text_cache(captions)
-
-    # -- images -----------------------------------------------------------------------------
-    def _pixels(self, path: Path, mirrored: bool, crop_rng: random.Random | None) -> torch.Tensor:
-        from genkit.data.imagefolder import load_image, to_tensor
-
-        try:
-            image = load_image(path, self.resolution, random_crop=crop_rng is not None, rng=crop_rng)
-        except OSError as exc:
-            raise GenkitError(f"cannot read {path} ({exc}); it changed after the pre-flight check") from exc
-        pixels = to_tensor(image)  # (3, resolution, resolution) in [-1, 1]
-        return torch.flip(pixels, dims=[-1]) if mirrored else pixels
-
-    @torch.no_grad()
-    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Latent families: the VAE's latent mean and std, (batch, 2, c, h, w); genkit-mini: the pixels themselves."""
-        return self.family.encode_images(self.pipe, pixels.to(self.device))
-
-    def fill_image_cache(self, variants: list[tuple[Path, bool]]) -> None:
-        variants = sorted(set(variants))
-        for i in range(0, len(variants), ENCODE_CHUNK):
-            chunk = variants[i:i + ENCODE_CHUNK]
-            encoded = self._encode_images(torch.stack([self._pixels(p, m, None) for p, m in chunk]))
-            self.image_cache.update(zip(chunk, encoded))
-
-    def clean(self, items, picked, generators: list[torch.Generator]) -> torch.Tensor:
-        """The batch as the decoder denoises it: scaled latents drawn from the cached distribution, or pixels."""
-        if self.recipe.data.cache_latents:
-            encoded = torch.stack([self.image_cache[(items[i].path, m)] for i, _, m in picked])
-        else:
-            seed = self.recipe.train.seed
-            pixels = [self._pixels(items[i].path, m, random.Random(f"{seed}:{e}:{i}") if self.recipe.data.random_crop
-                                   else None) for i, e, m in picked]
-            encoded = self._encode_images(torch.stack(pixels))
-        return self.family.latents(self.pipe, encoded, generators)
-
-
 # --- Pre-flight -----------------------------------------------------------------------------
 
 
@@ -178,15 +74,15 @@ def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> N
     saved = meta["recipe"]
     now = json.loads(json.dumps(to_dict(recipe)))  # tuples as the JSON lists they were saved as
     if meta["model"] != model:
-        raise GenkitError(f"--resume: the checkpoint was trained on {meta['model']}, not {model} (pass that --model)")
+        raise GenkitError(f"{term('resume')}: the checkpoint was trained on {meta['model']}, not {model} (pass that {term('model')})")
     if meta["dataset"] != dataset:
-        raise GenkitError(f"--resume: DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
-                          f"{dataset}); restore it, or start a new run in another --out")
+        raise GenkitError(f"{term('resume')}: DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
+                          f"{dataset}); restore it, or start a new run in another {term('out')}")
     keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [("prior", k) for k in now["prior"]] + [
         ("train", k) for k in ("seed", "batch_size", "gradient_accumulation_steps")]
     for section, key in keys:
         if saved[section][key] != now[section][key]:
-            raise GenkitError(f"--resume: {section}.{key} was {saved[section][key]!r} in the checkpoint, now "
+            raise GenkitError(f"{term('resume')}: {section}.{key} was {saved[section][key]!r} in the checkpoint, now "
                               f"{now[section][key]!r} (it must stay the same to continue that run)")
 
 
@@ -243,7 +139,7 @@ def _prior_items(out: Path, recipe: LoraRecipe, pipeline, items, triggers, progr
     captions = priors.class_captions([item.caption for item in items], triggers)
     if source is PriorSource.MODEL and progress:
         example = f" (e.g. {captions[0]!r})" if captions else ""
-        found = ", ".join(triggers) if triggers else "none found: pass --trigger WORD"
+        found = ", ".join(triggers) if triggers else f"none found: pass {term('data.trigger_words')} WORD"
         print(f"train lora: making {prior.images} prior images with the base model from {len(captions)} class "
               f"captions{example}; trigger words removed: {found}", file=sys.stderr)
     plan = priors.PriorPlan(source.value, prior.images, seed=recipe.train.seed, resolution=recipe.data.resolution,
@@ -301,7 +197,7 @@ def _check_finite(params: dict, step: int) -> None:
     bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
     if bad is not None:
         raise GenkitError(f"the adapter weights became NaN or infinite at step {step} ({bad}); nothing was written "
-                          "and the last checkpoint is untouched (lower train.learning_rate and --resume)")
+                          f"and the last checkpoint is untouched (lower train.learning_rate and {term('resume')})")
 
 
 # --- Writing --------------------------------------------------------------------------------
@@ -318,7 +214,7 @@ def _load_checkpoint(ckpt: Path, params: dict, optimizer) -> dict:
     tensors, meta = checkpoint.load(ckpt)
     saved = tensors["lora"]
     if set(saved) != set(params):
-        raise GenkitError(f"--resume: {ckpt} holds other adapter layers than this recipe makes")
+        raise GenkitError(f"{term('resume')}: {ckpt} holds other adapter layers than this recipe makes")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
@@ -380,7 +276,7 @@ class _Loop:
 
     accelerator: object
     models: list  # as accelerate prepared them; the decoder first
-    encoders: _Encoders
+    encoders: Encoders
     items: list
     scheduler: object  # the noise schedule to train on (DDPM from the base model's config; None for flow matching)
     params: dict[str, torch.nn.Parameter]
@@ -417,7 +313,7 @@ class _Loop:
             loss = F.mse_loss(output.float(), target.float())
             if not torch.isfinite(loss):
                 raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the last "
-                                  "checkpoint is untouched (lower train.learning_rate and --resume)")
+                                  f"checkpoint is untouched (lower train.learning_rate and {term('resume')})")
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
@@ -520,7 +416,7 @@ def train_lora(
         module.train()
 
     # 4. Encode each caption and each image variant once (the encoders are frozen)
-    encoders = _Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=models[-1])
+    encoders = Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=models[-1])
     run_items = items + prior_items
     if not recipe.lora.text_encoder:
         encoders.text_cache.fill([item.caption for item in run_items])

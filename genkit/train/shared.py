@@ -18,7 +18,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from genkit.errors import GenkitError
+from genkit.errors import GenkitError, term
 from genkit.train import checkpoint
 
 
@@ -44,14 +44,14 @@ def resume_point(out: Path, resume: bool, finished: Path) -> Path | None:
     """The checkpoint in `out` to resume from (None for a fresh run); refuses the ambiguous cases: --resume with
     nothing to resume, a fresh run over checkpoints, and a fresh run over a finished one (`finished` exists)."""
     if out.exists() and not out.is_dir():
-        raise GenkitError(f"--out {out} is a file; pass a folder for the run and its checkpoints")
+        raise GenkitError(f"{term('out')} {out} is a file; pass a folder for the run and its checkpoints")
     ckpt = checkpoint.latest(out)
     if resume and ckpt is None:
-        raise GenkitError(f"--resume: no complete checkpoint in {out} (start without --resume)")
+        raise GenkitError(f"{term('resume')}: no complete checkpoint in {out} (start without {term('resume')})")
     if not resume and ckpt is not None:
-        raise GenkitError(f"{out} already holds checkpoints (add --resume to continue, or choose another --out)")
+        raise GenkitError(f"{out} already holds checkpoints (add {term('resume')} to continue, or choose another {term('out')})")
     if not resume and finished.exists():
-        raise GenkitError(f"{out} already holds a finished run ({finished.name}); choose another --out")
+        raise GenkitError(f"{out} already holds a finished run ({finished.name}); choose another {term('out')}")
     return ckpt
 
 
