@@ -1,6 +1,8 @@
 """genkit-mini's trainer on the tiny recipe: it runs, its loss falls, and resume is exact."""
 
 import json
+from pathlib import Path
+
 import numpy as np
 from click.testing import CliRunner
 from safetensors.torch import load_file
@@ -81,3 +83,22 @@ def test_second_stage_starts_from_the_first(tmp_path):
                                        "--set", f"train.init_from={tmp_path}"])
     assert result.exit_code == 2 and "init_from" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "four").exists()
+
+
+def test_both_trainers_use_one_vocabulary():
+    """The base and LoRA recipes name what they share alike: [train] steps, batch_size, learning_rate,
+    warmup_steps, weight_decay, seed, mixed_precision, threads, checkpoint_every, keep_checkpoints; [validation]
+    every, prompts, seed, num_inference_steps. What only the base trainer has is its own (EMA, cosine floor,
+    second-stage start)."""
+    import dataclasses
+
+    from genkit.train import base, recipe
+
+    base_train = {f.name for f in dataclasses.fields(base.TrainConfig)}
+    lora_train = {f.name for f in dataclasses.fields(recipe.TrainConfig)}
+    assert base_train - lora_train == {"min_learning_rate", "ema_decay", "init_from"}
+    assert {f.name for f in dataclasses.fields(base.ValidationConfig)} == \
+        {f.name for f in dataclasses.fields(recipe.ValidationConfig)}
+    assert {f.name for f in dataclasses.fields(base.BaseRecipe)} >= {"train", "data", "validation"}
+    for path in Path("configs").glob("genkit-mini*.toml"):
+        base.load_recipe(path)  # the shipped recipes use these words (unknown keys are errors)

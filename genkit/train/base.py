@@ -28,6 +28,7 @@ from genkit.errors import GenkitError, term
 from genkit.families.genkit_mini import load_text_encoder
 from genkit.files import replace_folder
 from genkit.train import checkpoint, shared
+from genkit.train.recipe import Precision, ValidationConfig as LoraValidationConfig
 
 SAMPLE_PROMPTS = (
     "a red circle on the left",
@@ -61,7 +62,9 @@ class DataConfig:
 
 
 @dataclass
-class OptimConfig:
+class TrainConfig:
+    """The same words as the LoRA recipe's [train] (genkit.train.recipe.TrainConfig) where they mean the same."""
+
     steps: int = 6000  # total optimizer steps
     batch_size: int = 32
     learning_rate: float = 6e-4  # peak, after warm-up
@@ -70,11 +73,10 @@ class OptimConfig:
     weight_decay: float = 0.01
     ema_decay: float = 0.998
     seed: int = 0
-    precision: str = "fp32"  # fp32 or bf16 (autocast; on CPUs with avx512_bf16)
+    mixed_precision: str = "fp32"  # fp32 or bf16 (autocast; on CPUs with avx512_bf16)
     threads: int = 0  # torch threads; 0 keeps torch's default
     checkpoint_every: int = 250  # steps between checkpoints
     keep_checkpoints: int = 2
-    sample_every: int = 500  # steps between sample grids; 0 turns them off
     # start from trained weights instead of random ones (a second stage): a checkpoint folder of another run
     # (its weights and EMA) or a genkit-mini folder (its weights for both); relative paths from the working folder
     init_from: str = ""
@@ -82,22 +84,30 @@ class OptimConfig:
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError(f"train.steps and train.batch_size must be at least 1, got {self.steps}, {self.batch_size}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.mixed_precision not in (Precision.FP32.value, Precision.BF16.value):
+            raise ValueError(f"train.mixed_precision must be fp32 or bf16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class ValidationConfig(LoraValidationConfig):
+    """Sample grids as the LoRA recipe's [validation] makes them; empty prompts: SAMPLE_PROMPTS."""
+
+    every: int = 500  # steps between sample grids in OUT/samples (and one at the end); 0: none
 
 
 @dataclass
 class BaseRecipe:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    train: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
 
 
 def load_recipe(path: str | Path | None, overrides=()) -> BaseRecipe:
     return load_config(BaseRecipe, path, overrides)
 
 
-def learning_rate(step: int, cfg: OptimConfig) -> float:
+def learning_rate(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay from the peak to the minimum."""
     return shared.learning_rate(step, peak=cfg.learning_rate, warmup=cfg.warmup_steps, steps=cfg.steps,
                                   floor=cfg.min_learning_rate)
@@ -153,15 +163,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
     torch._foreach_lerp_(ema_params, params, 1 - decay)
 
 
-def sample_grid(tokenizer, encoder, unet, prompts=SAMPLE_PROMPTS, steps: int = 20, guidance: float = 4.0):
+def sample_grid(tokenizer, encoder, unet, validation: ValidationConfig | None = None, guidance: float = 4.0):
     from genkit import schedulers
     from genkit.grid import make_grid
     from genkit.pipeline import GenkitMiniPipeline
 
     pipe = GenkitMiniPipeline(encoder, tokenizer, unet, schedulers.build("dpm++", noise_scheduler().config))
     pipe.set_progress_bar_config(disable=True)
-    generators = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    images = pipe(list(prompts), num_inference_steps=steps, guidance_scale=guidance, generator=generators).images
+    validation = validation or ValidationConfig()
+    prompts = validation.prompts or SAMPLE_PROMPTS
+    generators = [torch.Generator().manual_seed(validation.seed + i) for i in range(len(prompts))]
+    images = pipe(list(prompts), num_inference_steps=validation.num_inference_steps, guidance_scale=guidance,
+                  generator=generators).images
     return make_grid(images, list(prompts), cols=4, cell=96)
 
 
@@ -226,7 +239,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         target = scheduler.get_velocity(pixels, noise, t)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.mixed_precision == "bf16"):
             prediction = unet(noisy, t, encoder_hidden_states=hidden, encoder_attention_mask=mask).sample
         loss = F.mse_loss(prediction.float(), target)
         if not torch.isfinite(loss):
@@ -246,9 +259,10 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
             opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
             checkpoint.save(out_dir, done, {"unet": unet.state_dict(), "ema": ema.state_dict(), "optimizer": opt_tensors},
                             {"optimizer": opt_meta}, keep=cfg.keep_checkpoints)
-        if cfg.sample_every and (done % cfg.sample_every == 0 or done == end):
+        every = recipe.validation.every
+        if every and (done % every == 0 or done == end):
             (out_dir / "samples").mkdir(exist_ok=True)
-            sample_grid(tokenizer, encoder, ema).save(out_dir / "samples" / f"step-{done:07d}.png")
+            sample_grid(tokenizer, encoder, ema, recipe.validation).save(out_dir / "samples" / f"step-{done:07d}.png")
     log.close()
 
     # 5. Export the EMA weights as a loadable folder
