@@ -50,7 +50,8 @@ def plain_loop(model: Path, data: Path, steps: int, batch_size: int, resolution:
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig
 
-    from genkit.data.imagefolder import load_image, scan_folder, to_tensor
+    from genkit.data.decode import load_image, to_tensor
+    from genkit.data.imagefolder import scan_folder
 
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None).to(device)
     unet, vae, text_encoder, tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer

@@ -298,12 +298,9 @@ class Pipeline:
         return name if name == "default" else schedulers.parse(name, flow=self.family.flow).value
 
     def _check_side(self, key: str, value) -> int:
-        factor = self.size_factor
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0 or value % factor:
-            low = max(factor, value // factor * factor) if isinstance(value, int) else factor
-            raise GenkitError(f"{key} must be a positive multiple of {factor} for {self.name}, got {value} "
-                              f"(try {low} or {low + factor})")
-        return value
+        from genkit.images import check_multiple
+
+        return check_multiple(key, value, self.size_factor, f" for {self.name}")
 
     @staticmethod
     def _check_numbers(steps, guidance) -> None:

@@ -158,6 +158,17 @@ def sha256_of(source) -> str:
 # --- sizing and padding ----------------------------------------------------------------------
 
 
+def check_multiple(name: str, value, multiple: int, where: str = "") -> int:
+    """`value` as an image side: a whole number that `multiple` divides (at least `multiple`); else one line naming
+    the two nearest sides that work. The one check of a side for generation, editing and training."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
+        low = max(multiple, value // multiple * multiple) if isinstance(value, int) and not isinstance(value, bool) \
+            else multiple
+        raise GenkitError(f"{name} must be a positive multiple of {multiple}{where}, got {value} "
+                          f"(try {low} or {low + multiple})")
+    return value
+
+
 def target_size(size: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
     """The (width, height) `fit_to_size` gives an input of `size` (see there)."""
     out = []
@@ -168,11 +179,7 @@ def target_size(size: tuple[int, int], width: int | None, height: int | None, mu
                                   f"pass {name}= (a multiple of {multiple}) or a larger image")
             out.append(own // multiple * multiple)
         else:
-            if isinstance(asked, bool) or not isinstance(asked, int) or asked < multiple or asked % multiple:
-                low = max(multiple, asked // multiple * multiple) if isinstance(asked, int) else multiple
-                raise GenkitError(f"{name} must be a positive multiple of {multiple}, got {asked} "
-                                  f"(try {low} or {low + multiple})")
-            out.append(asked)
+            out.append(check_multiple(name, asked, multiple))
     return out[0], out[1]
 
 

@@ -13,17 +13,14 @@ from PIL import Image
 
 from genkit.data.imagefolder import (
     CaptionSource,
-    ImageFolderDataset,
     SkipKind,
     SkippedFileWarning,
     check_dataset,
     fingerprint,
     format_report,
-    load_image,
-    open_rgb,
     scan_folder,
-    to_tensor,
 )
+from genkit.data.decode import load_image, open_rgb, to_tensor
 from genkit.errors import GenkitError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
@@ -160,7 +157,7 @@ def test_exif_rotated_jpeg_is_upright(tmp_path):
     image = open_rgb(path)
     assert image.size == (20, 40)
     assert np.allclose(rgb_at(image, 10, 5), RED, atol=40) and np.allclose(rgb_at(image, 10, 35), BLUE, atol=40)
-    pixels = ImageFolderDataset(scan_folder(tmp_path, instance_prompt="p").items, 8)[0]["pixels"]
+    pixels = to_tensor(load_image(scan_folder(tmp_path, instance_prompt="p").items[0].path, 8))
     assert pixels[0, 0, 4] > 0.7 and pixels[2, 0, 4] < -0.7  # top row red
     assert pixels[2, 7, 4] > 0.7 and pixels[0, 7, 4] < -0.7  # bottom row blue
     report = check_dataset(tmp_path, instance_prompt="p")
@@ -330,33 +327,14 @@ def test_centre_crop_and_seeded_random_crop(tmp_path):
     again = [np.asarray(load_image(path, 32, random_crop=True, rng=random.Random(s))) for s in range(6)]
     assert all(np.array_equal(a, b) for a, b in zip(crops, again))
     assert len({c.tobytes() for c in crops}) > 1
-    items = scan_folder(tmp_path, instance_prompt="p").items * 4
-    first = [ImageFolderDataset(items, 32, random_crop=True, seed=3)[i]["pixels"] for i in range(4)]
-    second = [ImageFolderDataset(items, 32, random_crop=True, seed=3)[i]["pixels"] for i in range(4)]
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
-    dataset = ImageFolderDataset(items, 32, random_crop=True, seed=3)
-    dataset.set_epoch(1)
-    assert not all(torch.equal(a, dataset[i]["pixels"]) for i, a in enumerate(first))
 
 
-def test_flip_is_seeded(tmp_path):
-    save(tmp_path / "a.png", halves(16, 16, RED, BLUE))
-    items = scan_folder(tmp_path, instance_prompt="p").items * 12
-    left_red = [ImageFolderDataset(items, 16, flip=True, seed=5)[i]["pixels"][0, 8, 0] > 0 for i in range(12)]
-    again = [ImageFolderDataset(items, 16, flip=True, seed=5)[i]["pixels"][0, 8, 0] > 0 for i in range(12)]
-    assert left_red == again and any(left_red) and not all(left_red)
-    assert all(ImageFolderDataset(items, 16)[i]["pixels"][0, 8, 0] > 0 for i in range(12))
-
-
-def test_dataset_item_and_tensor(tmp_path):
+def test_image_tensor(tmp_path):
     path = save(tmp_path / "a.png", Image.new("RGB", (40, 24), WHITE), caption="white")
-    sample = ImageFolderDataset(scan_folder(tmp_path).items, 16)[0]
-    assert sample["caption"] == "white" and sample["path"] == str(path)
-    assert sample["pixels"].shape == (3, 16, 16) and sample["pixels"].dtype == torch.float32
-    assert torch.allclose(sample["pixels"], torch.ones(3, 16, 16))
+    pixels = to_tensor(load_image(path, 16))
+    assert pixels.shape == (3, 16, 16) and pixels.dtype == torch.float32
+    assert torch.allclose(pixels, torch.ones(3, 16, 16))
     assert to_tensor(Image.new("RGB", (2, 2))).min() == -1.0
-    with pytest.raises(GenkitError, match="resolution"):
-        ImageFolderDataset(scan_folder(tmp_path).items, 0)
 
 
 # --- Fingerprint and report -------------------------------------------------------------

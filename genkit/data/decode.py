@@ -112,13 +112,12 @@ def load_image(
     resolution: int,
     *,
     random_crop: bool = False,
-    flip: bool = False,
     rng: random.Random | None = None,
 ) -> Image.Image:
     """The square training image: shorter side resized to resolution (LANCZOS), then cropped.
 
-    The crop is centred unless random_crop; flip mirrors it with probability 1/2. Both draw
-    from rng (crop first), which defaults to random.Random(0).
+    The crop is centred unless random_crop, which draws it from rng (default random.Random(0)). Mirroring
+    is the LoRA trainer's (genkit.train.sampling: a seeded choice per item and epoch), not the loader's.
     """
     rng = rng or random.Random(0)
     image = open_rgb(path, draft_size=resolution)
@@ -132,8 +131,6 @@ def load_image(
     else:
         left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
     image = image.crop((left, top, left + resolution, top + resolution))
-    if flip and rng.random() < 0.5:
-        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return image
 
 

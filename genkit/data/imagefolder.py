@@ -33,7 +33,7 @@ mode), or missing (named in metadata but not on disk: skipped, not an error, so 
 photo does not block a big dataset). What training cannot start with raises `GenkitError`:
 a missing DATA_DIR, malformed metadata, no usable images, images without captions.
 
-`ImageFolderDataset` then turns items into upright RGB tensors in [-1, 1]; `fingerprint`
+`genkit.data.decode.load_image` turns an item into the upright square training image; `fingerprint`
 names the dataset's content for recording beside the weights; `check_dataset` and
 `format_report` show what training would see (`genkit data check DATA_DIR`).
 """
@@ -45,7 +45,6 @@ import enum
 import hashlib
 import json
 import os
-import random
 import re
 import statistics
 import warnings
@@ -53,17 +52,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
-from genkit.data.decode import (  # noqa: F401  (load_image, open_rgb, to_tensor: the dataset API)
-    ImageInfo,
-    Skipped,
-    SkipKind,
-    inspect_image,
-    load_image,
-    open_rgb,
-    to_tensor,
-)
+from genkit.data.decode import ImageInfo, Skipped, SkipKind, inspect_image
 from genkit.errors import GenkitError, term
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
@@ -309,39 +298,6 @@ def scan_folder(data_dir: str | Path, *, instance_prompt: str | None = None) -> 
         raise GenkitError(problems[0])
     items = [Item(f.path, f.caption, f.source) for f in usable for _ in range(f.repeats)]
     return FolderScan(folder, items, len(usable), skipped)
-
-
-class ImageFolderDataset(torch.utils.data.Dataset):
-    """Items as {"pixels": (3, resolution, resolution) in [-1, 1], "caption", "path"}.
-
-    Crops and flips draw from a generator seeded by (seed, epoch, index), so they do not
-    depend on DataLoader workers or order; call set_epoch each epoch for fresh ones (before
-    the DataLoader's iterator is created, as with DistributedSampler).
-    """
-
-    def __init__(self, items, resolution: int, *, random_crop: bool = False, flip: bool = False, seed: int = 0):
-        if not items:
-            raise GenkitError("ImageFolderDataset needs at least one item (scan a folder with scan_folder first)")
-        if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-            raise GenkitError(f"resolution must be a positive whole number of pixels, got {resolution!r}")
-        self.items = list(items)
-        self.resolution, self.random_crop, self.flip, self.seed = resolution, random_crop, flip, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int):
-        self.epoch = epoch
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
-        item = self.items[index]
-        rng = random.Random(f"{self.seed}:{self.epoch}:{index % len(self.items)}")
-        try:
-            image = load_image(item.path, self.resolution, random_crop=self.random_crop, flip=self.flip, rng=rng)
-        except OSError as exc:
-            raise GenkitError(f"cannot read {item.path} ({exc}); it changed after the pre-flight check") from exc
-        return {"pixels": to_tensor(image), "caption": item.caption, "path": str(item.path)}
 
 
 def _file_digest(path: Path) -> str:

@@ -46,7 +46,7 @@ class Encoders:
 
     # -- images -----------------------------------------------------------------------------
     def _pixels(self, path: Path, mirrored: bool, crop_rng: random.Random | None) -> torch.Tensor:
-        from genkit.data.imagefolder import load_image, to_tensor
+        from genkit.data.decode import load_image, to_tensor
 
         try:
             image = load_image(path, self.resolution, random_crop=crop_rng is not None, rng=crop_rng)

@@ -105,11 +105,9 @@ def _resolution(pipeline, resolution: int) -> int:
     factor = pipeline.size_factor
     if resolution == 0:
         return pipeline.family.default_size(pipeline.pipe)
-    if resolution % factor:
-        low = max(factor, resolution // factor * factor)
-        raise GenkitError(f"data.resolution must be a multiple of {factor} for {pipeline.name}, got {resolution} "
-                          f"(try {low} or {low + factor})")
-    return resolution
+    from genkit.images import check_multiple
+
+    return check_multiple("data.resolution", resolution, factor, f" for {pipeline.name}")
 
 
 def _precision(value: str, device: torch.device) -> str:
