@@ -184,11 +184,9 @@ def pct(hits, n) -> str:
 
 
 def table(headers, rows) -> str:
-    widths = [max(len(str(h)), *(len(str(r[i])) for r in rows)) for i, h in enumerate(headers)]
-    line = "  ".join(str(h).rjust(w) if i else str(h).ljust(w) for i, (h, w) in enumerate(zip(headers, widths)))
-    body = ["  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-            for r in rows]
-    return "\n".join([line, "-" * len(line), *body])
+    from genkit.eval.report import text_table
+
+    return text_table(headers, rows)
 
 
 def found_new(judgement, new, region) -> bool:

@@ -89,9 +89,9 @@ def table(results: dict) -> str:
                      pct(c["unseen_colors"]["found"]), pct(c["overall"]["right_color"]), pct(c["overall"]["all_correct"]),
                      pct(r["concept_without_lora"]["overall"]["found"]), pct(r["standard_without"]["overall"]),
                      pct(s["overall"]), f"{r['drop_points']['overall']:+.1f}", f"{r['training']['seconds'] / 60:.1f} min"))
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).ljust(w) for x, w in zip(row, widths)) for row in (head, *rows)]
-    return "\n".join([lines[0], "-" * len(lines[0]), *lines[1:]])
+    from genkit.eval.report import text_table
+
+    return text_table(head, rows)
 
 
 def pair(a: Concept, b: Concept, args) -> dict:

@@ -108,15 +108,21 @@ def _rate(scores: list[Score], metric: str) -> Rate:
     return Rate(sum(asked), len(asked))
 
 
-def format_table(result: EvalResult) -> str:
-    """Plain-text table: a row per group, a column per metric, '-' where a group never asks it."""
-    rows = [["group", "n"] + [HEADERS[m] for m in METRICS]]
-    rows += [[g.value, str(r.n)] + [str(getattr(r, m)) for m in METRICS] for g, r in result.groups.items()]
+def text_table(head, rows) -> str:
+    """The plain-text tables of genkit's reports and benchmarks: a header, a rule, then the rows; the first column
+    left-aligned, the others right-aligned (numbers line up)."""
+    rows = [[str(cell) for cell in row] for row in (head, *rows)]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     return "\n".join(lines)
+
+
+def format_table(result: EvalResult) -> str:
+    """Plain-text table: a row per group, a column per metric, '-' where a group never asks it."""
+    return text_table(["group", "n"] + [HEADERS[m] for m in METRICS],
+                      [[g.value, r.n] + [getattr(r, m) for m in METRICS] for g, r in result.groups.items()])
 
 
 def grid_labels(result: EvalResult) -> list[str]:
