@@ -203,6 +203,11 @@ class Pipeline:
         return found if found is not None else self.denoiser.dtype
 
     # -- planning -------------------------------------------------------------------------
+    def settings(self, config: GenerationConfig | None = None) -> dict:
+        """What an image made with `config` would record (model, sampler, steps, size, dtype, device, ...), without
+        making one: the record of a one-image plan."""
+        return self.record(self.plan(["settings"], config)[0])
+
     def plan(self, prompts, config: GenerationConfig | None = None) -> list[Job]:
         """Validate settings and expand prompts × images into jobs, without running anything."""
         config = config or GenerationConfig()

@@ -353,7 +353,7 @@ def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_p
     table = format_table(result)
     out.mkdir(parents=True, exist_ok=True)
     grid = save_grid(result, out / "grid.png")
-    settings = pipeline.record(pipeline.plan(["x"], config)[0])
+    settings = pipeline.settings(config)
     report = out / "report.json"
     report.write_text(json.dumps({"settings": {k: settings[k] for k in ("model", "num_inference_steps", "guidance_scale",
                                   "scheduler", "width", "height", "lora", "dtype")}, "seed": seed,

@@ -67,7 +67,7 @@ def _load_with_loras(base, loras: LoraKey):
     import genkit
     from genkit import lora
 
-    settings = base.record(base.plan(["x"])[0])  # how the served model was loaded: device, dtype, attention
+    settings = base.settings()  # how the served model was loaded: device, dtype, attention
     exact = {"exact": settings["exact"]} if "exact" in settings else {}  # engines that record --exact/--fast
     pipeline = genkit.load(base.name, device=settings["device"], dtype=settings.get("dtype"),
                            attention=settings.get("attention", "auto"), **exact)
