@@ -7,6 +7,10 @@ or on which process makes it. Jobs run in batches; results are yielded batch by 
 A job may start from an input image (img2img), a mask (inpainting) or a padded canvas
 (outpainting): the same engine runs the family's editing pipeline (genkit.edit), and the
 record holds each input's path and sha256 so `genkit replay` can find and check it.
+
+Over 500 lines on purpose: planning (every check, before any work), batching (what may share a batch) and
+recording (what an image depends on) are one invariant, read together; what differs by model lives in
+genkit.families, exactness in genkit.invariance, edits in genkit.edit.
 """
 
 from __future__ import annotations

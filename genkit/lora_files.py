@@ -1,5 +1,8 @@
 """LoRA files: what one holds (`genkit lora inspect`) and kohya's layout for other tools (`genkit lora export`).
 
+(Over 500 lines on purpose: inspect and export read the same three key layouts with the same parsers, and export
+checks its file by reading it back through them.)
+
 Three key layouts are in use (see genkit.lora for loading them): diffusers' (`unet.<layer>.lora.down.weight`, what
 genkit's trainer writes for UNet families), peft's (`transformer.<layer>.lora_A.weight`, diffusers' transformer
 scripts) and kohya's (`lora_unet_<layer with _>.lora_down.weight` + `.alpha`, with the training settings as `ss_*`
