@@ -32,9 +32,10 @@ def term(name: str) -> str:
 
 
 @contextlib.contextmanager
-def command_line():
-    """Errors raised inside name settings by their command-line flags."""
-    token = _COMMAND_LINE.set(True)
+def command_line(on: bool = True):
+    """Errors raised inside name settings by their command-line flags (`on=False`: by their parameters again, as
+    `genkit serve` answers HTTP clients, who never typed a flag)."""
+    token = _COMMAND_LINE.set(on)
     try:
         yield
     finally:

@@ -61,4 +61,7 @@ def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max
                      device=device, dtype=dtype, attention=attention)
     where = f"[{host}]" if ":" in host else host
     click.echo(f"genkit serve: http://{where}:{port} (gallery at /, A1111 at /sdapi/v1, OpenAI at /v1)", err=True)
-    run(app, host, port)
+    from genkit.errors import command_line
+
+    with command_line(False):  # requests' errors name the API's words, not this command's flags
+        run(app, host, port)
