@@ -93,6 +93,7 @@ def test_rerun_writes_only_missing_images(tiny_sd, tmp_path):
     assert not any(json.loads(line).get("skipped") for line in result.stdout.splitlines())
 
 
+@pytest.mark.slow  # a real process or the real model: the full suite (.ci/run) runs it
 def test_killed_run_resumes_to_the_same_set(tiny_sd, tmp_path):
     """Kill a 40-image run midway (SIGKILL, a real process); the rerun fills the gaps exactly."""
     command = [sys.executable, "-m", "genkit", "generate", "a red circle", "a blue square", "-n", "20", "--seed", "7",

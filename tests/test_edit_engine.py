@@ -235,6 +235,7 @@ def test_cli_refuses_an_edit_for_a_family_without_it(tmp_path, monkeypatch):
     assert "families with it: genkit-mini, sd, sdxl, sd3, flux" in result.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a real process or the real model: the full suite (.ci/run) runs it
 def test_edit_loop_example_runs_and_its_images_replay(tmp_path):
     """examples/edit_loop.py on the shipped genkit-mini: four images, each step's input recorded; the last replays."""
     import subprocess

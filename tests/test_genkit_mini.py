@@ -21,6 +21,7 @@ def test_is_the_default_with_its_preset(mini):
     assert mini.defaults["scheduler"] == "dpm++" and mini.defaults["width"] == 32
 
 
+@pytest.mark.slow  # a real process or the real model: the full suite (.ci/run) runs it
 def test_adherence_smoke(mini):
     """24 prompts over every colour and shape (held-out pairs included): colour and shape right on >= 20."""
     pairs = [(c, s) for c in shapes.COLORS for s in shapes.SHAPES]  # 18, held-out pairs included
@@ -37,6 +38,7 @@ def test_adherence_smoke(mini):
     assert right >= 20, f"{right}/24"
 
 
+@pytest.mark.slow  # a real process or the real model: the full suite (.ci/run) runs it
 def test_eval_command_runs(tmp_path):
     result = CliRunner().invoke(main, ["eval", "--seen", 6, "--held-out", 2, "--unseen-phrasing", 2, "--two-object",
                                        4, "--out", str(tmp_path), "--quiet"])
@@ -44,6 +46,7 @@ def test_eval_command_runs(tmp_path):
     assert "two-object" in result.stdout and (tmp_path / "grid.png").is_file() and (tmp_path / "report.json").is_file()
 
 
+@pytest.mark.slow  # a real process or the real model: the full suite (.ci/run) runs it
 def test_inference_never_imports_training():
     """genkit-mini's format and text encoder live in its family module: generating imports no trainer."""
     import subprocess

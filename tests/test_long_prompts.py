@@ -117,6 +117,7 @@ def test_past_the_last_chunk_the_rest_is_cut_and_said(pipeline):
     assert result.metadata[0]["prompt_truncated"]["tokens"] == clip_chunks.CHUNK * clip_chunks.MAX_CHUNKS
 
 
+@pytest.mark.slow  # a real process or the real model: the full suite (.ci/run) runs it
 def test_replay_reads_the_prompt_as_it_was_read(tiny_sd, tmp_path):
     from genkit.run import replay_image
 
