@@ -15,9 +15,10 @@ def pixels(result):
     return [np.asarray(image) for image in result.images]
 
 
-@pytest.fixture
-def pipe(model_dir):
-    return genkit.load(str(model_dir), device="cpu")
+@pytest.fixture(scope="module", params=["tiny_sd", "tiny_mini"])
+def pipe(request):
+    """One loaded pipeline per kind for the whole module (the tests here only generate with it)."""
+    return genkit.load(str(request.getfixturevalue(request.param)), device="cpu")
 
 
 def test_batch_of_four_equals_four_singles(pipe):
