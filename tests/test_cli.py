@@ -142,8 +142,18 @@ def test_replay_regenerates_the_same_pixels(tiny_sd, tmp_path):
 
 
 def test_grid(tiny_sd, tmp_path):
+    """The grid holds every image of the run, in index order, each scaled to its cell (nearest neighbour)."""
     assert generate(tiny_sd, tmp_path, "a", "b", "-n", 2, "--seed", 1, "--grid").exit_code == 0
-    assert (tmp_path / "grid.png").is_file()
+    images = sorted(p for p in tmp_path.glob("*.png") if p.name != "grid.png")
+    with Image.open(tmp_path / "grid.png") as grid:
+        grid = np.asarray(grid.convert("RGB"))
+    cell = grid.shape[1] // 2  # four images: two columns, two rows of cell + label
+    assert len(images) == 4 and grid.shape[1] == 2 * cell and cell >= 96
+    for i, path in enumerate(images):
+        with Image.open(path) as image:
+            want = np.asarray(image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST))
+        top = (i // 2) * (grid.shape[0] // 2)
+        assert np.array_equal(grid[top:top + cell, (i % 2) * cell:(i % 2 + 1) * cell], want), path.name
 
 
 def test_help_does_not_import_torch():
@@ -155,8 +165,11 @@ def test_help_does_not_import_torch():
 
 
 def test_info_and_models():
+    import torch
+
     result = run("info")
     assert result.exit_code == 0 and "attention xformers" in result.stdout and "diffusers" in result.stdout
+    assert torch.__version__ in result.stdout  # the versions a record would hold
     assert "genkit-mini" in run("models").stdout
 
 
