@@ -85,8 +85,9 @@ def _row_aligned(func, args, kwargs):
     """`func` on each row of its input laid out alone, padded to a multiple of ALIGN values: every value meets the
     same code path whatever the batch, its row's position in it, or the row's length."""
     x = args[0] if args else None
-    if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point() or x.numel() == 0:
+    if not torch.is_tensor(x) or x.dim() < 2 or not x.is_floating_point() or x.numel() == 0 or "out" in kwargs:
         return func(*args, **kwargs)
+    kwargs = dict(kwargs)  # the caller's dict stays as it was
     inplace = kwargs.pop("inplace", False)
     rows, width = x.shape[0], x[0].numel()
     padded = -(-width // ALIGN) * ALIGN

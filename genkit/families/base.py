@@ -69,11 +69,10 @@ class Family:
     prompt_chunks = True  # CLIP text: a prompt past 75 tokens can be read in chunks (genkit.families.clip_chunks)
 
     def chunks(self, pipe, text: str) -> int:
-        """75-token chunks `text` takes (1 when it fits; families without chunking: always 1)."""
+        """75-token chunks `text` takes (1 when it fits); asked only of families with `prompt_chunks`."""
         from genkit.families import clip_chunks
 
-        tokenizer = self.chunk_tokenizer(pipe)
-        return clip_chunks.count(tokenizer, text) if self.prompt_chunks and tokenizer is not None else 1
+        return clip_chunks.count(self.chunk_tokenizer(pipe), text)
 
     def chunk_tokenizer(self, pipe):
         """The CLIP tokenizer that splits prompts into chunks (SDXL's two share one vocabulary)."""
