@@ -146,6 +146,24 @@ def test_priors_change_the_run_and_none_turns_them_off(tiny_mini, concept, tmp_p
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
+def test_prior_images_are_trained_toward_the_base_models_own_prediction(tiny_mini, concept, tmp_path):
+    """prior.target=base (the default): at step 1 the adapters are zero, so the adapted model is the base and the
+    prior rows cost nothing, whatever their weight; with prior.target=images (DreamBooth) they add their denoising
+    error, times prior.weight. The concept rows are the same samples in every run (same seed)."""
+    def first_loss(target, weight):
+        out = tmp_path / f"{target}-{weight}"
+        run(concept, out, tiny_mini, "prior.images=10", "prior.fraction=0.5", f"prior.target={target}",
+            f"prior.weight={weight}", "train.steps=2")
+        return json.loads((out / "loss.jsonl").read_text().splitlines()[0])["loss"]
+
+    base, base_heavy = first_loss("base", 1), first_loss("base", 3)
+    images, images_heavy = first_loss("images", 1), first_loss("images", 3)
+    assert base_heavy == pytest.approx(base, rel=1e-5)  # the prior rows' error is zero up to rounding
+    assert 0 < base < images < images_heavy
+    assert images_heavy - base == pytest.approx(3 * (images - base), rel=1e-3)  # the prior rows' share, tripled
+    assert resolve().prior.target == "images" and resolve(family="genkit-mini").prior.target == "base"
+
+
 def test_render_priors_are_refused_for_other_families(tiny_sd, concept, tmp_path):
     with pytest.raises(GenkitError, match="prior.source=render draws genkit-mini's shapes world.*set prior.source=model"):
         run(concept, tmp_path / "run", tiny_sd, "prior.source=render", "data.resolution=32")

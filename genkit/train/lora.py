@@ -45,7 +45,7 @@ from genkit.train import checkpoint, priors, shared
 from genkit.train.encoders import Encoders
 from genkit.train.sampling import Streams, batch_items, sample_index
 from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
-    AdapterConfig, DataConfig, LoraRecipe, Precision, PriorConfig, PriorSource, Schedule, TrainConfig,
+    AdapterConfig, DataConfig, LoraRecipe, Precision, PriorConfig, PriorSource, PriorTarget, Schedule, TrainConfig,
     ValidationConfig, load_recipe, resolve)
 
 RECORD_NAME = "genkit_lora.json"
@@ -281,6 +281,7 @@ class _Loop:
     optimizer: object
     recipe: LoraRecipe
     streams: Streams  # which item each sample of the run is
+    instances: int  # items[:instances] are the concept's images, the rest prior images
 
     def step(self, step: int) -> float:
         """One optimizer step over `gradient_accumulation_steps` forward passes; returns their mean loss."""
@@ -306,9 +307,15 @@ class _Loop:
             cond = self.encoders.text([self.items[i].caption for i, _, _ in picked])
             dtype = family.denoiser(pipe).dtype
             cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
+            prior_rows = [j for j, (i, _, _) in enumerate(picked) if i >= self.instances]
+            if prior_rows and PriorTarget(self.recipe.prior.target) is PriorTarget.BASE:
+                target = self._base_target(target, prior_rows, noisy.to(dtype), t, cond)
             with accelerator.autocast():
                 output = family.forward(pipe, denoiser, noisy.to(dtype), t, cond)
-            loss = F.mse_loss(output.float(), target.float())
+            loss = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
+            weights = torch.ones_like(loss)
+            weights[prior_rows] = self.recipe.prior.weight
+            loss = (loss * weights).mean()
             if not torch.isfinite(loss):
                 raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the last "
                                   f"checkpoint is untouched (lower train.learning_rate and {term('resume')})")
@@ -318,6 +325,28 @@ class _Loop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    @torch.no_grad()
+    def _base_target(self, target, rows: list[int], noisy, t, cond) -> torch.Tensor:
+        """`target` with the prior rows replaced by the base model's own prediction on them (every adapter off):
+        the prior images then pull the adapted model toward what the base draws for them exactly, not toward
+        one noisy sample of it. Every conditioning tensor is per sample (batch first), so the rows are sliced."""
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        family, pipe = self.encoders.family, self.encoders.pipe
+        index = torch.tensor(rows, device=target.device)
+        layers = [m for model in self.models for m in self.accelerator.unwrap_model(model).modules()
+                  if isinstance(m, BaseTunerLayer)]
+        for layer in layers:
+            layer.enable_adapters(False)
+        try:
+            with self.accelerator.autocast():
+                base = family.forward(pipe, self.accelerator.unwrap_model(self.models[0]), noisy[index], t[index],
+                                      {k: v[index] for k, v in cond.items()})
+        finally:
+            for layer in layers:
+                layer.enable_adapters(True)
+        return target.float().index_copy(0, index, base.float())
 
 
 def _placement(cfg: TrainConfig) -> tuple[torch.device, str, bool]:
@@ -422,7 +451,7 @@ def train_lora(
         mirrored = (False, True) if recipe.data.flip else (False,)
         encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
     loop = _Loop(accelerator, models, encoders, run_items, pipeline.family.training_scheduler(pipe), params, optimizer,
-                 recipe, streams)
+                 recipe, streams, len(items))
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
     start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every

@@ -39,6 +39,11 @@ class PriorSource(enum.Enum):
     NONE = "none"
 
 
+class PriorTarget(enum.Enum):
+    BASE = "base"  # the base model's own prediction on the prior image (adapters off): the LoRA learns to leave it
+    IMAGES = "images"  # the prior image's own noise target, as for the concept's images (DreamBooth)
+
+
 class Schedule(enum.Enum):
     CONSTANT = "constant"
     COSINE = "cosine"
@@ -136,13 +141,18 @@ class PriorConfig:
     images: int = 100  # prior images, made once into OUT/priors
     fraction: float = 0.5  # share of every batch that is prior images
     batch_size: int = 4  # images per generation batch while making model priors
+    target: str = "images"  # what the prior images are trained toward: images (DreamBooth) or base (the base's prediction)
+    weight: float = 1.0  # a prior row's loss against a concept row's (DreamBooth's prior_loss_weight)
 
     def __post_init__(self):
         _choice(PriorSource, self.source, "prior.source")
+        _choice(PriorTarget, self.target, "prior.target")
         if self.images < 0 or self.batch_size < 1:
             raise ValueError(f"prior.images must be >= 0 and prior.batch_size >= 1, got {self.images}, {self.batch_size}")
         if not 0 <= self.fraction < 1:
             raise ValueError(f"prior.fraction must be in [0, 1), got {self.fraction}")
+        if not self.weight > 0:
+            raise ValueError(f"prior.weight must be > 0, got {self.weight}")
 
     @property
     def active(self) -> bool:
