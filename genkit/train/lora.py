@@ -330,7 +330,9 @@ class _Loop:
     def _base_target(self, target, rows: list[int], noisy, t, cond) -> torch.Tensor:
         """`target` with the prior rows replaced by the base model's own prediction on them (every adapter off):
         the prior images then pull the adapted model toward what the base draws for them exactly, not toward
-        one noisy sample of it. Every conditioning tensor is per sample (batch first), so the rows are sliced."""
+        one noisy sample of it. Every conditioning tensor is per sample (batch first), so the rows are sliced.
+        With lora.text_encoder the captions were encoded by the adapted encoder (this step's, with gradients);
+        the target then holds the base denoiser on them, not the base text encoder too."""
         from peft.tuners.tuners_utils import BaseTunerLayer
 
         family, pipe = self.encoders.family, self.encoders.pipe
