@@ -10,7 +10,8 @@ What a person does with their own folder, step by step:
 2. Training: `genkit.train_lora(OUT/data, OUT/lora)`, the same as
    `genkit train lora OUT/data --out OUT/lora`: no config and no overrides. The defaults for
    genkit-mini (configs/lora.toml) include prior preservation: 720 scenes of its own world, drawn
-   into OUT/lora/priors, fill half of every batch.
+   into OUT/lora/priors, fill a quarter of every batch, trained toward the base model's own
+   prediction on them.
 3. Images: star prompts in all six colours, four never shown with a star, without and with the
    LoRA; OUT/star_grid.png (the README's picture: wrong ones marked "x" with what the judge saw) and
    OUT/star_grid_base.png, and the share of images in which the judge finds a star (OUT/star_figures.json).

@@ -63,7 +63,7 @@ def test_example_end_to_end_on_a_tiny_model(example, tiny_mini, tmp_path):
     assert colors == {"red", "blue"}
     assert example.train(data, out, model=str(tiny_mini), overrides=FAST, progress=False) > 0
     record = json.loads((out / "genkit_lora.json").read_text())
-    assert record["prior"] == {"source": "render", "images": 6, "fraction": 0.5, "folder": "priors"}
+    assert record["prior"] == {"source": "render", "images": 6, "fraction": 0.25, "folder": "priors"}
     assert record["trigger_words"] == ["sks"] and record["recipe"]["lora"]["target_modules"][-1] == "conv2"
     assert example.train(data, out, model=str(tiny_mini), overrides=FAST) is None  # reused
     result = example.star_images(out, model=str(tiny_mini), per_color=1, settings={"num_inference_steps": 2})
