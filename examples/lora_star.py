@@ -1,6 +1,6 @@
 """Teach genkit-mini a shape it has never seen, a five-pointed star, with the default LoRA recipe.
 
-    python examples/lora_star.py --out runs/lora-star        # ~5.5 min training (AVX-512; 11-15 without) + ~1 min of images
+    python examples/lora_star.py --out runs/lora-star        # ~10 min training on 2 cores + ~1 min of images
 
 What a person does with their own folder, step by step:
 
