@@ -304,10 +304,11 @@ class _Loop:
             clean = self.encoders.clean(self.items, picked, gens)
             noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
             noisy, t, target = family.noisy(self.scheduler, clean, noise, gens)
-            cond = self.encoders.text([self.items[i].caption for i, _, _ in picked])
+            blank = self._unconditional_rows(picked, gens)
+            cond = self.encoders.text(["" if j in blank else self.items[i].caption for j, (i, _, _) in enumerate(picked)])
             dtype = family.denoiser(pipe).dtype
             cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
-            prior_rows = [j for j, (i, _, _) in enumerate(picked) if i >= self.instances]
+            prior_rows = sorted(blank | {j for j, (i, _, _) in enumerate(picked) if i >= self.instances})
             if prior_rows and PriorTarget(self.recipe.prior.target) is PriorTarget.BASE:
                 target = self._base_target(target, prior_rows, noisy.to(dtype), t, cond)
             with accelerator.autocast():
@@ -325,6 +326,16 @@ class _Loop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _unconditional_rows(self, picked, gens) -> set[int]:
+        """The concept rows of this pass shown with an empty caption (prior.unconditional of them, drawn from each
+        sample's own generator after its noise, so the choice is the same for any batch size or process count);
+        they count as prior rows: toward the base model's unconditional prediction with prior.target = base."""
+        share = self.recipe.prior.unconditional
+        if not share:
+            return set()
+        return {j for j, ((i, _, _), g) in enumerate(zip(picked, gens))
+                if i < self.instances and torch.rand((), generator=g).item() < share}
 
     @torch.no_grad()
     def _base_target(self, target, rows: list[int], noisy, t, cond) -> torch.Tensor:

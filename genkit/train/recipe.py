@@ -143,9 +143,12 @@ class PriorConfig:
     batch_size: int = 4  # images per generation batch while making model priors
     target: str = "images"  # what the prior images are trained toward: images (DreamBooth) or base (the base's prediction)
     weight: float = 1.0  # a prior row's loss against a concept row's (DreamBooth's prior_loss_weight)
+    unconditional: float = 0.0  # share of the concept's rows shown with an empty caption and trained as prior rows
 
     def __post_init__(self):
         _choice(PriorSource, self.source, "prior.source")
+        if not 0 <= self.unconditional < 1:
+            raise ValueError(f"prior.unconditional must be in [0, 1), got {self.unconditional}")
         _choice(PriorTarget, self.target, "prior.target")
         if self.images < 0 or self.batch_size < 1:
             raise ValueError(f"prior.images must be >= 0 and prior.batch_size >= 1, got {self.images}, {self.batch_size}")
