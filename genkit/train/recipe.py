@@ -147,13 +147,13 @@ class PriorConfig:
 
     def __post_init__(self):
         _choice(PriorSource, self.source, "prior.source")
-        if not 0 <= self.unconditional < 1:
-            raise ValueError(f"prior.unconditional must be in [0, 1), got {self.unconditional}")
         _choice(PriorTarget, self.target, "prior.target")
         if self.images < 0 or self.batch_size < 1:
             raise ValueError(f"prior.images must be >= 0 and prior.batch_size >= 1, got {self.images}, {self.batch_size}")
         if not 0 <= self.fraction < 1:
             raise ValueError(f"prior.fraction must be in [0, 1), got {self.fraction}")
+        if not 0 <= self.unconditional < 1:
+            raise ValueError(f"prior.unconditional must be in [0, 1), got {self.unconditional}")
         if not self.weight > 0:
             raise ValueError(f"prior.weight must be > 0, got {self.weight}")
 
