@@ -76,9 +76,9 @@ class Job:
         return "inpaint" if self.mask is not None or self.outpaint else "img2img"
 
     def batch_key(self) -> tuple:
-        # an empty negative goes to the pipeline as None (SDXL: zeros), so it never shares a batch with a non-empty one
-        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler,
-                bool(self.negative_prompt), self.task, self.strength)
+        """What jobs of one batch share, whatever the model (`Pipeline.batch_key` adds what the model needs)."""
+        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler, self.task,
+                self.strength)
 
 
 @dataclass
@@ -128,38 +128,41 @@ class Pipeline:
         self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
         self.compiled = False
         self._cut: dict[str, dict | None] = {}  # prompt -> what its text encoder drops of it (prompt_cut)
-        self._chunks: dict[str, int] = {}  # prompt -> its 75-token CLIP chunks (chunks_of)
-        # a prompt past CLIP's 75 tokens: "chunk" reads all of it as A1111 does (genkit.families.clip_chunks),
-        # "truncate" cuts it as diffusers does; families without CLIP text always truncate (at their own length)
-        self.long_prompts = "chunk" if family.prompt_chunks else "truncate"
+        self._chunks: dict[str, int] = {}  # prompt -> the pieces it is read in (chunks_of)
+        # a prompt past the text encoder's length: the family's first way ("chunk": CLIP's 75-token chunks, as A1111)
+        self.long_prompts = family.long_prompts[0]
         self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
         self.attention = None
         self.set_attention(attention)
 
     @property
     def kind(self) -> str:
-        """"genkit" for genkit-mini's format, "diffusers" for every diffusers pipeline."""
-        return "genkit" if self.family.name == "genkit-mini" else "diffusers"
+        """The model's file format: "genkit" (genkit-mini's own) or "diffusers"."""
+        return self.family.file_format
 
     def set_long_prompts(self, mode: str) -> None:
         """"chunk" (A1111's 75-token chunks, the default for CLIP families) or "truncate" (diffusers' cut)."""
         if mode not in ("chunk", "truncate"):
-            raise GenkitError(f"long_prompts must be 'chunk' or 'truncate', got {mode!r}")
-        if mode == "chunk" and not self.family.prompt_chunks:
-            raise GenkitError(f"long_prompts: {self.family.title} reads prompts with its own text encoder's length; "
-                              "chunking is for CLIP models (SD 1.x/2.x, SDXL): drop it")
+            raise GenkitError(f"must be 'chunk' or 'truncate', got {mode!r}", param="long_prompts")
+        if mode not in self.family.long_prompts:
+            raise GenkitError(f"{mode}: {self.family.title} reads prompts with its own text encoder's length; "
+                              "chunking is for CLIP models (SD 1.x/2.x, SDXL): drop it", param="long_prompts")
         self.long_prompts, self._cut = mode, {}
 
     def chunks_of(self, job: Job) -> int:
-        """How many 75-token chunks the job's prompt and negative are read in (1: as diffusers reads them)."""
+        """How many pieces the job's prompt and negative are read in (1: as the pipeline reads them)."""
         if self.long_prompts != "chunk":
             return 1
-        from genkit.families.clip_chunks import MAX_CHUNKS
-
         for text in (job.prompt, job.negative_prompt):
             if text not in self._chunks:
-                self._chunks[text] = min(self.family.chunks(self.pipe, text), MAX_CHUNKS)
+                self._chunks[text] = self.family.chunks(self.pipe, text)
         return max(self._chunks[job.prompt], self._chunks[job.negative_prompt])
+
+    def batch_key(self, job: Job) -> tuple:
+        """What the jobs of one batch must share: settings, text pieces, and (where the family passes an empty negative
+        as none) whether the negative is empty."""
+        empty = not job.negative_prompt if self.family.empty_negative_is_zeros else None
+        return (*job.batch_key(), self.chunks_of(job), empty)
 
     @property
     def denoiser(self):
@@ -188,8 +191,8 @@ class Pipeline:
             try:
                 cpp_builder.get_cpp_compiler()
             except exc.InvalidCxxCompiler:
-                raise GenkitError(f"{term('compile')} on a CPU needs a C++ compiler for torch.compile and none was found "
-                                  f"(install g++ or set CXX, or drop {term('compile')})") from None
+                raise GenkitError("on a CPU needs a C++ compiler for torch.compile and none was found "
+                                  f"(install g++ or set CXX, or drop {term('compile')})", param="compile") from None
         self.denoiser.compile()
         self.compiled = True
         self.exact = False  # compiled kernels are not bitwise equal across batch sizes anyway, and tracing the
@@ -220,14 +223,14 @@ class Pipeline:
             raise GenkitError(f"no prompts given (pass at least one prompt or {term('prompts_file')})")
         base = self._settings(config)
         seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-        _check_count("num_images_per_prompt (-n)", config.num_images_per_prompt)
-        _check_count("batch_size (--batch-size)", config.batch_size)
+        _check_count("num_images_per_prompt", config.num_images_per_prompt)
+        _check_count("batch_size", config.batch_size)
         jobs, read = [], {}
         for spec in specs:
             if not spec.prompt.strip():
-                raise GenkitError("a prompt is empty (remove it or write some text)")
+                raise GenkitError("is empty (remove it or write some text)", param="prompt")
             n = spec.num_images_per_prompt or config.num_images_per_prompt
-            _check_count("n", n)
+            _check_count("num_images_per_prompt", n)
             steps = spec.num_inference_steps or base["num_inference_steps"]
             guidance = spec.guidance_scale if spec.guidance_scale is not None else base["guidance_scale"]
             self._check_numbers(steps, guidance)
@@ -265,14 +268,15 @@ class Pipeline:
         source, mask_source, strength, outpaint = own("image"), own("mask"), own("strength"), own("outpaint")
         if source is None:
             if mask_source is not None or outpaint is not None:
-                raise GenkitError(f"{'mask' if mask_source is not None else 'outpaint'} needs an input image to edit "
-                                  f"(pass {term('image')})")
+                raise GenkitError(f"needs an input image to edit (pass {term('image')})",
+                                  param="mask" if mask_source is not None else "outpaint")
             if strength is not None:
-                raise GenkitError(f"strength {strength} applies only to an input image (pass {term('image')}, or drop "
-                                  f"{term('strength')})")
+                raise GenkitError(f"{strength} applies only to an input image (pass {term('image')}, or drop "
+                                  f"{term('strength')})", param="strength")
             return {}
         if mask_source is not None and outpaint is not None:
-            raise GenkitError(f"outpaint makes its own mask (the new border); pass {term('mask')} or {term('outpaint')}, not both")
+            raise GenkitError(f"makes its own mask (the new border); pass {term('mask')} or {term('outpaint')}, not both",
+                              param="outpaint")
         task = "inpaint" if mask_source is not None or outpaint is not None else "img2img"
         self.family.check_edit(task)
         strength = edit.check_strength(edit.default_strength(task == "inpaint") if strength is None else strength)
@@ -304,7 +308,15 @@ class Pipeline:
         return settings
 
     def _sampler(self, name: str) -> str:
-        return name if name == "default" else schedulers.parse(name, flow=self.family.flow).value
+        """The sampler's short name, refused in one line when the family's pipelines cannot run it."""
+        if name == "default":
+            return name
+        sampler = schedulers.parse(name, flow=self.family.flow).value
+        if sampler not in self.family.samplers():
+            also = "" if str(name).strip().lower() == sampler else f" ({sampler})"
+            raise GenkitError(f"{name}{also} does not run on {self.family.title} models; the samplers that fit: "
+                              f"{', '.join(self.family.samplers())}, or default", param="scheduler")
+        return sampler
 
     def _check_side(self, key: str, value) -> int:
         from genkit.images import check_multiple
@@ -343,7 +355,7 @@ class Pipeline:
         # a long run starts with a batch of one, so its first image comes in about one image's time, not a whole
         # batch's (batch size never changes pixels in exact mode; see genkit.invariance)
         first = 1 if len(jobs) > LONG_RUN * config.batch_size else config.batch_size
-        for number, batch in enumerate(_batches(jobs, config.batch_size, first, self.chunks_of)):
+        for number, batch in enumerate(_batches(jobs, config.batch_size, first, self.batch_key)):
             result = self._run_batch(batch, number, callback, encoded)
             bar.update(len(batch))
             yield result
@@ -377,9 +389,8 @@ class Pipeline:
                 rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
                 self.family.attention_context(self.attention):
             args = self.family.call_args(batch, generators, on_step)
-            if (chunks := self.chunks_of(first)) > 1:  # a batch shares its chunk count (_batches)
-                args = {k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")}
-                args.update(self.family.chunked_args(self.pipe, batch, chunks))
+            if (chunks := self.chunks_of(first)) > 1:  # a batch shares its chunk count (batch_key)
+                args = self.family.chunked_args(self.pipe, batch, chunks, args)
             if first.task is not None:
                 inputs = [edit.inputs_for(job.image, job.mask, job.outpaint, job.width, job.height, self.size_factor)
                           for job in batch]
@@ -425,10 +436,7 @@ class Pipeline:
         """What the text encoder drops of a prompt longer than it reads: {"tokens": kept, "dropped": text}, else
         None. Said once per prompt as a warning (the pipelines cut silently), and recorded with each image."""
         if prompt not in self._cut:
-            if self.long_prompts == "chunk":
-                self._cut[prompt] = cut = _chunks_cut(self.family.chunk_tokenizer(self.pipe), prompt)
-            else:
-                self._cut[prompt] = cut = _prompt_cut(*self.family.prompt_limit(self.pipe), prompt)
+            self._cut[prompt] = cut = self.family.prompt_cut(self.pipe, prompt, self.long_prompts)
             if cut:
                 import warnings
 
@@ -441,27 +449,6 @@ class Pipeline:
                     f"prompt {short(prompt)!r} is longer than the {cut['tokens']} tokens {self.name}'s text encoder "
                     f"reads; {short(cut['dropped'])!r} is ignored (shorten the prompt)"), stacklevel=2)
         return self._cut[prompt]
-
-
-def _prompt_cut(tokenizer, limit: int | None, prompt: str) -> dict | None:
-    if tokenizer is None or not limit or not prompt:
-        return None
-    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
-    if len(ids) <= limit:
-        return None
-    end = 1 if ids[-1] in set(tokenizer.all_special_ids) else 0  # the closing token is kept past the cut
-    dropped = tokenizer.decode(ids[limit - end:len(ids) - end], skip_special_tokens=True).strip()
-    return {"tokens": limit, "dropped": dropped} if dropped else None
-
-
-def _chunks_cut(tokenizer, prompt: str) -> dict | None:
-    from genkit.families.clip_chunks import MAX_CHUNKS, split
-
-    parts = split(tokenizer, prompt)
-    if len(parts) <= MAX_CHUNKS:
-        return None
-    dropped = tokenizer.decode([t for part in parts[MAX_CHUNKS:] for t in part], skip_special_tokens=True).strip()
-    return {"tokens": sum(len(part) for part in parts[:MAX_CHUNKS]), "dropped": dropped} if dropped else None
 
 
 def _edit_record(job: Job) -> dict:
@@ -502,13 +489,13 @@ def _threads() -> int:
 LONG_RUN = 4  # batches: a run longer than this starts with a batch of one
 
 
-def _batches(jobs: list[Job], size: int, first: int | None = None, chunks=lambda job: 1):
-    """Consecutive jobs that share steps, guidance, size, scheduler and text chunks (`chunks(job)`), at most `size`
-    at a time (`first` for the first batch)."""
+def _batches(jobs: list[Job], size: int, first: int | None = None, key=Job.batch_key):
+    """Consecutive jobs that share `key(job)` (steps, guidance, size, scheduler, ...), at most `size` at a time
+    (`first` for the first batch)."""
     batch: list[Job] = []
     limit = first or size
     for job in jobs:
-        if batch and (len(batch) == limit or job.batch_key() != batch[0].batch_key() or chunks(job) != chunks(batch[0])):
+        if batch and (len(batch) == limit or key(job) != key(batch[0])):
             yield batch
             batch, limit = [], size
         batch.append(job)

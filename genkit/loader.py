@@ -42,18 +42,18 @@ def _check_device(device: str) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise GenkitError(f"{term('device')} {device}: not a device torch knows (available here: {here})") from None
+        raise GenkitError(f"{device}: not a device torch knows (available here: {here})", param="device") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise GenkitError(f"{term('device')} {device}: CUDA is not available here (available here: {here})")
+            raise GenkitError(f"{device}: CUDA is not available here (available here: {here})", param="device")
         count = torch.cuda.device_count()
         if parsed.index is not None and parsed.index >= count:
-            raise GenkitError(f"{term('device')} {device}: this machine has {count} CUDA device(s), numbered from 0 "
-                              f"(try cuda:0)")
+            raise GenkitError(f"{device}: this machine has {count} CUDA device(s), numbered from 0 "
+                              f"(try cuda:0)", param="device")
     elif parsed.type == "mps" and not _mps():
-        raise GenkitError(f"{term('device')} {device}: Apple's MPS is not available here (available here: {here})")
+        raise GenkitError(f"{device}: Apple's MPS is not available here (available here: {here})", param="device")
     elif parsed.type not in ("cpu", "cuda", "mps"):
-        raise GenkitError(f"{term('device')} {device}: genkit runs on cpu, cuda or mps (available here: {here})")
+        raise GenkitError(f"{device}: genkit runs on cpu, cuda or mps (available here: {here})", param="device")
     return device
 
 
@@ -64,14 +64,16 @@ def _mps() -> bool:
     return bool(backend and backend.is_available())
 
 
-def pick_dtype(dtype: str | None, device: str, family):
+def pick_dtype(dtype: str | None, device: str, family=None):
+    """`dtype` as torch's; unset: fp16 for latent models on CUDA (a family not known yet counts as latent), else fp32."""
     import torch
 
     if dtype is None:
-        return torch.float16 if device.startswith("cuda") and family.latent else torch.float32
+        latent = family.latent if family is not None else True
+        return torch.float16 if device.startswith("cuda") and latent else torch.float32
     key = str(dtype).removeprefix("torch.").lower()
     if key not in DTYPES:
-        raise GenkitError(f"unknown dtype {dtype!r} (valid: fp32, fp16, bf16)")
+        raise GenkitError(f"{dtype!r} is not a dtype genkit knows (valid: fp32, fp16, bf16)", param="dtype")
     return getattr(torch, DTYPES[key])
 
 
@@ -102,26 +104,6 @@ def check_folder(folder: Path, allow_pickle: bool) -> dict:
             raise GenkitError(f"{sub} holds weights only in a pickle format ({pickles[0].name}), which can run code "
                               f"when loaded; convert them to safetensors, or pass {term('allow_pickle')} if you trust them")
     return config
-
-
-def _load_genkit(folder: Path, dtype, use_safetensors):
-    from genkit.pipeline import GenkitMiniPipeline
-
-    extra = {}
-    if not (folder / "text_encoder").is_dir():  # shipped weights: the encoder comes from its package
-        from genkit.families.genkit_mini import load_text_encoder
-
-        extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
-    with load_errors(str(folder), True):
-        return GenkitMiniPipeline.from_pretrained(folder, torch_dtype=dtype, use_safetensors=use_safetensors, **extra)
-
-
-def _load_diffusers(source: str, dtype, use_safetensors, local: bool):
-    from diffusers import DiffusionPipeline
-
-    with load_errors(source, local):
-        return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors,
-                                                 local_files_only=local)
 
 
 @contextlib.contextmanager
@@ -162,12 +144,12 @@ def _locate(name: str, allow_pickle: bool = False):
     elif name.count("/") == 1 and not name.startswith((".", "/", "~")):
         source, family, defaults = name, None, {}  # hub id: the family is known once loaded
     else:
-        raise GenkitError(f"unknown model {name!r}: not a preset ({', '.join(presets.names())}) and no such folder "
-                          "(pass a preset name, a diffusers folder, or a hub id like org/model)")
+        raise GenkitError(f"{name!r}: not a preset ({', '.join(presets.names())}) and no such folder "
+                          "(pass a preset name, a diffusers folder, or a hub id like org/model)", param="model")
     if Path(source).exists():
         folder = Path(source)
         if not folder.is_dir():
-            raise GenkitError(f"model path {folder} is a file; pass the pipeline folder that holds model_index.json")
+            raise GenkitError(f"{folder} is a file; pass the pipeline folder that holds model_index.json", param="model")
         config = check_folder(folder, allow_pickle)
         family = family or families.detect(config.get("_class_name"), str(folder))
     return source, family, defaults, preset
@@ -176,8 +158,6 @@ def _locate(name: str, allow_pickle: bool = False):
 def load_tokenizer(name_or_path: str | None = None):
     """(tokenizer, tokens it reads) of a model's main text conditioning, without loading any weights: what
     `genkit data check --model` counts captions with. A hub id's family is read from its model_index.json."""
-    from transformers import AutoTokenizer
-
     from genkit import families
 
     name = name_or_path or presets.DEFAULT_MODEL
@@ -189,12 +169,7 @@ def load_tokenizer(name_or_path: str | None = None):
 
             with open(hf_hub_download(source, "model_index.json")) as f:
                 family = families.detect(json.load(f).get("_class_name"), source)
-        if family.name == "genkit-mini":
-            from genkit.families.genkit_mini import load_tokenizer as minilm_tokenizer
-
-            tokenizer = minilm_tokenizer()
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source, subfolder=family.prompt_tokenizer)
+        tokenizer = family.tokenizer(source)
     limit = family.max_sequence_length or tokenizer.model_max_length
     return tokenizer, (limit if limit and limit < 100_000 else None)
 
@@ -236,7 +211,7 @@ def load(
     backend_device = pick_device(device)
     exact = default_exact(backend_device) if exact is None else exact
     backend = attn.resolve(attention, backend_device)  # fail on xformers before the slow load
-    torch_dtype = pick_dtype(dtype, backend_device, family or families.get("sd"))
+    torch_dtype = pick_dtype(dtype, backend_device, family)
     if backend_device == "cpu":
         from genkit import cpu
 
@@ -244,15 +219,18 @@ def load(
         if advice:
             print(f"genkit: {advice}", file=sys.stderr)
     use_safetensors = None if allow_pickle else True
-    if family is not None and family.name == "genkit-mini":
-        pipe = _load_genkit(Path(source), torch_dtype, use_safetensors)
-    else:
-        pipe = _load_diffusers(source, torch_dtype, use_safetensors, local)
-        family = family or families.detect(type(pipe).__name__, source)
+    with load_errors(source, local):
+        if family is not None:
+            pipe = family.load(source, dtype=torch_dtype, use_safetensors=use_safetensors, local=local)
+        else:  # a hub id: the family is known once loaded
+            from genkit.families.base import load_diffusers
+
+            pipe = load_diffusers(source, torch_dtype, use_safetensors, local)
+    family = family or families.detect(type(pipe).__name__, source)
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload:
         if not backend_device.startswith("cuda"):
-            raise GenkitError(f"{term('cpu_offload')} moves models between CPU and GPU and needs CUDA (drop it on CPU)")
+            raise GenkitError("moves models between CPU and GPU and needs CUDA (drop it on CPU)", param="cpu_offload")
         pipe.enable_model_cpu_offload()
     else:
         pipe.to(backend_device)

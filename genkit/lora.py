@@ -14,7 +14,6 @@ has no loader for it); the other pipelines load through their own diffusers load
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import warnings
@@ -22,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from genkit.errors import GenkitError, first_line, term
+from genkit.families.base import LORA_COMPONENTS
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 _SUFFIXES = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.[\w]+)?\.weight$|\.alpha$")
-_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
 
 
 @dataclass(frozen=True)
@@ -62,16 +61,16 @@ def parse_spec(text: str | LoraSpec) -> LoraSpec:
             path, scale = head, float(tail)
         except ValueError:
             if not Path(path).expanduser().exists() and Path(head).expanduser().exists():
-                raise GenkitError(f"{term('lora')} {text}: the scale {tail!r} after the last ':' is not a number "
-                                  f"(write {head}:0.8, or {head} for scale 1)") from None
+                raise GenkitError(f"{text}: the scale {tail!r} after the last ':' is not a number "
+                                  f"(write {head}:0.8, or {head} for scale 1)", param="lora") from None
     check_scale(scale, path)
     return LoraSpec(Path(path).expanduser(), scale)
 
 
 def check_scale(scale: float, path) -> None:
     if not math.isfinite(scale) or abs(scale) > MAX_SCALE:
-        raise GenkitError(f"{term('lora')} {path}: scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got "
-                          f"{scale:g} (1 is full strength; most adapters work from 0.5 to 1.2)")
+        raise GenkitError(f"{path}: scale must be a finite number from -{MAX_SCALE:g} to {MAX_SCALE:g}, got "
+                          f"{scale:g} (1 is full strength; most adapters work from 0.5 to 1.2)", param="lora")
 
 
 def weights_file(path: Path, allow_pickle: bool = False) -> Path:
@@ -83,13 +82,13 @@ def weights_file(path: Path, allow_pickle: bool = False) -> Path:
             if pickles and allow_pickle:
                 return pickles[0]
             hint = f" (it holds only .bin pickles; pass {term('allow_pickle')} if you trust them)" if pickles else ""
-            raise GenkitError(f"{term('lora')} {path}: no .safetensors file in the folder{hint}")
+            raise GenkitError(f"{path}: no .safetensors file in the folder{hint}", param="lora")
         return found
     if not path.is_file():
-        raise GenkitError(f"{term('lora')} {path}: no such file or folder")
+        raise GenkitError(f"{path}: no such file or folder", param="lora")
     if path.suffix != ".safetensors" and not allow_pickle:
-        raise GenkitError(f"{term('lora')} {path} is not a .safetensors file; pickle files can run code when loaded "
-                          f"(convert it, or pass {term('allow_pickle')} if you trust it)")
+        raise GenkitError(f"{path} is not a .safetensors file; pickle files can run code when loaded "
+                          f"(convert it, or pass {term('allow_pickle')} if you trust it)", param="lora")
     return path
 
 
@@ -101,8 +100,8 @@ def check_safetensors(file: Path) -> None:
         with safe_open(str(file), framework="pt") as handle:
             handle.keys()
     except (SafetensorError, OSError, ValueError) as exc:
-        raise GenkitError(f"{term('lora')} {file} is not a valid safetensors file ({first_line(exc)}); pass the LoRA's "
-                          ".safetensors file as it was saved (is it truncated, or another format renamed?)") from None
+        raise GenkitError(f"{file} is not a valid safetensors file ({first_line(exc)}); pass the LoRA's "
+                          ".safetensors file as it was saved (is it truncated, or another format renamed?)", param="lora") from None
 
 
 def layer_names(state_dict: dict) -> set[str]:
@@ -110,27 +109,16 @@ def layer_names(state_dict: dict) -> set[str]:
     return {_SUFFIXES.sub("", key) for key in state_dict if _SUFFIXES.search(key)}
 
 
-def _loader(pipe):
-    """The diffusers LoRA loader class for `pipe` (genkit-mini borrows Stable Diffusion's)."""
-    if hasattr(pipe, "lora_state_dict"):
-        return type(pipe)
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
-    return StableDiffusionLoraLoaderMixin
-
-
-def read(file: Path, pipe) -> tuple[dict, dict | None, dict | None]:
+def read(file: Path, pipe, family) -> tuple[dict, dict | None, dict | None]:
     """(state dict in diffusers layout, network alphas, adapter metadata); kohya keys are converted."""
     from safetensors import SafetensorError
 
-    loader = _loader(pipe)
-    extra = {"unet_config": pipe.unet.config} if "unet_config" in inspect.signature(loader.lora_state_dict).parameters \
-        and hasattr(pipe, "unet") else {}
+    extra = family.lora_read_args(pipe)
     try:
-        parts = loader.lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True,
+        parts = family.lora_loader(pipe).lora_state_dict(str(file.parent), weight_name=file.name, return_lora_metadata=True,
                                        use_safetensors=file.suffix == ".safetensors", **extra)
     except (ValueError, KeyError, RuntimeError, OSError, TypeError, SafetensorError) as exc:
-        raise GenkitError(f"{term('lora')} {file}: cannot read it as a LoRA ({first_line(exc)})") from None
+        raise GenkitError(f"{file}: cannot read it as a LoRA ({first_line(exc)})", param="lora") from None
     if len(parts) == 2:  # transformer loaders keep no network alphas
         return parts[0], None, parts[1]
     return parts
@@ -170,9 +158,7 @@ def _fits(module, shapes: tuple) -> bool:
 
 def check_fit(state_dict: dict, pipe, family) -> Fit:
     """Count the layers of a (diffusers-layout) LoRA state dict that exist in `pipe` with fitting shapes."""
-    accepted = [c for c in _COMPONENTS if getattr(pipe, c, None) is not None]
-    if not hasattr(pipe, "load_lora_weights"):
-        accepted = [family.denoiser_name]  # genkit-mini and PixArt load denoiser adapters only
+    accepted = family.lora_components(pipe)
     matched, wanted, miss = 0, 0, None
     claimed = set()
     for component in accepted:
@@ -216,7 +202,7 @@ def _adapter_layers(pipe, adapter: str) -> int:
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     count = 0
-    for name in _COMPONENTS:
+    for name in LORA_COMPONENTS:
         module = getattr(pipe, name, None)
         if module is None:
             continue
@@ -229,15 +215,7 @@ def _adapter_layers(pipe, adapter: str) -> int:
 def _load(pipe, family, file: Path, state_dict: dict, alphas, metadata, adapter: str) -> None:
     with warnings.catch_warnings():  # several adapters in one model are what --lora asks for
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        if hasattr(pipe, "load_lora_weights"):
-            pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
-                                   use_safetensors=file.suffix == ".safetensors")
-        elif family.denoiser_name == "unet":  # genkit-mini: into the decoder, every key in peft's names (_LAYOUTS;
-            # a kohya file converts to old `to_q_lora.down` and new `ff.net.2.lora.down` keys, renamed here alike)
-            _loader(pipe).load_lora_into_unet(peft_names("unet", state_dict), alphas, unet=pipe.unet,
-                                              adapter_name=adapter, metadata=metadata)
-        else:  # a transformer without diffusers' LoRA loader (PixArt): peft directly
-            inject_peft(family.denoiser(pipe), peft_layout(state_dict), family.denoiser_name, metadata, adapter)
+        family.load_lora(pipe, file, state_dict, alphas, metadata, adapter)
 
 
 def inject_peft(model, state_dict: dict, prefix: str, metadata: dict | None, adapter: str) -> None:
@@ -255,24 +233,6 @@ def inject_peft(model, state_dict: dict, prefix: str, metadata: dict | None, ada
     result = set_peft_model_state_dict(model, part, adapter_name=adapter)
     if getattr(result, "unexpected_keys", None):
         raise ValueError(f"{len(result.unexpected_keys)} keys fit no layer, e.g. {result.unexpected_keys[0]}")
-
-
-def _activate(pipe, family, names: list[str], scales: list[float]) -> None:
-    """Make exactly `names` the active adapters, each at its scale."""
-    if hasattr(pipe, "set_adapters"):
-        pipe.set_adapters(names, adapter_weights=scales)
-        return
-    model = family.denoiser(pipe)
-    if hasattr(model, "set_adapters"):
-        model.set_adapters(names, weights=scales)
-        return
-    from peft.tuners.lora import LoraLayer
-
-    for layer in model.modules():
-        if isinstance(layer, LoraLayer):
-            layer.set_adapter(names)
-            for name, scale in zip(names, scales):
-                layer.set_scale(name, scale)
 
 
 # diffusers' converter renames only the attention projections' adapters (`to_q.lora_A` -> `to_q.lora.down`) and
@@ -299,16 +259,8 @@ def _rename(key: str, mapping: dict) -> str:
 
 def _unload(pipe, family, adapter: str) -> None:
     """Remove a half-loaded adapter, so a caller that catches the error keeps a working pipeline."""
-    target = pipe if hasattr(pipe, "delete_adapters") else family.denoiser(pipe)
     try:
-        if hasattr(target, "delete_adapters"):
-            target.delete_adapters(adapter)
-        else:
-            from peft.tuners.lora import LoraLayer
-
-            for layer in target.modules():
-                if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
-                    layer.delete_adapter(adapter)
+        family.unload_lora(pipe, adapter)
     except (ValueError, KeyError, AttributeError):
         pass
 
@@ -320,35 +272,35 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
         file = weights_file(spec.path, allow_pickle)
         if file.suffix == ".safetensors":
             check_safetensors(file)
-        state_dict, alphas, metadata = read(file, pipe)
+        state_dict, alphas, metadata = read(file, pipe, family)
         fit = check_fit(state_dict, pipe, family)
         if fit.wanted == 0:
-            raise GenkitError(f"{term('lora')} {spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
-                              "lora_down/lora_up keys)")
+            raise GenkitError(f"{spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
+                              "lora_down/lora_up keys)", param="lora")
         if fit.matched < fit.wanted:
-            raise GenkitError(f"{term('lora')} {spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
+            raise GenkitError(f"{spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
                               f"layers matched the model (first that did not: {fit.miss}; was it trained for "
-                              "another base model?)")
+                              "another base model?)", param="lora")
         problem = text_encoder_problem() if any(k.startswith("text_encoder") for k in state_dict) else None
         if problem:
-            raise GenkitError(f"{term('lora')} {spec.path} holds text-encoder layers, but {problem} (upgrade peft)")
+            raise GenkitError(f"{spec.path} holds text-encoder layers, but {problem} (upgrade peft)", param="lora")
         adapter = f"lora{number}_{re.sub(r'[^A-Za-z0-9_]', '_', spec.path.stem)}"
         try:
             _load(pipe, family, file, state_dict, alphas, metadata, adapter)
         except (ValueError, RuntimeError, KeyError) as exc:
             _unload(pipe, family, adapter)
-            raise GenkitError(f"{term('lora')} {spec.path} does not fit {pipeline.name}: {first_line(exc)}") from None
+            raise GenkitError(f"{spec.path} does not fit {pipeline.name}: {first_line(exc)}", param="lora") from None
         loaded = _adapter_layers(pipe, adapter)
         if loaded < fit.wanted:
             _unload(pipe, family, adapter)
-            raise GenkitError(f"{term('lora')} {spec.path} does not fit {pipeline.name}: {loaded} of its {fit.wanted} layers "
-                              "received the adapter")
+            raise GenkitError(f"{spec.path} does not fit {pipeline.name}: {loaded} of its {fit.wanted} layers "
+                              "received the adapter", param="lora")
         names.append(adapter)
         scales.append(spec.scale)
         pipeline.loras.append({"name": spec.path.stem if spec.path.is_file() else spec.path.name,
                                "path": str(spec.path), "scale": spec.scale, "sha256": _digest(file)})
     if names:
-        _activate(pipe, family, names, scales)
+        family.set_loras(pipe, names, scales)
 
 
 def _digest(file: Path) -> str:

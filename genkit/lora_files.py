@@ -41,9 +41,6 @@ RECORD_NAME = "genkit_lora.json"  # what genkit.train.lora writes beside the wei
 RECORD_FIELD = "genkit_lora"  # the header field an export stores the record in
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
-# kohya's ss_base_model_version values (sd-scripts' library/train_util.py), which A1111 reads to tell SDXL files
-BASE_VERSIONS = {"sd": "sd_v1", "sdxl": "sdxl_base_v1-0", "genkit-mini": "genkit-mini"}
-EXPORTABLE = ("sd", "sdxl", "genkit-mini")
 _CONTAINERS = re.compile(r"(blocks|attentions|resnets|layers|downsamplers|upsamplers)$")
 _TRAINING_SS = ("ss_learning_rate", "ss_unet_lr", "ss_text_encoder_lr", "ss_max_train_steps", "ss_steps",
                 "ss_num_epochs", "ss_epoch", "ss_batch_size_per_device", "ss_total_batch_size",
@@ -335,7 +332,7 @@ def _fit(info: LoraInfo, lora: LoraFile, model: str) -> None:
     from genkit import lora as lora_module
 
     pipeline = genkit.load(model, device="cpu")
-    state, _, _ = lora_module.read(lora.path, pipeline.pipe)
+    state, _, _ = lora_module.read(lora.path, pipeline.pipe, pipeline.family)
     fit = lora_module.check_fit(state, pipeline.pipe, pipeline.family)
     info.model, info.matched, info.wanted, info.miss = pipeline.name, fit.matched, fit.wanted, fit.miss
 
@@ -387,26 +384,18 @@ class ExportResult:
     sha256: str  # sshs_model_hash: sha256 of the tensor data (kohya's and A1111's LoRA hash)
 
 
-def kohya_prefix(component: str, family: str) -> str:
-    if component == "unet":
-        return "lora_unet_"
-    if component == "text_encoder":
-        return "lora_te1_" if family == "sdxl" else "lora_te_"
-    return "lora_te2_"
+def _family_of(lora: LoraFile, layers: dict, model: str | None) -> tuple[object, object]:
+    """(family or None, loaded pipeline or None): --model, else the record, else the components the keys name."""
+    from genkit import families
 
-
-def _family_of(lora: LoraFile, layers: dict, model: str | None) -> tuple[str, object]:
-    """(family name, loaded pipeline or None): --model, else the record, else the keys."""
     if model is not None:
         import genkit
 
         pipeline = genkit.load(model, device="cpu")
-        return pipeline.family.name, pipeline
-    if lora.record and lora.record.get("family"):
-        return lora.record["family"], None
-    if "transformer" in layers:
-        return "transformer", None
-    return ("sdxl" if "text_encoder_2" in layers else "sd"), None
+        return pipeline.family, pipeline
+    if lora.record and lora.record.get("family") in families.names():
+        return families.get(lora.record["family"]), None
+    return families.for_lora_components(set(layers)), None
 
 
 def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
@@ -425,11 +414,15 @@ def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
     state, stored_alphas = diffusers_state(lora)
     layers = split_layers(state)
     family, pipeline = _family_of(lora, layers, model)
-    if family not in EXPORTABLE or set(layers) - {"unet", "text_encoder", "text_encoder_2"}:
+    if family is None or family.kohya is None or set(layers) - set(family.kohya.prefixes):
+        from genkit import families
+
         what = ", ".join(sorted(layers))
-        raise _fail(lora.path, f"holds {what} adapters (model family: {family}); kohya export covers the UNet families "
-                               f"({', '.join(EXPORTABLE)}): kohya's Flux and SD3 files name the original models' fused "
-                               "q/k/v layers, which diffusers' separate projections do not map onto one to one")
+        exportable = ", ".join(f.name for f in families.all_families() if f.kohya is not None)
+        raise _fail(lora.path, f"holds {what} adapters (model family: {family.name if family else 'not known'}); kohya "
+                               f"export covers the UNet families ({exportable}): kohya's Flux and SD3 files name the "
+                               "original models' fused q/k/v layers, which diffusers' separate projections do not map "
+                               "onto one to one")
     if pipeline is not None:
         from genkit import lora as lora_module
 
@@ -442,7 +435,7 @@ def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
         config = adapter_config(lora.header, component)
         if config.get("use_dora"):
             raise _fail(lora.path, f"{component} is a DoRA adapter; kohya's networks.lora has no magnitude vectors")
-        prefix = kohya_prefix(component, family)
+        prefix = family.kohya.prefixes[component]
         for name, pair in sorted(named.items()):
             if set(pair) != {"A", "B"}:
                 raise _fail(lora.path, f"layer {component}.{name} has only lora_{''.join(pair)}")
@@ -490,21 +483,18 @@ def _check_read_back(path: Path, kohya: dict, expected: dict) -> None:
         raise _fail(path, f"diffusers' converter reads back a layer that was not written: {sorted(got)[0]}")
 
 
-def _base_version(family: str, expected: dict, pipeline) -> str:
+def _base_version(family, expected: dict, pipeline) -> str:
     """kohya's ss_base_model_version; SD 2.x told from its 1024-wide text context when the LoRA or model shows it."""
-    if family != "sd":
-        return BASE_VERSIONS[family]
-    width = None
     if pipeline is not None:
-        width = pipeline.pipe.unet.config.cross_attention_dim
+        width = getattr(family.denoiser(pipeline.pipe).config, "cross_attention_dim", None)
     else:
         widths = {int(a.shape[1]) for (c, name), (a, _, _) in expected.items()
-                  if c == "unet" and re.search(r"attn2\.to_[kv]$", name)}
+                  if c == family.denoiser_name and re.search(r"attn2\.to_[kv]$", name)}
         width = widths.pop() if len(widths) == 1 else None
-    return "sd_v2" if width == 1024 else "sd_v1"
+    return family.kohya.version(width)
 
 
-def _kohya_metadata(lora: LoraFile, out: Path, family: str, base_version: str, rank: int, alpha: float,
+def _kohya_metadata(lora: LoraFile, out: Path, family, base_version: str, rank: int, alpha: float,
                     ranks: Counter, alphas: Counter) -> dict[str, str]:
     from genkit import __version__
 

@@ -13,7 +13,7 @@ from typing import Iterator
 
 from genkit import distributed
 from genkit.errors import GenkitError, term
-from genkit.outputs import OutputWriter, check_out_dir, read_record, recorded_seed, run_key
+from genkit.outputs import OutputWriter, check_out_dir, read_record, recorded_seed, run_key, save_png, save_text
 
 
 @dataclass
@@ -97,7 +97,7 @@ def run_generate(request: GenerateRequest, *, jobs=None, pipeline=None) -> Itera
     check_request(request)  # before the slow model load
     processes = distributed.state()  # None unless under accelerate launch / torchrun
     if processes is not None and request.seed is None:
-        raise GenkitError(f"several processes need one shared {term('seed')} (pass {term('seed')} N)")
+        raise GenkitError(f"must be given when several processes share a run (pass {term('seed')} N)", param="seed")
     pipeline = pipeline or load_for(request, device=str(processes.device) if processes else None)
     config, run_seed = request.config(), None
     if request.seed is None and jobs is None:  # a drawn seed is kept in the folder, so a rerun finishes the run
@@ -142,8 +142,8 @@ def _check_numbers(request: GenerateRequest) -> None:
     """The settings a model is not needed to judge, checked before it loads (the plan checks them again)."""
     from genkit import prompts
 
-    prompts.check_count(request.num_images_per_prompt, "num_images_per_prompt (-n)")
-    prompts.check_count(request.batch_size, "batch_size (--batch-size)")
+    prompts.check_count(request.num_images_per_prompt, "num_images_per_prompt")
+    prompts.check_count(request.batch_size, "batch_size")
     if request.num_inference_steps is not None:
         prompts.check_steps(request.num_inference_steps)
     if request.guidance_scale is not None:
@@ -196,7 +196,6 @@ def _write_grid(writer: OutputWriter, jobs, pipeline) -> Path:
     from PIL import Image
 
     from genkit.grid import make_grid
-    from genkit.outputs import atomic_write
 
     images, labels = [], []
     for job in jobs:
@@ -205,7 +204,7 @@ def _write_grid(writer: OutputWriter, jobs, pipeline) -> Path:
         labels.append(f"{job.prompt} ({job.seed})")
     grid = make_grid(images, labels)
     path = writer.out / "grid.png"
-    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    save_png(grid, path)
     return path
 
 
@@ -246,7 +245,6 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     from PIL import Image
 
     from genkit.generate import Job
-    from genkit.outputs import save_png
 
     record = read_record(image)
     out_dir = check_out_dir(out or Path(image).parent)
@@ -283,8 +281,11 @@ def _long_prompts(record: dict) -> str | None:
     """How the recorded prompt was read: in chunks, cut (by a CLIP family's "truncate"), or as its family reads it."""
     if "prompt_chunks" in record:
         return "chunk"
-    if "prompt_truncated" in record and record.get("family") in ("sd", "sdxl"):  # cut at 77 (or made before chunks)
-        return "truncate"
+    from genkit import families
+
+    family = record.get("family")
+    if "prompt_truncated" in record and family in families.names() and "chunk" in families.get(family).long_prompts:
+        return "truncate"  # a CLIP family's cut at 77 (or an image made before chunks)
     return None
 
 
@@ -355,8 +356,8 @@ def run_eval(*, out="eval", model=None, seed=0, seen=200, held_out=100, unseen_p
     grid = save_grid(result, out / "grid.png")
     settings = pipeline.settings(config)
     report = out / "report.json"
-    report.write_text(json.dumps({"settings": {k: settings[k] for k in ("model", "num_inference_steps", "guidance_scale",
-                                  "scheduler", "width", "height", "lora", "dtype")}, "seed": seed,
-                                  **result.as_dict()}, indent=1))
-    (out / "table.txt").write_text(table + "\n")
+    kept = ("model", "num_inference_steps", "guidance_scale", "scheduler", "width", "height", "lora", "dtype")
+    save_text(report, json.dumps({"settings": {k: settings[k] for k in kept}, "seed": seed, **result.as_dict()},
+                                 indent=1))
+    save_text(out / "table.txt", table + "\n")
     return table, [grid, report]

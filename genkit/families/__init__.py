@@ -1,7 +1,8 @@
-"""Model families: one small module each (see base.py for the questions a family answers).
+"""Model families: one small module each (base.py's `Family` is the protocol they answer).
 
-Adding a family is adding a module here with a `FAMILY` object and listing it in `_MODULES`, plus a
-tiny builder in `genkit.testing`; the engine, the trainers and the server never name a family.
+Adding a family is adding a module here with a `FAMILY` object and listing it in `_MODULES`, plus one
+tiny-model entry in `genkit.testing.FAMILIES` (and, where its projection names differ, a table in
+configs/lora.toml); the engine, the loader, the trainers and the server never name a family.
 """
 
 from __future__ import annotations
@@ -36,3 +37,12 @@ def detect(class_name: str | None, where: str = "the model"):
     known = ", ".join(f"{f.name} ({'/'.join(f.pipeline_classes)})" for f in all_families())
     raise GenkitError(f"{where} is a {class_name or 'pipeline without _class_name'}, a model family genkit does not "
                       f"know yet (known: {known})")
+
+
+def for_lora_components(components: set[str]):
+    """The family a LoRA file's components point to when nothing else says (no record, no --model): the first
+    diffusers-format family with a kohya layout whose components hold them all, or None."""
+    for family in all_families():
+        if family.file_format == "diffusers" and family.kohya and components <= set(family.kohya.prefixes):
+            return family
+    return None

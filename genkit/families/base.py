@@ -1,16 +1,32 @@
-"""What every model family answers for the engine, the trainers and the server.
+"""The family seam: everything the engine, the loader, the trainers and the server ask of a model family.
 
 Today's text-to-image models differ in more than weights: a UNet or a transformer denoiser, one to
 three text encoders, epsilon / v / flow-matching targets, true or distilled guidance, size multiples
-of 8 to 32, which attention hook they obey, and how their LoRA files are written. A `Family` holds
+of 8 to 32, which attention hook they obey, and how their LoRA files are written. A family holds
 those answers for one kind of diffusers pipeline; `genkit.families` finds the family of a loaded
-pipeline from its class name. The defaults here are Stable Diffusion 1.x's; each family module
-overrides what differs and nothing else.
+pipeline from its class name. Nothing outside `genkit/families/` names a family
+(tests/test_architecture.py checks it).
+
+`Family` below is the protocol: each member says what it answers, grouped as
+
+- **identity and loading**: name, title, pipeline classes, file format, `load`, `tokenizer`;
+- **inference**: denoiser, sizes, defaults, samplers, call arguments, text reading (prompt cuts,
+  CLIP chunks, empty negatives), editing pipelines, attention;
+- **training**: the prediction target, caption and image encodings, the denoiser's forward call,
+  which prior sources and text-encoder adapters it supports (the objectives themselves are plain
+  functions in genkit.train.objectives);
+- **LoRA files**: how adapters are saved, read, loaded, switched and removed, and kohya's naming.
+
+A new family subclasses `UNetFamily`, `TransformerFamily` or `FlowFamily` (or `Family` itself),
+implements the abstract members and overrides what differs. Stable Diffusion 1.x (families/sd.py)
+is one implementation beside the others.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
+from dataclasses import dataclass, field
 from enum import Enum
 
 import torch
@@ -30,31 +46,123 @@ class Target(str, Enum):
 
 UNET_SAMPLERS = ("ddim", "euler", "euler-a", "dpm++", "unipc", "ddpm")
 FLOW_SAMPLERS = ("flow-euler", "flow-heun", "flow-dpm++", "flow-unipc")
+LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # what diffusers' LoRA files name
 
 
-class Family:
-    """Stable Diffusion 1.x/2.x; the base every other family changes."""
+@dataclass(frozen=True)
+class Kohya:
+    """How kohya's sd-scripts (and A1111, ComfyUI) name a family's LoRA files, for `genkit lora export`."""
 
-    name = "sd"
-    title = "Stable Diffusion 1.x/2.x"
-    pipeline_classes: tuple[str, ...] = ("StableDiffusionPipeline",)
-    denoiser_name = "unet"  # the pipeline attribute that holds the denoiser
+    base_version: str  # ss_base_model_version (sd-scripts' library/train_util.py)
+    prefixes: dict = field(default_factory=dict)  # diffusers component -> kohya key prefix
+    v2_width: int | None = None  # a text context this wide makes the file an SD 2.x one ("sd_v2")
+
+    def version(self, context_width: int | None) -> str:
+        return "sd_v2" if self.v2_width and context_width == self.v2_width else self.base_version
+
+
+def load_diffusers(source: str, dtype, use_safetensors, local: bool):
+    """A diffusers pipeline folder or hub id, as `DiffusionPipeline.from_pretrained` reads it."""
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors,
+                                             local_files_only=local)
+
+
+def cut_prompt(tokenizer, limit: int | None, prompt: str) -> dict | None:
+    """What a tokenizer that keeps `limit` tokens drops of `prompt`: {"tokens": limit, "dropped": text}, or None."""
+    if tokenizer is None or not limit or not prompt:
+        return None
+    ids = tokenizer(prompt, truncation=False, add_special_tokens=True).input_ids
+    if len(ids) <= limit:
+        return None
+    end = 1 if ids[-1] in set(tokenizer.all_special_ids) else 0  # the closing token is kept past the cut
+    dropped = tokenizer.decode(ids[limit - end:len(ids) - end], skip_special_tokens=True).strip()
+    return {"tokens": limit, "dropped": dropped} if dropped else None
+
+
+class Family(abc.ABC):
+    """The protocol. Abstract members must be given; the rest are the usual diffusers answers."""
+
+    # -- identity and loading ---------------------------------------------------------------
+    name: str  # the family's name in records, configs/lora.toml tables and presets
+    title: str  # how messages name it
+    pipeline_classes: tuple[str, ...]  # model_index.json `_class_name`s that are this family
+    file_format = "diffusers"  # "diffusers" folders, or "genkit" (genkit-mini's own)
+
+    def load(self, source: str, *, dtype, use_safetensors, local: bool):
+        """The loaded pipeline object of a folder (or hub id) of this family."""
+        return load_diffusers(source, dtype, use_safetensors, local)
+
+    def tokenizer(self, source: str):
+        """The tokenizer of the main text conditioning, read without any weights."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(source, subfolder=self.prompt_tokenizer)
+
+    # -- inference: the denoiser, sizes and defaults -----------------------------------------
+    denoiser_name: str  # the pipeline attribute that holds the denoiser
     latent = True  # a VAE maps pixels to latents (genkit-mini works in pixels)
     flow = False  # flow-matching sampling (its own sampler names)
-    negative_prompt = True  # the call takes a negative prompt (for classifier-free guidance)
     guidance_scale = 7.0  # default --guidance
     num_inference_steps = 25  # default --steps
     scheduler = "default"  # default sampler: the model's own
-    size_multiple: int | None = None  # None: the VAE's factor (8)
-    lora_layout = "diffusers"  # "diffusers" (lora.down/up, what SD loaders expect) or "peft" (lora_A/B)
-    edit_tasks: tuple[str, ...] = ("img2img", "inpaint")  # diffusers has these pipelines for the family
+    size_multiple: int | None = None  # None: the VAE's factor
 
-    # -- what the engine asks ---------------------------------------------------------------
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
 
+    def text_encoders(self, pipe) -> list[torch.nn.Module]:
+        return [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
+                if getattr(pipe, n, None) is not None]
+
+    def multiple(self, pipe) -> int:
+        """Width and height must be multiples of this (what the family's pipelines check, and what its latents need)."""
+        return self.size_multiple or int(getattr(pipe, "vae_scale_factor", 8))
+
+    def patch(self, pipe) -> int:
+        """Latent pixels per denoiser token side (transformers patchify; a UNet sees every latent pixel)."""
+        return 1
+
+    def default_size(self, pipe) -> int:
+        size = self.denoiser(pipe).config.sample_size
+        size = size[0] if isinstance(size, (tuple, list)) else size
+        return int(size) * (int(getattr(pipe, "vae_scale_factor", 8)) * self.patch(pipe) if self.latent else 1)
+
+    def defaults(self, pipe) -> dict:
+        size = self.default_size(pipe)
+        return {"width": size, "height": size, "num_inference_steps": self.num_inference_steps,
+                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "negative_prompt": ""}
+
+    def samplers(self) -> tuple[str, ...]:
+        """The sampler names (genkit.schedulers) this family's pipelines can run; others are refused."""
+        return FLOW_SAMPLERS if self.flow else UNET_SAMPLERS
+
+    # -- inference: the call -----------------------------------------------------------------
+    negative_prompt = True  # the call takes a negative prompt (for classifier-free guidance)
+    empty_negative_is_zeros = False  # an empty negative is passed as none (the pipeline uses zeros, not "")
+
+    def call_args(self, batch, generators, on_step) -> dict:
+        """The diffusers pipeline call for one batch of jobs (all sharing steps, guidance, size, sampler)."""
+        first = batch[0]
+        args = dict(prompt=[job.prompt for job in batch], num_inference_steps=first.num_inference_steps,
+                    guidance_scale=first.guidance_scale, width=first.width, height=first.height,
+                    generator=generators, callback_on_step_end=on_step)
+        if self.negative_prompt:
+            args["negative_prompt"] = [job.negative_prompt for job in batch]
+            if self.empty_negative_is_zeros and not any(args["negative_prompt"]):
+                del args["negative_prompt"]  # the pipeline's own default (zeros); batches never mix empty and not
+        return args
+
+    def check_job(self, job) -> None:
+        """Refuse settings this family cannot honour (before any work)."""
+        if job.negative_prompt and not self.negative_prompt:
+            raise GenkitError(f"is not read: {self.title} models take no negative prompt (drop it)", param="negative_prompt")
+
+    # -- inference: reading the prompt ---------------------------------------------------------
     prompt_tokenizer = "tokenizer"  # the tokenizer of the text the denoiser mostly reads
     max_sequence_length: int | None = None  # the pipeline's own cap on it (None: the tokenizer's model_max_length)
+    long_prompts: tuple[str, ...] = ("truncate",)  # ways to read a prompt past the encoder's length; first: default
 
     def prompt_limit(self, pipe):
         """(tokenizer, tokens it keeps) of the main text conditioning; a longer prompt is cut there."""
@@ -66,69 +174,25 @@ class Family:
         limit = limit or tokenizer.model_max_length
         return tokenizer, (limit if limit and limit < 100_000 else None)
 
-    prompt_chunks = True  # CLIP text: a prompt past 75 tokens can be read in chunks (genkit.families.clip_chunks)
+    def prompt_cut(self, pipe, prompt: str, mode: str) -> dict | None:
+        """What the text encoder drops of `prompt` read in `mode` (one of `long_prompts`): {"tokens", "dropped"}."""
+        return cut_prompt(*self.prompt_limit(pipe), prompt)
 
     def chunks(self, pipe, text: str) -> int:
-        """75-token chunks `text` takes (1 when it fits); asked only of families with `prompt_chunks`."""
-        from genkit.families import clip_chunks
-
-        return clip_chunks.count(self.chunk_tokenizer(pipe), text)
-
-    def chunk_tokenizer(self, pipe):
-        """The CLIP tokenizer that splits prompts into chunks (SDXL's two share one vocabulary)."""
-        return getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
-
-    def chunked_args(self, pipe, batch, chunks: int) -> dict:
-        """The call's text as embeddings of `chunks` chunks each (replacing prompt / negative_prompt)."""
-        from genkit.families import clip_chunks
-
-        def encode(texts):
-            return clip_chunks.encode(pipe.text_encoder, pipe.tokenizer, texts, chunks)[0].to(pipe.text_encoder.dtype)
-
-        return {"prompt_embeds": encode([job.prompt for job in batch]),
-                "negative_prompt_embeds": encode([job.negative_prompt for job in batch])}
-
-    def text_encoders(self, pipe) -> list[torch.nn.Module]:
-        return [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3")
-                if getattr(pipe, n, None) is not None]
-
-    def multiple(self, pipe) -> int:
-        """Width and height must be multiples of this."""
-        return self.size_multiple or int(getattr(pipe, "vae_scale_factor", 8))
-
-    def default_size(self, pipe) -> int:
-        size = self.denoiser(pipe).config.sample_size
-        size = size[0] if isinstance(size, (tuple, list)) else size
-        return int(size) * (int(getattr(pipe, "vae_scale_factor", 8)) * self.patch(pipe) if self.latent else 1)
-
-    def patch(self, pipe) -> int:
-        """Latent pixels per denoiser token side (transformers patchify; a UNet sees every latent pixel)."""
+        """Pieces `text` is read in under the "chunk" mode (1: read as the pipeline reads it)."""
         return 1
 
-    def defaults(self, pipe) -> dict:
-        size = self.default_size(pipe)
-        return {"width": size, "height": size, "num_inference_steps": self.num_inference_steps,
-                "guidance_scale": self.guidance_scale, "scheduler": self.scheduler, "negative_prompt": ""}
+    def chunked_args(self, pipe, batch, chunks: int, args: dict) -> dict:
+        """`args` with the text given as embeddings of `chunks` pieces (families with a "chunk" mode)."""
+        raise NotImplementedError(f"{self.title} reads no prompt in chunks")
 
-    def samplers(self) -> tuple[str, ...]:
-        return FLOW_SAMPLERS if self.flow else UNET_SAMPLERS
+    def prompt_notice(self, pipe, prompt: str) -> dict | None:
+        """Something a user should know about how this model reads `prompt` (said once, recorded), or None."""
+        return None
 
-    def call_args(self, batch, generators, on_step) -> dict:
-        """The diffusers pipeline call for one batch of jobs (all sharing steps, guidance, size, sampler)."""
-        first = batch[0]
-        args = dict(prompt=[job.prompt for job in batch], num_inference_steps=first.num_inference_steps,
-                    guidance_scale=first.guidance_scale, width=first.width, height=first.height,
-                    generator=generators, callback_on_step_end=on_step)
-        if self.negative_prompt:
-            args["negative_prompt"] = [job.negative_prompt for job in batch]
-        return args
+    # -- inference: editing --------------------------------------------------------------------
+    edit_tasks: tuple[str, ...] = ("img2img", "inpaint")  # diffusers has these pipelines for the family
 
-    def check_job(self, job) -> None:
-        """Refuse settings this family cannot honour (before any work)."""
-        if job.negative_prompt and not self.negative_prompt:
-            raise GenkitError(f"negative_prompt: {self.title} models take no negative prompt (drop {term('negative_prompt')})")
-
-    # -- editing ----------------------------------------------------------------------------
     def edit_pipe(self, pipe, task: str):
         """The pipeline that runs `task` ("img2img" or "inpaint"): diffusers' own for the family, made with
         `from_pipe`, so it shares `pipe`'s loaded components (weights, LoRAs, attention) without a second load."""
@@ -143,38 +207,38 @@ class Family:
             from genkit import families
 
             have = [family.name for family in families.all_families() if task in family.edit_tasks]
-            what = {"img2img": "image-to-image (--image)", "inpaint": "inpainting (--mask / --outpaint)"}[task]
-            raise GenkitError(f"{what}: {self.title} models have no {task} pipeline in diffusers (families with it: "
-                              f"{', '.join(have)}); drop the input image or use one of those")
+            param, what = {"img2img": ("image", "image-to-image"), "inpaint": ("mask", "inpainting")}[task]
+            raise GenkitError(f"for {what}: {self.title} models have no {task} pipeline in diffusers (families with it: "
+                              f"{', '.join(have)}); drop the input image or use one of those", param=param)
 
-    # -- attention --------------------------------------------------------------------------
+    # -- inference: attention ----------------------------------------------------------------
+    @abc.abstractmethod
     def apply_attention(self, pipe, backend: Attention) -> None:
-        """UNet families: diffusers' attention processors on every model that has them."""
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
-
-        if backend is Attention.XFORMERS:
-            pipe.enable_xformers_memory_efficient_attention()
-            return
-        for module in pipe.components.values():
-            if not hasattr(module, "set_attn_processor"):
-                continue
-            if backend is Attention.SLICED and hasattr(module, "set_attention_slice"):
-                module.set_attention_slice("auto")
-            else:
-                module.set_attn_processor(AttnProcessor() if backend is Attention.MATH else AttnProcessor2_0())
+        """Make `pipe` compute attention with `backend` from its next call on."""
 
     def attention_context(self, backend: Attention):
         """A context the pipeline call runs in (transformer families choose SDPA's kernel here)."""
         return contextlib.nullcontext()
 
-    # -- training ---------------------------------------------------------------------------
-    def target(self, pipe) -> Target:
-        return Target(pipe.scheduler.config.get("prediction_type", "epsilon"))
+    # -- training ----------------------------------------------------------------------------
+    prior_sources: tuple[str, ...] = ("model", "none")  # where prior-preservation images may come from
+    text_encoder_lora = False  # `genkit train lora` can adapt the (first) text encoder too
 
+    @abc.abstractmethod
+    def target(self, pipe) -> Target:
+        """What the denoiser predicts (genkit.train.objectives turns it into noisy inputs and targets)."""
+
+    @abc.abstractmethod
     def encode_captions(self, pipe, captions: list[str], device) -> dict[str, torch.Tensor]:
         """What the denoiser reads of each caption, every tensor with the batch first (cached by the trainer)."""
-        hidden, _ = pipe.encode_prompt(captions, device, 1, False)
-        return {"encoder_hidden_states": hidden}
+
+    @abc.abstractmethod
+    def forward(self, pipe, denoiser, noisy, t, cond: dict) -> torch.Tensor:
+        """The denoiser's prediction for a training batch."""
+
+    def encode_captions_with(self, pipe, text_encoder, captions: list[str], device) -> dict[str, torch.Tensor]:
+        """`encode_captions` through `text_encoder` (being trained, with gradients): families with `text_encoder_lora`."""
+        raise NotImplementedError(f"{self.title} trains no text-encoder adapters")
 
     def encode_images(self, pipe, pixels: torch.Tensor) -> torch.Tensor:
         """(batch, 2, c, h, w): the VAE's latent mean and std (sampled per step by `latents`)."""
@@ -188,31 +252,39 @@ class Family:
         config = pipe.vae.config
         return (mean + std * draws - (getattr(config, "shift_factor", None) or 0.0)) * config.scaling_factor
 
-    def noisy(self, scheduler, clean, noise, generators):
-        """(noisy input, timestep as the denoiser takes it, regression target) for one batch."""
-        steps = scheduler.config.num_train_timesteps
-        t = torch.cat([torch.randint(0, steps, (1,), generator=g) for g in generators]).to(clean.device)
-        target = self.target_of(scheduler, clean, noise, t)
-        return scheduler.add_noise(clean, noise, t), t, target
+    def add_adapter(self, denoiser, config) -> None:
+        """Add the trained LoRA adapter (a peft LoraConfig) to the denoiser."""
+        denoiser.add_adapter(config)
 
-    def target_of(self, scheduler, clean, noise, t):
-        prediction = Target(scheduler.config.prediction_type)
-        if prediction is Target.EPSILON:
-            return noise
-        if prediction is Target.V_PREDICTION:
-            return scheduler.get_velocity(clean, noise, t)
-        return clean
+    # -- LoRA files --------------------------------------------------------------------------
+    lora_layout = "diffusers"  # "diffusers" (lora.down/up, what UNet loaders expect) or "peft" (lora_A/B)
+    kohya: Kohya | None = None  # kohya's naming of the family's LoRA files, where genkit can export to it
 
-    def training_scheduler(self, pipe):
-        from diffusers import DDPMScheduler
+    def lora_components(self, pipe) -> list[str]:
+        """The pipeline's components a LoRA file may adapt."""
+        return [c for c in LORA_COMPONENTS if getattr(pipe, c, None) is not None]
 
-        return DDPMScheduler.from_config(pipe.scheduler.config)
+    def lora_loader(self, pipe):
+        """The diffusers class whose `lora_state_dict` reads this family's LoRA files (kohya keys converted)."""
+        return type(pipe)
 
-    def forward(self, pipe, denoiser, noisy, t, cond: dict) -> torch.Tensor:
-        """The denoiser's prediction for a training batch."""
-        return denoiser(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+    def lora_read_args(self, pipe) -> dict:
+        """Extra arguments `lora_loader(pipe).lora_state_dict` needs."""
+        return {}
 
-    # -- LoRA files -------------------------------------------------------------------------
+    def load_lora(self, pipe, file, state_dict: dict, alphas, metadata, adapter: str) -> None:
+        """Load one LoRA file into the pipeline as adapter `adapter`."""
+        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=adapter,
+                               use_safetensors=file.suffix == ".safetensors")
+
+    def set_loras(self, pipe, names: list[str], scales: list[float]) -> None:
+        """Make exactly `names` the active adapters, each at its scale."""
+        pipe.set_adapters(names, adapter_weights=scales)
+
+    def unload_lora(self, pipe, adapter: str) -> None:
+        """Remove adapter `adapter` (also a half-loaded one)."""
+        pipe.delete_adapters(adapter)
+
     def save_lora(self, pipe, folder, layers: dict, metadata: dict, weight_name: str) -> None:
         """Write the adapters as diffusers' `<Pipeline>.save_lora_weights` does for this pipeline class."""
         kwargs = {f"{self.denoiser_name}_lora_layers": layers[self.denoiser_name],
@@ -223,12 +295,78 @@ class Family:
         type(pipe).save_lora_weights(folder, safe_serialization=True, weight_name=weight_name, **kwargs)
 
 
+class UNetFamily(Family):
+    """UNet denoisers: diffusers' attention processors, and the prediction type of the model's scheduler."""
+
+    denoiser_name = "unet"
+
+    def apply_attention(self, pipe, backend: Attention) -> None:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        if backend is Attention.XFORMERS:
+            pipe.enable_xformers_memory_efficient_attention()
+            return
+        for module in pipe.components.values():
+            if not hasattr(module, "set_attn_processor"):
+                continue
+            if backend is Attention.SLICED and hasattr(module, "set_attention_slice"):
+                module.set_attention_slice("auto")
+            else:
+                module.set_attn_processor(AttnProcessor() if backend is Attention.MATH else AttnProcessor2_0())
+
+    def target(self, pipe) -> Target:
+        return Target(pipe.scheduler.config.get("prediction_type", "epsilon"))
+
+    def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
+        return denoiser(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    def lora_read_args(self, pipe) -> dict:
+        import inspect
+
+        wanted = inspect.signature(self.lora_loader(pipe).lora_state_dict).parameters
+        return {"unet_config": pipe.unet.config} if "unet_config" in wanted else {}
+
+
+class DenoiserLoRA:
+    """A mixin for families whose pipeline class has no diffusers LoRA loader: adapters go into the denoiser only,
+    read with Stable Diffusion's loader (`lora.down`/`lora.up` and kohya keys alike) and put in place with peft."""
+
+    def lora_components(self, pipe) -> list[str]:
+        return [self.denoiser_name]
+
+    def lora_loader(self, pipe):
+        from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+        return StableDiffusionLoraLoaderMixin
+
+    def load_lora(self, pipe, file, state_dict, alphas, metadata, adapter) -> None:
+        from genkit.lora import inject_peft, peft_layout
+
+        inject_peft(self.denoiser(pipe), peft_layout(state_dict), self.denoiser_name, metadata, adapter)
+
+    def set_loras(self, pipe, names, scales) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for layer in self.denoiser(pipe).modules():
+            if isinstance(layer, LoraLayer):
+                layer.set_adapter(names)
+                for name, scale in zip(names, scales):
+                    layer.set_scale(name, scale)
+
+    def unload_lora(self, pipe, adapter) -> None:
+        from peft.tuners.lora import LoraLayer
+
+        for layer in self.denoiser(pipe).modules():
+            if isinstance(layer, LoraLayer) and adapter in layer.lora_A:
+                layer.delete_adapter(adapter)
+
+
 class TransformerFamily(Family):
     """Transformer denoisers (DiT / MMDiT): SDPA inside their own processors, patchified latents."""
 
     denoiser_name = "transformer"
-    prompt_chunks = False  # T5 / Gemma text of hundreds of tokens: read as the pipeline reads it
     lora_layout = "peft"  # diffusers' SD3/Flux/SANA training scripts save peft's lora_A/lora_B keys
+    dispatcher = False  # the model calls diffusers' dispatch_attention_fn (set_attention_backend reaches it)
 
     def patch(self, pipe) -> int:
         return int(getattr(self.denoiser(pipe).config, "patch_size", 1) or 1)
@@ -240,16 +378,14 @@ class TransformerFamily(Family):
     def apply_attention(self, pipe, backend: Attention) -> None:
         """Their processors are their own (joint, linear, rotary): never replaced; SDPA's kernel is chosen per call."""
         if backend is Attention.SLICED:
-            raise GenkitError(f"attention: sliced attention is for UNet models; {self.title} computes attention in "
-                              f"its own processors (use {term('attention')} sdpa or math)")
+            raise GenkitError(f"sliced: sliced attention is for UNet models; {self.title} computes attention in "
+                              f"its own processors (use {term('attention')} sdpa or math)", param="attention")
         if backend is Attention.XFORMERS:
             denoiser = self.denoiser(pipe)
-            if hasattr(denoiser, "set_attention_backend") and self.dispatcher:
+            if self.dispatcher:
                 denoiser.set_attention_backend("xformers")
             else:
                 pipe.enable_xformers_memory_efficient_attention()
-
-    dispatcher = False  # the model calls diffusers' dispatch_attention_fn (set_attention_backend reaches it)
 
     def attention_context(self, backend: Attention):
         if backend is Attention.MATH:
@@ -258,21 +394,14 @@ class TransformerFamily(Family):
             return sdpa_kernel([SDPBackend.MATH])
         return contextlib.nullcontext()
 
+    def target(self, pipe) -> Target:
+        return Target(pipe.scheduler.config.get("prediction_type", "epsilon"))
+
 
 class FlowFamily(TransformerFamily):
     """Flow-matching transformers: x_t = (1 - s) x0 + s noise, target noise - x0, timestep s * 1000."""
 
     flow = True
-    scheduler = "default"
 
     def target(self, pipe) -> Target:
         return Target.FLOW
-
-    def training_scheduler(self, pipe):
-        return None  # sigmas are drawn directly (logit-normal, SD3 paper section 3.1)
-
-    def noisy(self, scheduler, clean, noise, generators):
-        # logit-normal sigma (Esser et al. 2024, eq. 19 with m=0, s=1): more weight to the middle of the path
-        sigma = torch.sigmoid(torch.cat([torch.randn((1,), generator=g) for g in generators])).to(clean.device)
-        s = sigma.view(-1, *([1] * (clean.dim() - 1)))
-        return (1 - s) * clean + s * noise, sigma * 1000, noise - clean

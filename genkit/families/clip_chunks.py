@@ -71,3 +71,12 @@ def encode(encoder, tokenizer, texts: list[str], chunks: int, *, penultimate: bo
     states = out.hidden_states[-2] if penultimate else out[0]
     first = out[0].reshape(len(texts), chunks, *out[0].shape[1:])[:, 0]
     return states.reshape(len(texts), -1, states.shape[-1]), first
+
+
+def cut(tokenizer, prompt: str) -> dict | None:
+    """What reading `prompt` in at most MAX_CHUNKS chunks drops: {"tokens": kept, "dropped": text}, or None."""
+    parts = split(tokenizer, prompt)
+    if len(parts) <= MAX_CHUNKS:
+        return None
+    dropped = tokenizer.decode([t for part in parts[MAX_CHUNKS:] for t in part], skip_special_tokens=True).strip()
+    return {"tokens": sum(len(part) for part in parts[:MAX_CHUNKS]), "dropped": dropped} if dropped else None

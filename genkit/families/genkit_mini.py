@@ -2,7 +2,7 @@
 
 import torch
 
-from genkit.families.base import Family
+from genkit.families.base import DenoiserLoRA, Kohya, UNetFamily
 
 
 def load_tokenizer():
@@ -22,16 +22,32 @@ def load_text_encoder():
     return load_tokenizer(), encoder
 
 
-class GenkitMini(Family):
+class GenkitMini(DenoiserLoRA, UNetFamily):
     name = "genkit-mini"
     title = "genkit-mini"
     pipeline_classes = ("GenkitMiniPipeline",)
-    max_sequence_length = 24  # genkit.pipeline.MAX_TOKENS
-    prompt_chunks = False  # MiniLM, trained on captions of up to 24 tokens
+    file_format = "genkit"
+    max_sequence_length = 24  # genkit.pipeline.MAX_TOKENS (MiniLM, trained on captions of up to 24 tokens)
     latent = False
     guidance_scale = 4.0
     num_inference_steps = 20
     scheduler = "dpm++"
+    prior_sources = ("render", "model", "none")  # render: scenes of its own shapes world
+    lora_layout = "diffusers"
+    kohya = Kohya("genkit-mini", {"unet": "lora_unet_"})
+
+    def load(self, source, *, dtype, use_safetensors, local):
+        from pathlib import Path
+
+        from genkit.pipeline import GenkitMiniPipeline
+
+        extra = {}
+        if not (Path(source) / "text_encoder").is_dir():  # shipped weights: the encoder comes from its package
+            extra["tokenizer"], extra["text_encoder"] = load_text_encoder()
+        return GenkitMiniPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors, **extra)
+
+    def tokenizer(self, source):
+        return load_tokenizer()
 
     def edit_pipe(self, pipe, task: str):
         return pipe  # GenkitMiniPipeline edits natively (image=, mask_image=, strength=; genkit.edit)
@@ -51,8 +67,22 @@ class GenkitMini(Family):
     def latents(self, pipe, encoded, generators) -> torch.Tensor:
         return encoded
 
+    # -- LoRA: Stable Diffusion's loader and layout (`unet.` keys), into the decoder --------------------
+    def load_lora(self, pipe, file, state_dict, alphas, metadata, adapter) -> None:
+        from genkit.lora import peft_names
+
+        # every key in peft's names: a kohya file converts to old `to_q_lora.down` and new `ff.net.2.lora.down` keys
+        self.lora_loader(pipe).load_lora_into_unet(peft_names("unet", state_dict), alphas, unet=pipe.unet,
+                                                   adapter_name=adapter, metadata=metadata)
+
+    def set_loras(self, pipe, names, scales) -> None:
+        pipe.unet.set_adapters(names, weights=scales)
+
+    def unload_lora(self, pipe, adapter) -> None:
+        pipe.unet.delete_adapters(adapter)
+
     def save_lora(self, pipe, folder, layers, metadata, weight_name) -> None:
-        """In Stable Diffusion's layout (`unet.` keys): the loader genkit-mini borrows (genkit.lora)."""
+        """In Stable Diffusion's layout (`unet.` keys): the loader genkit-mini borrows."""
         from diffusers import StableDiffusionPipeline
 
         StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers["unet"],

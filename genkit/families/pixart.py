@@ -7,12 +7,12 @@ and loads its adapters with peft directly: keys `transformer.<layer>.lora_A.weig
 
 import torch
 
-from genkit.families.base import TransformerFamily
+from genkit.families.base import DenoiserLoRA, TransformerFamily
 
 BINNED_SIZES = (256, 512, 1024, 2048)  # sample_size x 8 that PixArt's aspect-ratio bins exist for
 
 
-class PixArtSigma(TransformerFamily):
+class PixArtSigma(DenoiserLoRA, TransformerFamily):
     name = "pixart-sigma"
     title = "PixArt-Sigma"
     pipeline_classes = ("PixArtSigmaPipeline",)
@@ -20,7 +20,6 @@ class PixArtSigma(TransformerFamily):
     guidance_scale = 4.5
     num_inference_steps = 20
     edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it
-    peft_loader = True  # no diffusers LoRA loader: adapters go in through peft
 
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, None)
@@ -42,6 +41,13 @@ class PixArtSigma(TransformerFamily):
         if denoiser.config.out_channels // 2 == noisy.shape[1]:  # learned variance: the first half is epsilon
             out = out.chunk(2, dim=1)[0]
         return out
+
+    def add_adapter(self, denoiser, config) -> None:
+        """Its transformer has no diffusers peft mixin: peft injects the adapter directly."""
+        from peft import inject_adapter_in_model
+
+        inject_adapter_in_model(config, denoiser, adapter_name="default")
+        denoiser.peft_config = {"default": config}
 
     def save_lora(self, pipe, folder, layers, metadata, weight_name) -> None:
         import json

@@ -1,13 +1,60 @@
 """Stable Diffusion 1.x / 2.x: a UNet on 4-channel latents, one CLIP text encoder, true CFG.
 
-Everything is the base family's; this module exists so each family has its one home.
+CLIP prompts past 75 tokens are read in 75-token chunks as A1111 does (genkit.families.clip_chunks),
+the default; "truncate" keeps diffusers' cut at 77.
 """
 
-from genkit.families.base import Family
+from __future__ import annotations
+
+import torch
+
+from genkit.families import clip_chunks
+from genkit.families.base import Kohya, UNetFamily, cut_prompt
 
 
-class StableDiffusion(Family):
-    pass
+class StableDiffusion(UNetFamily):
+    name = "sd"
+    title = "Stable Diffusion 1.x/2.x"
+    pipeline_classes = ("StableDiffusionPipeline",)
+    long_prompts = ("chunk", "truncate")
+    text_encoder_lora = True
+    kohya = Kohya("sd_v1", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, v2_width=1024)
+
+    # -- reading the prompt: CLIP's 75-token chunks --------------------------------------------
+    def chunk_tokenizer(self, pipe):
+        """The CLIP tokenizer that splits prompts into chunks (SDXL's two share one vocabulary)."""
+        return getattr(pipe, "tokenizer", None) or getattr(pipe, "tokenizer_2", None)
+
+    def chunks(self, pipe, text: str) -> int:
+        return min(clip_chunks.count(self.chunk_tokenizer(pipe), text), clip_chunks.MAX_CHUNKS)
+
+    def prompt_cut(self, pipe, prompt: str, mode: str) -> dict | None:
+        if mode == "chunk":
+            return clip_chunks.cut(self.chunk_tokenizer(pipe), prompt)
+        return cut_prompt(*self.prompt_limit(pipe), prompt)
+
+    def chunked_args(self, pipe, batch, chunks: int, args: dict) -> dict:
+        args = {k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")}
+        return {**args, **self.chunk_embeds(pipe, batch, chunks)}
+
+    def chunk_embeds(self, pipe, batch, chunks: int) -> dict:
+        """The call's text as embeddings of `chunks` chunks each (replacing prompt / negative_prompt)."""
+
+        def encode(texts):
+            return clip_chunks.encode(pipe.text_encoder, pipe.tokenizer, texts, chunks)[0].to(pipe.text_encoder.dtype)
+
+        return {"prompt_embeds": encode([job.prompt for job in batch]),
+                "negative_prompt_embeds": encode([job.negative_prompt for job in batch])}
+
+    # -- training ------------------------------------------------------------------------------
+    def encode_captions(self, pipe, captions, device) -> dict[str, torch.Tensor]:
+        hidden, _ = pipe.encode_prompt(captions, device, 1, False)
+        return {"encoder_hidden_states": hidden}
+
+    def encode_captions_with(self, pipe, text_encoder, captions, device) -> dict[str, torch.Tensor]:
+        tokens = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        return {"encoder_hidden_states": text_encoder(tokens.input_ids.to(device))[0]}
 
 
 FAMILY = StableDiffusion()

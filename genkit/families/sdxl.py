@@ -6,23 +6,21 @@ no negative for an all-empty batch, so its image is plain diffusers' default ima
 
 import torch
 
-from genkit.families.base import Family
+from genkit.families.base import Kohya
+from genkit.families.sd import StableDiffusion
 
 
-class StableDiffusionXL(Family):
+class StableDiffusionXL(StableDiffusion):
     name = "sdxl"
     title = "Stable Diffusion XL"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     guidance_scale = 5.0
     num_inference_steps = 30
+    empty_negative_is_zeros = True  # diffusers' own default (force_zeros_for_empty_prompt), not ""
+    text_encoder_lora = False
+    kohya = Kohya("sdxl_base_v1-0", {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"})
 
-    def call_args(self, batch, generators, on_step) -> dict:
-        args = super().call_args(batch, generators, on_step)
-        if not any(args["negative_prompt"]):  # diffusers' own default: zeros (force_zeros_for_empty_prompt), not ""
-            del args["negative_prompt"]  # (an empty and a non-empty negative never share a batch: Job.batch_key)
-        return args
-
-    def chunked_args(self, pipe, batch, chunks: int) -> dict:
+    def chunk_embeds(self, pipe, batch, chunks: int) -> dict:
         """Both CLIPs' penultimate states side by side, chunk by chunk; pooled text from the second's first chunk."""
         from genkit.families import clip_chunks
 

@@ -33,10 +33,8 @@ class Encoders:
     # -- text -------------------------------------------------------------------------------
     def _encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
         """What the denoiser reads of each caption, as the pipeline computes it when generating."""
-        if self.recipe.lora.text_encoder:  # SD 1.x/2.x only: the adapted encoder runs with gradients
-            tokens = self.pipe.tokenizer(captions, padding="max_length", max_length=self.pipe.tokenizer.model_max_length,
-                                         truncation=True, return_tensors="pt")
-            return {"encoder_hidden_states": self.text_encoder(tokens.input_ids.to(self.device))[0]}
+        if self.recipe.lora.text_encoder:  # the adapted encoder runs with gradients (family.text_encoder_lora)
+            return self.family.encode_captions_with(self.pipe, self.text_encoder, captions, self.device)
         return self.family.encode_captions(self.pipe, captions, self.device)
 
     def text(self, captions: list[str]) -> dict[str, torch.Tensor]:

@@ -27,8 +27,6 @@ with `pipe.load_lora_weights(OUT_DIR)`, and `genkit_lora.json`, the record of ho
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from dataclasses import dataclass, replace
 from fractions import Fraction
@@ -41,7 +39,7 @@ import torch.nn.functional as F
 from genkit.config import to_dict
 from genkit.errors import GenkitError, term
 from genkit.lora import WEIGHTS_NAME, diffusers_layout, text_encoder_problem
-from genkit.train import checkpoint, priors, shared
+from genkit.train import checkpoint, objectives, priors, shared
 from genkit.train.encoders import Encoders
 from genkit.train.sampling import Streams, batch_items, sample_index
 from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
@@ -74,16 +72,17 @@ def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> N
     saved = meta["recipe"]
     now = json.loads(json.dumps(to_dict(recipe)))  # tuples as the JSON lists they were saved as
     if meta["model"] != model:
-        raise GenkitError(f"{term('resume')}: the checkpoint was trained on {meta['model']}, not {model} (pass that {term('model')})")
+        raise GenkitError(f"finds a checkpoint trained on {meta['model']}, not {model} (pass that {term('model')})",
+                          param="resume")
     if meta["dataset"] != dataset:
-        raise GenkitError(f"{term('resume')}: DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
-                          f"{dataset}); restore it, or start a new run in another {term('out')}")
+        raise GenkitError(f"finds DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
+                          f"{dataset}); restore it, or start a new run in another {term('out')}", param="resume")
     keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [("prior", k) for k in now["prior"]] + [
         ("train", k) for k in ("seed", "batch_size", "gradient_accumulation_steps")]
     for section, key in keys:
         if saved[section][key] != now[section][key]:
-            raise GenkitError(f"{term('resume')}: {section}.{key} was {saved[section][key]!r} in the checkpoint, now "
-                              f"{now[section][key]!r} (it must stay the same to continue that run)")
+            raise GenkitError(f"finds {section}.{key} = {saved[section][key]!r} in the checkpoint and {now[section][key]!r} "
+                              "now (it must stay the same to continue that run)", param="resume")
 
 
 def _model_id(model: str | None) -> str:
@@ -96,8 +95,11 @@ def _model_id(model: str | None) -> str:
 
 
 def _supported(pipeline, recipe: LoraRecipe) -> None:
-    if recipe.lora.text_encoder and pipeline.family.name != "sd":
-        raise GenkitError(f"lora.text_encoder: text-encoder adapters are trained for Stable Diffusion 1.x/2.x only, and "
+    if recipe.lora.text_encoder and not pipeline.family.text_encoder_lora:
+        from genkit import families
+
+        which = ", ".join(f.title for f in families.all_families() if f.text_encoder_lora)
+        raise GenkitError(f"lora.text_encoder: text-encoder adapters are trained for {which} only, and "
                           f"{pipeline.name} is {pipeline.family.title}; set lora.text_encoder=false")
 
 
@@ -131,9 +133,10 @@ def _prior_items(out: Path, recipe: LoraRecipe, pipeline, items, triggers, progr
     if not prior.active:
         return []
     source = PriorSource(prior.source)
-    if source is PriorSource.RENDER and pipeline.family.name != "genkit-mini":
-        raise GenkitError(f"prior.source=render draws genkit-mini's shapes world, and {pipeline.name} is "
-                          f"{pipeline.family.title}; set prior.source=model (the base model's images) or none")
+    if source.value not in pipeline.family.prior_sources:
+        what = {PriorSource.RENDER: "draws genkit-mini's shapes world"}.get(source, "does not apply here")
+        raise GenkitError(f"prior.source={source.value} {what}, and {pipeline.name} is {pipeline.family.title}; set "
+                          f"prior.source={' or '.join(pipeline.family.prior_sources)}")
     captions = priors.class_captions([item.caption for item in items], triggers)
     if source is PriorSource.MODEL and progress:
         example = f" (e.g. {captions[0]!r})" if captions else ""
@@ -152,7 +155,7 @@ def _prior_items(out: Path, recipe: LoraRecipe, pipeline, items, triggers, progr
 
 def _add_adapters(pipe, family, cfg: AdapterConfig) -> list[tuple[str, torch.nn.Module]]:
     """Add peft LoRA layers (B starts at zero, so step 0 is the base model); returns the trained modules."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
     trained = [(family.denoiser_name, family.denoiser(pipe))]
     if cfg.text_encoder:
@@ -162,11 +165,10 @@ def _add_adapters(pipe, family, cfg: AdapterConfig) -> list[tuple[str, torch.nn.
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
                             target_modules=list(targets))
         try:
-            if hasattr(module, "add_adapter"):
+            if name == family.denoiser_name:
+                family.add_adapter(module, config)
+            else:
                 module.add_adapter(config)
-            else:  # a denoiser without diffusers' peft mixin (PixArt)
-                inject_adapter_in_model(config, module, adapter_name="default")
-                module.peft_config = {"default": config}
         except ValueError as exc:
             raise GenkitError(f"lora.target_modules: {str(exc).splitlines()[0][:200]}") from None
     return trained
@@ -212,7 +214,7 @@ def _load_checkpoint(ckpt: Path, params: dict, optimizer) -> dict:
     tensors, meta = checkpoint.load(ckpt)
     saved = tensors["lora"]
     if set(saved) != set(params):
-        raise GenkitError(f"{term('resume')}: {ckpt} holds other adapter layers than this recipe makes")
+        raise GenkitError(f"{ckpt} holds other adapter layers than this recipe makes", param="resume")
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
@@ -222,18 +224,15 @@ def _load_checkpoint(ckpt: Path, params: dict, optimizer) -> dict:
 
 def _export(out: Path, pipeline, trained, record: dict) -> tuple[Path, Path]:
     """Write the weights (the family's diffusers layout and header) and the record, each by an atomic rename."""
-    from genkit.outputs import atomic_write
+    from genkit.outputs import atomic_write, save_text
 
     layers = _lora_layers(trained, pipeline.family)
     metadata = {name: module.peft_config["default"].to_dict() for name, module in trained}
     for meta in metadata.values():  # JSON-safe (peft keeps sets)
         meta.update({k: sorted(v) for k, v in meta.items() if isinstance(v, set)})
-    tmp = out / ".tmp-lora"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipeline.family.save_lora(pipeline.pipe, tmp, layers, metadata, WEIGHTS_NAME)
-    os.replace(tmp / WEIGHTS_NAME, out / WEIGHTS_NAME)
-    shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write(out / RECORD_NAME, lambda path: Path(path).write_text(json.dumps(record, indent=1)))
+    atomic_write(out / WEIGHTS_NAME, lambda tmp: pipeline.family.save_lora(pipeline.pipe, tmp.parent, layers, metadata,
+                                                                           tmp.name))
+    save_text(out / RECORD_NAME, json.dumps(record, indent=1))
     return out / WEIGHTS_NAME, out / RECORD_NAME
 
 
@@ -248,6 +247,7 @@ def _validation_prompts(cfg: ValidationConfig, recipe: LoraRecipe, items) -> lis
 def _validate(pipeline, trained, prompts: list[str], cfg: ValidationConfig, path: Path) -> None:
     """A grid of the adapted model's images at fixed seeds (image i: seed + i)."""
     from genkit.grid import make_grid
+    from genkit.outputs import save_png
 
     for _, module in trained:
         module.eval()
@@ -256,7 +256,7 @@ def _validate(pipeline, trained, prompts: list[str], cfg: ValidationConfig, path
     for _, module in trained:
         module.train()
     path.parent.mkdir(parents=True, exist_ok=True)
-    make_grid(result.images, prompts, cols=min(4, len(prompts))).save(path)
+    save_png(make_grid(result.images, prompts, cols=min(4, len(prompts))), path)
 
 
 def _trigger_words(items) -> list[str]:
@@ -303,7 +303,7 @@ class _Loop:
         with accelerator.accumulate(*self.models):
             clean = self.encoders.clean(self.items, picked, gens)
             noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
-            noisy, t, target = family.noisy(self.scheduler, clean, noise, gens)
+            noisy, t, target = objectives.noisy(family.target(pipe), self.scheduler, clean, noise, gens)
             blank = self._unconditional_rows(picked, gens)
             cond = self.encoders.text(["" if j in blank else self.items[i].caption for j, (i, _, _) in enumerate(picked)])
             dtype = family.denoiser(pipe).dtype
@@ -463,7 +463,8 @@ def train_lora(
     if recipe.data.cache_latents:
         mirrored = (False, True) if recipe.data.flip else (False,)
         encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
-    loop = _Loop(accelerator, models, encoders, run_items, pipeline.family.training_scheduler(pipe), params, optimizer,
+    scheduler = objectives.training_scheduler(pipeline.family.target(pipe), pipe)
+    loop = _Loop(accelerator, models, encoders, run_items, scheduler, params, optimizer,
                  recipe, streams, len(items))
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
@@ -502,7 +503,7 @@ def train_lora(
     weights, record = out / WEIGHTS_NAME, out / RECORD_NAME
     if main:
         weights, record = _export(out, pipeline, trained, {
-            "base_model": model_name, "kind": pipeline.kind, "family": pipeline.family.name, "steps": cfg.steps, "dataset": dataset,
+            "base_model": model_name, "kind": pipeline.family.file_format, "family": pipeline.family.name, "steps": cfg.steps, "dataset": dataset,
             "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
             "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": list(triggers or _trigger_words(items)),
             "prior": {"source": recipe.prior.source, "images": len(prior_items), "fraction": recipe.prior.fraction,
