@@ -1,6 +1,7 @@
 """The import rules of ARCHITECTURE.md, checked on the source (every import, also those inside functions)."""
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -94,3 +95,62 @@ def test_the_package_and_benchmarks_never_import_tests():
 def test_the_checker_sees_imports_inside_functions():
     """A rule is only as good as its graph: genkit.cli imports the trainers inside its commands."""
     assert "genkit.train.lora" in GRAPH["genkit.cli"] and "genkit.train" not in reachable("genkit.generate")
+
+
+# --- The family seam: only genkit/families/ (and the tiny models, the presets) names a model family --------------
+FAMILY_HOMES = ("genkit.families", "genkit.testing", "genkit.presets")
+FAMILY_OF = re.compile(r"family\.name\b|\[['\"]family['\"]\]|get\(['\"]family['\"]")  # a family's name, read
+
+
+def _family_names() -> set[str]:
+    from genkit import families
+
+    return set(families.names())
+
+
+def _docstrings(tree) -> set[int]:
+    """ids of the string constants that are docstrings (prose may mention a family)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                found.add(id(first.value))
+    return found
+
+
+def family_mentions(source: str, names: set[str]) -> list[str]:
+    """Where `source` names a family: a string that is a family's name (or holds one as a word in an f-string's
+    literal part), or a comparison of something's family with a string."""
+    tree = ast.parse(source)
+    prose = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in prose:
+            if node.value in names:
+                found.append(f"line {node.lineno}: {node.value!r}")
+        elif isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            strings = [s for s in sides if isinstance(s, ast.Constant) and isinstance(s.value, str) or
+                       isinstance(s, (ast.Tuple, ast.List, ast.Set)) and s.elts and
+                       all(isinstance(e, ast.Constant) and isinstance(e.value, str) for e in s.elts)]
+            if strings and any(FAMILY_OF.search(ast.unparse(s)) for s in sides if s not in strings):
+                found.append(f"line {node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+@pytest.mark.parametrize("module", sorted(m for m in GRAPH if within(m, ("genkit",)) and not within(m, FAMILY_HOMES)))
+def test_only_the_families_name_a_family(module):
+    path = PACKAGE.joinpath(*module.split(".")[1:])
+    path = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+    found = family_mentions(path.read_text(), _family_names())
+    assert not found, f"{module} names a model family (move it behind a Family member): {found}"
+
+
+def test_the_family_rule_sees_names_and_comparisons():
+    names = {"sd", "genkit-mini"}
+    assert family_mentions('if pipeline.family.name == "genkit-mini": pass', names)
+    assert family_mentions('ok = record.get("family") in ("a", "b")', names)
+    assert family_mentions('FAMILIES = ("sd", "x")', names)
+    assert not family_mentions('if family.lora_layout == "peft": pass', names)
+    assert not family_mentions('def f():\n    """Stable Diffusion ("sd") reads CLIP."""\n    return family.flow', names)

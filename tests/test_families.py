@@ -90,6 +90,24 @@ def test_a_sampler_of_the_other_kind_is_one_line(pipe):
     assert "\n" not in str(error.value)
 
 
+def test_a_sampler_the_family_cannot_run_is_one_line(pipe, folder):
+    """Samplers of the right kind that the family's pipelines cannot take (Flux passes sigmas, which flow-heun cannot
+    take) are refused before any work, naming the ones that fit; on the command line, exit 2 and no traceback."""
+    from genkit.families.base import FLOW_SAMPLERS, UNET_SAMPLERS
+
+    unfit = [s for s in (FLOW_SAMPLERS if pipe.family.flow else UNET_SAMPLERS) if s not in pipe.family.samplers()]
+    for name in unfit:
+        with pytest.raises(GenkitError) as error:
+            pipe.plan(PROMPTS, genkit.GenerationConfig(scheduler=name))
+        assert error.value.param == "scheduler" and "\n" not in str(error.value)
+        assert f"the samplers that fit: {', '.join(pipe.family.samplers())}" in str(error.value)
+        result = CliRunner().invoke(main, ["generate", "a red circle", "--model", str(folder), "--scheduler", name,
+                                           "--out", str(Path(folder).parent / "unfit"), "--steps", "1"])
+        assert result.exit_code == 2 and result.exception is None or isinstance(result.exception, SystemExit)
+        assert result.output.strip().count("\n") == 0 and "--scheduler" in result.output, result.output
+        assert not (Path(folder).parent / "unfit").exists()
+
+
 def test_attention_backends_agree(folder, family):
     sdpa = genkit.load(str(folder), device="cpu", attention="sdpa")
     reference = pixels(sdpa.generate(PROMPTS, seed=2, batch_size=2, **small(sdpa)))

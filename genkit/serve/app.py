@@ -80,6 +80,7 @@ def create_app(models=None, *, out: str | Path | None = None, api_key: str | Non
 
 def _load_all(models, device, dtype, attention) -> list:
     import genkit
+    from genkit import presets
 
     if models is None or isinstance(models, (str, Path)) or hasattr(models, "plan"):
         models = [models]
@@ -88,7 +89,7 @@ def _load_all(models, device, dtype, attention) -> list:
         if hasattr(model, "plan"):
             loaded.append(model)
         else:
-            log.info("loading %s", model or "genkit-mini")
+            log.info("loading %s", model or presets.DEFAULT_MODEL)
             loaded.append(genkit.load(None if model is None else str(model), device=device, dtype=dtype,
                                       attention=attention))
     return loaded
