@@ -144,27 +144,48 @@ def check_record(record, path) -> None:
 
 
 def remove_stale_temporaries(path: Path) -> None:
-    """Delete what a killed atomic_write of `path` left behind."""
-    for stale in path.parent.glob(f".{glob.escape(path.stem)}-*{glob.escape(path.suffix)}.tmp"):
-        stale.unlink(missing_ok=True)
+    """Delete what a killed atomic_write or atomic_folder of `path` left behind."""
+    import shutil
+
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}-{'[0-9a-f]' * 8}{glob.escape(path.suffix)}.tmp"):
+        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename into place: readers never see a partial file.
+    """The one way genkit writes a file: call `write(tmp_path)`, then rename into place, so readers never see a
+    partial file (a kill or an error inside `write` leaves the file as it was, or absent). Every writer goes through
+    here or `atomic_folder` (tests/test_atomic.py keeps it so); a library that writes files itself writes to the
+    temporary path it is handed.
 
     The temporary file is created with mode 0666 less the umask, as `open()` creates files (tempfile's 0600
     would make every result unreadable to other users and web servers). A full disk (or quota, or a read-only
     file system) is a GenkitError and leaves no partial file.
     """
+    _replace_with(path, write, folder=False)
+
+
+def atomic_folder(folder: Path, write) -> None:
+    """`atomic_write` for a folder: call `write(tmp_folder)` on a new, empty folder beside `folder`, then put it in
+    place with `genkit.files.replace_folder` (a complete copy at `folder` at every moment); a kill or an error inside
+    `write` leaves the old folder (or none), never a partial one."""
+    _replace_with(Path(folder), write, folder=True)
+
+
+def _replace_with(path: Path, write, *, folder: bool) -> None:
+    import shutil
+
+    from genkit.files import replace_folder
+
+    path = Path(path)
     remove_stale_temporaries(path)  # what a kill between the two steps left for this path
     tmp = None
     try:
-        tmp = _create_temporary(path)
+        tmp = _create_temporary(path, folder)
         write(tmp)
-        os.replace(tmp, path)
+        replace_folder(tmp, path) if folder else os.replace(tmp, path)
     except BaseException as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True) if folder else Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError) and exc.errno in _DISK_ERRORS:
             raise GenkitError(f"cannot write {path}: {exc.strerror} (free some space or choose another {term('out')}; "
                               "files written before are complete and a rerun keeps them)") from None
@@ -174,23 +195,35 @@ def atomic_write(path: Path, write) -> None:
 _DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
-def _create_temporary(path: Path) -> str:
-    """A new, empty, hidden file beside `path`, created with os.open's default mode so the umask applies."""
+def _create_temporary(path: Path, folder: bool = False) -> Path:
+    """A new, empty, hidden file (or folder) beside `path`, created with os.open's (os.mkdir's) default mode so the
+    umask applies."""
     for _ in range(100):
-        name = str(path.parent / f".{path.stem}-{secrets.token_hex(4)}{path.suffix}.tmp")
+        name = path.parent / f".{path.stem}-{secrets.token_hex(4)}{path.suffix}.tmp"
         try:
-            os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            if folder:
+                os.mkdir(name)
+            else:
+                os.close(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
             return name
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
-def save_png(image: Image.Image, path: Path, record: dict) -> None:
-    info = PngInfo()
-    info.add_text("parameters", infotext(record))
-    info.add_text("genkit", json.dumps(record, ensure_ascii=False))
+def save_png(image: Image.Image, path: Path, record: dict | None = None) -> None:
+    """Write `image` as a PNG through `atomic_write`; with a record, carrying its `parameters` and `genkit` chunks."""
+    info = None
+    if record is not None:
+        info = PngInfo()
+        info.add_text("parameters", infotext(record))
+        info.add_text("genkit", json.dumps(record, ensure_ascii=False))
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def save_text(path: Path, text: str) -> None:
+    """Write a text file (a record, a report, a manifest) through `atomic_write`."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def check_out_dir(out: str | Path) -> Path:
@@ -250,7 +283,7 @@ def record_seed(out: str | Path, key: str, seed: int) -> None:
     """Remember that the run `key` in `out` drew base seed `seed` (written once its first image is)."""
     out = Path(out)
     seeds = {**_read_seeds(out), key: seed}
-    atomic_write(out / RUN_SEEDS, lambda tmp: Path(tmp).write_text(json.dumps(seeds, indent=1) + "\n"))
+    save_text(out / RUN_SEEDS, json.dumps(seeds, indent=1) + "\n")
 
 
 class OutputWriter:
@@ -331,5 +364,5 @@ class OutputWriter:
         merged = {**old, **self.records}
         lines = sorted(merged.values(), key=lambda r: (r.get("index", 0), r["file"]))
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines)
-        atomic_write(manifest, lambda tmp: Path(tmp).write_text(text))
+        save_text(manifest, text)
         return manifest

@@ -43,6 +43,7 @@ def concept_scene(concept: Concept, rng: random.Random, color: str, **options):
 def make_dataset(concept: Concept, folder, *, n: int = 32, resolution: int = 32, seed: int = 0):
     """`n` images of the concept in its colours, every position and size in turn, with .txt captions."""
     from genkit.data import shapes
+    from genkit.outputs import save_png, save_text
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -56,8 +57,8 @@ def make_dataset(concept: Concept, folder, *, n: int = 32, resolution: int = 32,
                               size=sizes[(k // len(positions)) % len(sizes)], state_position=k % 4 != 3,
                               template=TEMPLATES[i % len(TEMPLATES)])
         path = folder / f"{concept.shape}-{i:03d}.png"
-        shapes.render(scene, resolution, color_jitter=12, seed=rng.randrange(2**31)).save(path)
-        path.with_suffix(".txt").write_text(scene.caption + "\n")
+        save_png(shapes.render(scene, resolution, color_jitter=12, seed=rng.randrange(2**31)), path)
+        save_text(path.with_suffix(".txt"), scene.caption + "\n")
         written.append((path, scene.caption))
     return written
 

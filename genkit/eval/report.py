@@ -17,6 +17,7 @@ from PIL import Image
 from genkit.eval.judge import Judgement, Score, judge, score
 from genkit.eval.prompts import EvalItem, Group
 from genkit.grid import make_grid
+from genkit.outputs import save_png
 
 GenerateFn = Callable[[list[str], list[int]], list[Image.Image]]
 METRICS = ("color", "shape", "position", "size", "all_correct", "both_present", "relation")
@@ -142,5 +143,5 @@ def save_grid(result: EvalResult, path, *, cols: int = 20, cell: int = 96) -> Pa
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     grid = make_grid([r.image for r in result.items], grid_labels(result), cols=cols, cell=cell, label_lines=4)
-    grid.save(path)
+    save_png(grid, path)
     return path

@@ -26,7 +26,7 @@ from genkit.config import load as load_config, to_dict
 from genkit.data import shapes
 from genkit.errors import GenkitError, term
 from genkit.families.genkit_mini import load_text_encoder
-from genkit.files import replace_folder
+from genkit.outputs import atomic_folder, save_png, save_text
 from genkit.train import checkpoint, shared
 from genkit.train.recipe import Precision, ValidationConfig as LoraValidationConfig
 
@@ -223,8 +223,8 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     if end <= start:
         raise GenkitError(f"{term('stop_at')} {stop_at}: the run is already at step {start} (choose a later step)")
-    (out_dir / "recipe.json").parent.mkdir(parents=True, exist_ok=True)
-    (out_dir / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_text(out_dir / "recipe.json", json.dumps(to_dict(recipe), indent=1))
 
     # 3. The loop: batch from seeds, noise from the step's generator, v-prediction loss
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train base")
@@ -262,7 +262,8 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         every = recipe.validation.every
         if every and (done % every == 0 or done == end):
             (out_dir / "samples").mkdir(exist_ok=True)
-            sample_grid(tokenizer, encoder, ema, recipe.validation).save(out_dir / "samples" / f"step-{done:07d}.png")
+            grid = sample_grid(tokenizer, encoder, ema, recipe.validation)
+            save_png(grid, out_dir / "samples" / f"step-{done:07d}.png")
     log.close()
 
     # 5. Export the EMA weights as a loadable folder
@@ -287,16 +288,16 @@ def init_weights(path: Path) -> tuple[dict, dict]:
 def export(unet, folder: Path, recipe: BaseRecipe | None = None) -> Path:
     """Write the decoder and scheduler as genkit-mini's weights folder (safetensors + configs)."""
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp-{folder.name}")
-    import shutil
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    noise_scheduler().save_pretrained(tmp / "scheduler")
-    (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
-    if recipe is not None:
-        (tmp / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
-    replace_folder(tmp, folder)  # a complete model at `folder` at every moment
+    def write(tmp: Path) -> None:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        noise_scheduler().save_pretrained(tmp / "scheduler")
+        (tmp / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+        if recipe is not None:
+            (tmp / "recipe.json").write_text(json.dumps(to_dict(recipe), indent=1))
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    atomic_folder(folder, write)  # a complete model at `folder` at every moment
     return folder
 
 

@@ -1,4 +1,4 @@
-"""Training checkpoints that survive a crash: written to a temporary folder, renamed, then rotated.
+"""Training checkpoints that survive a crash: written whole through `genkit.outputs.atomic_folder`, then rotated.
 
 Everything is safetensors (tensors) plus JSON (counters, schedules): no pickle anywhere, so a
 checkpoint can be opened without trusting it.
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from genkit.outputs import atomic_folder
 
 PREFIX = "checkpoint-"
 
@@ -41,14 +43,13 @@ def save(out_dir: Path, step: int, tensors: dict[str, dict[str, torch.Tensor]], 
     """Write `checkpoint-<step>/` atomically, then delete all but the newest `keep` complete ones."""
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / f"{PREFIX}{step:07d}"
-    tmp = out_dir / f".tmp-{PREFIX}{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, group in tensors.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
-    (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+
+    def write(tmp: Path) -> None:
+        for name, group in tensors.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({"step": step, **meta}, indent=1))
+
+    atomic_folder(final, write)
     for old in complete(out_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

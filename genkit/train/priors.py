@@ -85,7 +85,7 @@ def _cached(folder: Path, plan: PriorPlan) -> list[tuple[Path, str]] | None:
 def make_priors(folder: str | Path, plan: PriorPlan, *, pipeline=None, batch_size: int = 16,
                 progress: bool = False) -> list[tuple[Path, str]]:
     """(image path, caption) of the plan's prior images in `folder`, made now or found from an earlier run."""
-    from genkit.outputs import atomic_write
+    from genkit.outputs import save_png, save_text
 
     folder = Path(folder)
     found = _cached(folder, plan)
@@ -97,10 +97,10 @@ def make_priors(folder: str | Path, plan: PriorPlan, *, pipeline=None, batch_siz
     items = []
     for i, (image, caption) in enumerate(images):
         path = folder / f"prior-{i:05d}.png"
-        atomic_write(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
+        save_png(image, path)
         items.append((path, caption))
     record = {"plan": asdict(plan), "images": [[path.name, caption] for path, caption in items]}
-    atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1) + "\n"))
+    save_text(folder / MANIFEST, json.dumps(record, indent=1) + "\n")
     return items
 
 

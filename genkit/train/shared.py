@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from genkit.errors import GenkitError, term
+from genkit.outputs import save_text
 from genkit.train import checkpoint
 
 
@@ -58,15 +59,16 @@ def resume_point(out: Path, resume: bool, finished: Path) -> Path | None:
 class LossLog:
     """OUT/loss.jsonl: one line per optimizer step, {"step", "loss", "time"} (seconds since this call's loop
     started). Opened at the step a run starts (or resumes) from: lines past it, written after the checkpoint a
-    resumed run starts from, are dropped first, so the log holds each step once."""
+    resumed run starts from, are dropped first (the log rewritten through `genkit.outputs.atomic_write`), so the log
+    holds each step once. Each step appends one line, so the log can be followed while the run goes; a line that a
+    kill cut short is past the last checkpoint, and dropped like the others."""
 
     def __init__(self, path: Path, start: int, *, enabled: bool = True):
         self.path, self.enabled, self.started = path, enabled, time.time()
         if not enabled:
             return
         if path.is_file():
-            lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= start]
-            path.write_text("".join(line + "\n" for line in lines))
+            save_text(path, "".join(line + "\n" for line in path.read_text().splitlines() if _step(line) <= start))
         self.file = path.open("a")
 
     def write(self, step: int, loss: float) -> None:
@@ -84,6 +86,14 @@ class LossLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _step(line: str) -> float:
+    """A loss-log line's step; infinite for a line a kill cut short (or an empty one)."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
 
 
 class CaptionCache:
