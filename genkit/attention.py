@@ -35,7 +35,8 @@ def parse(name: str | Attention) -> Attention:
     try:
         return Attention(str(name.value if isinstance(name, Attention) else name).lower())
     except ValueError:
-        raise GenkitError(f"unknown attention backend {name!r} (valid: {', '.join(NAMES)})") from None
+        raise GenkitError(f"{name!r} is not an attention backend genkit knows (valid: {', '.join(NAMES)})",
+                          param="attention") from None
 
 
 def xformers_problem(device: str) -> str | None:
@@ -59,7 +60,7 @@ def resolve(name: str | Attention, device: str) -> Attention:
     if choice is Attention.XFORMERS:
         problem = xformers_problem(device)
         if problem:
-            raise GenkitError(f"{term('attention')} xformers: {problem} (use {term('attention')} sdpa)")
+            raise GenkitError(f"xformers: {problem} (use {term('attention')} sdpa)", param="attention")
     return choice
 
 

@@ -9,17 +9,17 @@ import dataclasses
 import tomllib
 from pathlib import Path
 
-from genkit.errors import GenkitError, term
+from genkit.errors import GenkitError
 
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise GenkitError(f"config file not found: {path} (pass an existing .toml file)")
+        raise GenkitError(f"{path} not found (pass an existing .toml file)", param="config")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as exc:
-        raise GenkitError(f"config file {path} is not valid TOML: {exc}") from None
+        raise GenkitError(f"{path} is not valid TOML: {exc}", param="config") from None
 
 
 def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -27,7 +27,7 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides or ():
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise GenkitError(f"{term('overrides')} expects section.key=value, got {item!r}")
+            raise GenkitError(f"expects section.key=value, got {item!r}", param="overrides")
         try:
             parsed = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:

@@ -177,8 +177,8 @@ def parse_threads(value) -> int | str | None:
     except (TypeError, ValueError):
         threads = 0
     if threads < 1 or isinstance(value, bool) or (isinstance(value, float) and value != threads):
-        raise GenkitError(f"threads must be a whole number (1 or more) or 'auto', got {value!r} (e.g. {term('threads')} 2; "
-                          f"this machine has {usable_cores()} usable cores)")
+        raise GenkitError(f"must be a whole number (1 or more) or 'auto', got {value!r} (e.g. {term('threads')} 2; "
+                          f"this machine has {usable_cores()} usable cores)", param="threads")
     return threads
 
 

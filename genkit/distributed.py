@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import sys
 
-from genkit.errors import GenkitError, term
+from genkit.errors import GenkitError
 
 
 def launched() -> bool:
@@ -62,7 +62,7 @@ def without_option(argv: list[str], name: str) -> list[str]:
 def relaunch(processes: int, argv: list[str]) -> int:
     """Run `genkit <argv>` again under `accelerate launch` with `processes` processes; return its exit code."""
     if processes < 1:
-        raise GenkitError(f"{term('processes')} must be at least 1, got {processes}")
+        raise GenkitError(f"must be at least 1, got {processes}", param="processes")
 
     # --multi_gpu selects torchrun's launcher, which also starts CPU processes (accelerate's --cpu flag
     # would run a single process); genkit then joins them with gloo on a machine without CUDA

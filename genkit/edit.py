@@ -41,8 +41,8 @@ def check_strength(strength) -> float:
     """`strength` as a float in (0, 1]; anything else is a GenkitError naming it."""
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real) or not math.isfinite(strength) \
             or not 0 < strength <= 1:
-        raise GenkitError(f"strength must be a number in (0, 1], got {strength!r} (1 repaints from pure noise, "
-                          "small values stay close to the input image; 0.8 is the default)")
+        raise GenkitError(f"must be a number in (0, 1], got {strength!r} (1 repaints from pure noise, "
+                          "small values stay close to the input image; 0.8 is the default)", param="strength")
     return float(strength)
 
 
@@ -58,9 +58,10 @@ def check_kept_steps(num_inference_steps: int, strength: float) -> None:
     steps = math.ceil(1 / strength)
     while kept_steps(steps, strength) < 1:
         steps += 1
-    raise GenkitError(f"strength {strength} with {num_inference_steps} steps leaves no denoising step "
+    raise GenkitError(f"{strength} with {num_inference_steps} steps leaves no denoising step "
                       f"(int({num_inference_steps} x {strength}) = 0); raise strength to at least "
-                      f"{math.ceil(1000 / num_inference_steps) / 1000:g} or steps to at least {steps}")
+                      f"{math.ceil(1000 / num_inference_steps) / 1000:g} or steps to at least {steps}",
+                      param="strength")
 
 
 def strength_timesteps(scheduler, num_inference_steps: int, strength: float):
@@ -104,7 +105,7 @@ def picture(source, what: str, cache: dict | None = None) -> Picture:
     try:
         pixels = images.read_mask(source) if what == "mask" else images.read_image(source)
     except GenkitError as exc:
-        raise GenkitError(f"{what} {label}: {exc}" if label.startswith("<") else str(exc)) from None
+        raise GenkitError(f"{label}: {exc}", param=what) from None
     found = Picture(label, images.sha256_of(source), pixels)
     if cache is not None:
         cache[key] = found
@@ -114,19 +115,22 @@ def picture(source, what: str, cache: dict | None = None) -> Picture:
 def check_mask(mask: Picture, image_size: tuple[int, int]) -> None:
     """A mask must have its image's size and both repaint and keep something."""
     if mask.pixels.size != tuple(image_size):
-        raise GenkitError(f"mask {mask.source} is {mask.pixels.width}x{mask.pixels.height} but the image is "
-                          f"{image_size[0]}x{image_size[1]} (pass a mask of the image's size; white repaints)")
+        raise GenkitError(f"{mask.source} is {mask.pixels.width}x{mask.pixels.height} but the image is "
+                          f"{image_size[0]}x{image_size[1]} (pass a mask of the image's size; white repaints)",
+                          param="mask")
     low, high = mask.pixels.getextrema()
-    check_coverage(f"mask {mask.source}", 0.0 if high == 0 else 1.0 if low == 255 else 0.5)
+    check_coverage(mask.source, 0.0 if high == 0 else 1.0 if low == 255 else 0.5, param="mask")
 
 
-def check_coverage(which: str, share: float) -> None:
-    """A mask must repaint something and keep something (`share`: the part it repaints)."""
+def check_coverage(which: str, share: float, param: str | None = None) -> None:
+    """A mask must repaint something and keep something (`share`: the part it repaints); `param`: the mask's
+    parameter, which the error is about (then `which` is what follows its name)."""
     if share == 0:
-        raise GenkitError(f"{which} is all black: nothing to repaint (paint white where the image should change)")
+        raise GenkitError(f"{which} is all black: nothing to repaint (paint white where the image should change)",
+                          param=param)
     if share == 1:
         raise GenkitError(f"{which} is all white: it repaints the whole image (drop the mask for image-to-image, or "
-                          "paint black what should stay)")
+                          "paint black what should stay)", param=param)
 
 
 SIDES = ("left", "right", "top", "bottom")
@@ -146,19 +150,20 @@ def parse_outpaint(value) -> dict[str, int]:
             for part in filter(None, (p.strip() for p in text.split(","))):
                 side, sep, amount = part.partition("=")
                 if not sep or not amount.strip().isdigit():
-                    raise GenkitError(f"outpaint {value!r}: {part!r} is not SIDE=PIXELS (e.g. left=16,right=16)")
+                    raise GenkitError(f"{value!r}: {part!r} is not SIDE=PIXELS (e.g. left=16,right=16)",
+                                      param="outpaint")
                 parts[side.strip()] = int(amount)
     else:
-        raise GenkitError(f"outpaint {value!r} must be a string like 'left=16,right=16' or a dict of sides")
+        raise GenkitError(f"{value!r} must be a string like 'left=16,right=16' or a dict of sides", param="outpaint")
     unknown = sorted(set(parts) - set(SIDES))
     if unknown:
-        raise GenkitError(f"outpaint {value!r}: unknown side {unknown[0]!r} (sides: {', '.join(SIDES)})")
+        raise GenkitError(f"{value!r}: unknown side {unknown[0]!r} (sides: {', '.join(SIDES)})", param="outpaint")
     pads = {side: parts.get(side, 0) for side in SIDES}
     for side, amount in pads.items():
         if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
-            raise GenkitError(f"outpaint {side} must be a whole number of pixels >= 0, got {amount!r}")
+            raise GenkitError(f"{side} must be a whole number of pixels >= 0, got {amount!r}", param="outpaint")
     if not any(pads.values()):
-        raise GenkitError(f"outpaint {value!r} adds nothing (give at least one side > 0, e.g. right=16)")
+        raise GenkitError(f"{value!r} adds nothing (give at least one side > 0, e.g. right=16)", param="outpaint")
     return pads
 
 

@@ -128,14 +128,14 @@ def check_record(record, path) -> None:
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise GenkitError(f"{where}: {key} has the wrong type ({value!r:.60}); the image was edited or damaged")
-    prompts.check_count(record["index"] + 1, f"{where}: index + 1")
+    prompts.check_count(record["index"] + 1, "index", f"{where}: index + 1")
     if not record["prompt"].strip():
         raise GenkitError(f"{where}: prompt is empty; the image was edited or damaged")
     prompts.check_seed(record["seed"], f"{where}: seed")
     prompts.check_steps(record["num_inference_steps"], f"{where}: num_inference_steps")
     prompts.check_guidance(record["guidance_scale"], f"{where}: guidance_scale")
     for key in ("width", "height"):
-        prompts.check_side(record[key], f"{where}: {key}")
+        prompts.check_side(record[key], key, f"{where}: {key}")
     for number, entry in enumerate(record["lora"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or \
                 isinstance(entry.get("scale"), bool) or not isinstance(entry.get("scale"), (int, float)):
@@ -235,19 +235,20 @@ def check_out_dir(out: str | Path) -> Path:
     """
     out = Path(os.path.normpath(Path(out).expanduser()))
     if out.exists() and not out.is_dir():
-        raise GenkitError(f"{term('out')} {out} is a file, not a folder (choose a folder path)")
+        raise GenkitError(f"{out} is a file, not a folder (choose a folder path)", param="out")
     parent = out
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():
-        raise GenkitError(f"{term('out')} {out}: {parent} is a file, so the folder cannot be created (choose another path)")
+        raise GenkitError(f"{out}: {parent} is a file, so the folder cannot be created (choose another path)",
+                          param="out")
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise GenkitError(f"{term('out')} {out}: {parent} is not writable (choose a folder you can write to)")
+        raise GenkitError(f"{out}: {parent} is not writable (choose a folder you can write to)", param="out")
     try:
         tempfile.TemporaryDirectory(dir=parent, prefix=".genkit-probe-").cleanup()
     except OSError as exc:
-        raise GenkitError(f"{term('out')} {out}: cannot create files in {parent} ({exc.strerror or exc}); choose a folder "
-                          "you can write to") from None
+        raise GenkitError(f"{out}: cannot create files in {parent} ({exc.strerror or exc}); choose a folder "
+                          "you can write to", param="out") from None
     return out
 
 

@@ -159,9 +159,10 @@ class GenkitMiniPipeline(DiffusionPipeline):
         init, repaint = None, None  # edits: the input (rows, 3, h, w) in [-1, 1]; True where the mask repaints
         if image is None:
             if mask_image is not None:
-                raise GenkitError("mask_image needs an image to inpaint (pass image= as well)")
+                raise GenkitError("needs an image to inpaint (pass image= as well)", param="mask_image")
             if strength is not None:
-                raise GenkitError(f"strength {strength} applies only to an input image (pass image=, or drop strength)")
+                raise GenkitError(f"{strength} applies only to an input image (pass image=, or drop strength)",
+                                  param="strength")
         else:
             strength = edit.check_strength(edit.default_strength(mask_image is not None) if strength is None
                                            else strength)
@@ -255,8 +256,8 @@ class GenkitMiniPipeline(DiffusionPipeline):
                 _check_tensor_size(item, size, width, height, "image")
                 low, high = float(item.min()), float(item.max())
                 if low < -1 - 1e-4 or high > 1 + 1e-4 or not np.isfinite([low, high]).all():
-                    raise GenkitError(f"image tensor values must be in [-1, 1], got min {low:.3g}, max {high:.3g} "
-                                      "(map [0, 1] pixels with x * 2 - 1)")
+                    raise GenkitError(f"tensor values must be in [-1, 1], got min {low:.3g}, max {high:.3g} "
+                                      "(map [0, 1] pixels with x * 2 - 1)", param="image")
                 tensors.append(item.float().cpu().clamp(-1, 1))
             else:
                 tensors.append(to_tensor(readers.fit_to_size(item, width, height, factor)))
@@ -270,12 +271,14 @@ class GenkitMiniPipeline(DiffusionPipeline):
             for r in ([k] if len(masks) == rows else range(rows)):
                 image_size = sizes[r if len(sizes) == rows else 0]
                 if own != image_size:
-                    raise GenkitError(f"mask_image is {own[0]}x{own[1]} but its image is {image_size[0]}x{image_size[1]}"
-                                      " (pass a mask of the image's size; white repaints, black keeps)")
+                    raise GenkitError(f"is {own[0]}x{own[1]} but its image is {image_size[0]}x{image_size[1]}"
+                                      " (pass a mask of the image's size; white repaints, black keeps)",
+                                      param="mask_image")
             if torch.is_tensor(item):
                 low, high = float(item.min()), float(item.max())
                 if low < 0 or high > 1 or not np.isfinite([low, high]).all():
-                    raise GenkitError(f"mask_image tensor values must be in [0, 1], got min {low:.3g}, max {high:.3g}")
+                    raise GenkitError(f"tensor values must be in [0, 1], got min {low:.3g}, max {high:.3g}",
+                                      param="mask_image")
                 flag = item.float().cpu()[None] >= 0.5
                 if (own[0], own[1]) != (width, height):
                     flag = torch.nn.functional.interpolate(flag.float(), size=(height, width), mode="nearest") > 0.5
@@ -315,7 +318,7 @@ def _batch_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
         value = value[None]
     if value.dim() != 4 or value.shape[1] != want or 0 in value.shape:
         shape = "(batch, 3, h, w) in [-1, 1]" if want == 3 else "(batch, 1, h, w) in [0, 1]"
-        raise GenkitError(f"{name} tensor has shape {tuple(value.shape)}; pass {shape}")
+        raise GenkitError(f"tensor has shape {tuple(value.shape)}; pass {shape}", param=name)
     return value
 
 
@@ -323,7 +326,7 @@ def _tensor_item(value: torch.Tensor, name: str) -> torch.Tensor:
     """One list element that is a tensor: (channels, h, w)."""
     value = _batch_tensor(value, name)
     if value.shape[0] != 1:
-        raise GenkitError(f"{name} list holds a tensor of {value.shape[0]} images; pass one image per list element")
+        raise GenkitError(f"list holds a tensor of {value.shape[0]} images; pass one image per list element", param=name)
     return value[0]
 
 
@@ -334,8 +337,8 @@ def _size_of(item) -> tuple[int, int]:
 
 def _check_tensor_size(item, size, width, height, name) -> None:
     if size != (width, height):
-        raise GenkitError(f"{name} tensor is {size[0]}x{size[1]} but the call makes {width}x{height} images (resize "
-                          "the tensor, or pass a PIL image, which is resized)")
+        raise GenkitError(f"tensor is {size[0]}x{size[1]} but the call makes {width}x{height} images (resize "
+                          "the tensor, or pass a PIL image, which is resized)", param=name)
 
 
 def _rows(items: list[torch.Tensor], rows: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ import json
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from genkit.errors import GenkitError, strict_json
@@ -60,25 +61,32 @@ def _env_int(name: str, default: int) -> int:
     return value
 
 
-def check_steps(steps, where: str = "steps (num_inference_steps)") -> None:
+# The checks below name what they refuse by its parameter (GenkitError.param), or, given `where`, by the file line or
+# record that holds the value ("p.jsonl line 2: steps").
+def _refuse(reason: str, param: str, where: str | None) -> GenkitError:
+    return GenkitError(f"{where} {reason}") if where else GenkitError(reason, param=param)
+
+
+def check_steps(steps, where: str | None = None) -> None:
     """Steps from 1 to max_steps(); a billion steps would fill the memory with the scheduler's timesteps."""
     limit = max_steps()
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise GenkitError(f"{where} must be at least 1, got {steps}")
+        raise _refuse(f"must be at least 1, got {steps}", "num_inference_steps", where)
     if steps > limit:
-        raise GenkitError(f"{where} must be at most {limit}, got {steps} (samplers gain nothing past their "
-                          f"{DEFAULT_MAX_STEPS} training timesteps; set GENKIT_MAX_STEPS to raise the limit)")
+        raise _refuse(f"must be at most {limit}, got {steps} (samplers gain nothing past their {DEFAULT_MAX_STEPS} "
+                      "training timesteps; set GENKIT_MAX_STEPS to raise the limit)", "num_inference_steps", where)
 
 
-def check_guidance(guidance, where: str = "guidance (guidance_scale)") -> None:
+def check_guidance(guidance, where: str | None = None) -> None:
     """A finite guidance from 0 to MAX_GUIDANCE (inf paints black, nan turns guidance off unseen)."""
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-        raise GenkitError(f"{where} must be a finite number, got {guidance} (try 4 to 8; 1 or less turns it off)")
+        raise _refuse(f"must be a finite number, got {guidance} (try 4 to 8; 1 or less turns it off)",
+                      "guidance_scale", where)
     if guidance < 0:
-        raise GenkitError(f"{where} must be 0 or more, got {guidance} (1 or less turns it off)")
+        raise _refuse(f"must be 0 or more, got {guidance} (1 or less turns it off)", "guidance_scale", where)
     if guidance > MAX_GUIDANCE:
-        raise GenkitError(f"{where} must be at most {MAX_GUIDANCE:g}, got {guidance} (images burn out long before; "
-                          "try 4 to 8)")
+        raise _refuse(f"must be at most {MAX_GUIDANCE:g}, got {guidance} (images burn out long before; try 4 to 8)",
+                      "guidance_scale", where)
 
 
 DEFAULT_MAX_SIDE = 4096  # pixels; SDXL and Flux make 1024-2048, and --vae-tiling decodes past that
@@ -89,24 +97,25 @@ def max_side() -> int:
     return _env_int("GENKIT_MAX_SIZE", DEFAULT_MAX_SIDE)
 
 
-def check_side(value, where: str) -> None:
-    """A width or height from 1 to max_side() pixels (the model's own multiple is checked by the engine)."""
+def check_side(value, param: str, where: str | None = None) -> None:
+    """A width or height (`param`) from 1 to max_side() pixels (the model's own multiple is checked by the engine)."""
     limit = max_side()
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise GenkitError(f"{where} must be a positive whole number of pixels, got {value}")
+        raise _refuse(f"must be a positive whole number of pixels, got {value}", param, where)
     if value > limit:
-        raise GenkitError(f"{where} must be at most {limit} pixels, got {value} (set GENKIT_MAX_SIZE to raise the "
-                          "limit; memory grows with width x height)")
+        raise _refuse(f"must be at most {limit} pixels, got {value} (set GENKIT_MAX_SIZE to raise the limit; memory "
+                      "grows with width x height)", param, where)
 
 
-def check_count(count, where: str) -> None:
+def check_count(count, param: str, where: str | None = None) -> None:
+    """A count of images (`param`: num_images_per_prompt, batch_size) of 1 or more."""
     if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise GenkitError(f"{where} must be at least 1, got {count}")
+        raise _refuse(f"must be at least 1, got {count}", param, where)
 
 
-def check_seed(seed, where: str = "seed") -> None:
+def check_seed(seed, where: str | None = None) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise GenkitError(f"{where} must be an integer from 0 to {MAX_SEED}, got {seed}")
+        raise _refuse(f"must be an integer from 0 to {MAX_SEED}, got {seed}", "seed", where)
 
 
 @dataclass(frozen=True)
@@ -164,9 +173,9 @@ def _read_lines(path: Path) -> list[str]:
     return text.splitlines()
 
 
-_NUMBERS = {  # jsonl key -> (check, what the error calls it)
-    "seed": (check_seed, "seed"), "n": (check_count, "n"), "steps": (check_steps, "steps"),
-    "guidance": (check_guidance, "guidance"),
+_NUMBERS = {  # jsonl key -> its check
+    "seed": check_seed, "n": partial(check_count, param="num_images_per_prompt"), "steps": check_steps,
+    "guidance": check_guidance,
 }
 
 
@@ -190,8 +199,7 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
             if not isinstance(value, JSONL_KEYS[key]) or isinstance(value, bool):
                 raise GenkitError(f"{where}: {key} has the wrong type ({value!r})")
             if key in _NUMBERS:
-                check, name = _NUMBERS[key]
-                check(value, f"{where}: {name}")
+                _NUMBERS[key](value, where=f"{where}: {key}")
         specs.append(PromptSpec(
             prompt=entry["prompt"],
             negative_prompt=entry.get("negative_prompt"),

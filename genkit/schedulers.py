@@ -60,7 +60,7 @@ def parse(name: str | Sampler, flow: bool | None = None) -> Sampler:
     valid = [s.value for s in Sampler if (s in FLOW) == flow]
     asked = str(name.value if isinstance(name, Sampler) else name)
     also = "" if asked.strip().lower() == sampler.value else f" ({sampler.value})"
-    raise GenkitError(f"scheduler {asked!r}{also} does not fit {kind} (valid: {', '.join(valid)}, default)")
+    raise GenkitError(f"{asked!r}{also} does not fit {kind} (valid: {', '.join(valid)}, default)", param="scheduler")
 
 
 def _lookup(name: str) -> Sampler:
@@ -70,7 +70,7 @@ def _lookup(name: str) -> Sampler:
     for sampler in Sampler:
         if key == sampler.value or key == _TABLE[sampler][2].lower():
             return sampler
-    raise GenkitError(f"unknown scheduler {name!r} (valid: {', '.join(NAMES)}, default)")
+    raise GenkitError(f"{name!r} is not a sampler genkit knows (valid: {', '.join(NAMES)}, default)", param="scheduler")
 
 
 def a1111_name(name: str | Sampler) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from genkit.errors import GenkitError, term
+from genkit.errors import GenkitError
 from genkit.serve.errors import ApiError
 
 TAG = re.compile(r"<lora:([^:<>]+)(?::([^<>]*))?>", re.IGNORECASE)
@@ -23,7 +23,7 @@ class LoraLibrary:
         self.folders = [Path(folder) for folder in folders]
         for folder in self.folders:
             if not folder.is_dir():
-                raise GenkitError(f"{term('lora_dir')} {folder} is not a folder")
+                raise GenkitError(f"{folder} is not a folder", param="lora_dir")
         self.paths: dict[str, Path] = {}
         self.refresh()
 

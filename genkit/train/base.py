@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from genkit.config import load as load_config, to_dict
 from genkit.data import shapes
-from genkit.errors import GenkitError, term
+from genkit.errors import GenkitError
 from genkit.families.genkit_mini import load_text_encoder
 from genkit.outputs import atomic_folder, save_png, save_text
 from genkit.train import checkpoint, shared
@@ -222,7 +222,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
         start = meta["step"]
     end = cfg.steps if stop_at is None else min(cfg.steps, stop_at)
     if end <= start:
-        raise GenkitError(f"{term('stop_at')} {stop_at}: the run is already at step {start} (choose a later step)")
+        raise GenkitError(f"{stop_at}: the run is already at step {start} (choose a later step)", param="stop_at")
     out_dir.mkdir(parents=True, exist_ok=True)
     save_text(out_dir / "recipe.json", json.dumps(to_dict(recipe), indent=1))
 

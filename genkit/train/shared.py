@@ -45,10 +45,10 @@ def resume_point(out: Path, resume: bool, finished: Path) -> Path | None:
     """The checkpoint in `out` to resume from (None for a fresh run); refuses the ambiguous cases: --resume with
     nothing to resume, a fresh run over checkpoints, and a fresh run over a finished one (`finished` exists)."""
     if out.exists() and not out.is_dir():
-        raise GenkitError(f"{term('out')} {out} is a file; pass a folder for the run and its checkpoints")
+        raise GenkitError(f"{out} is a file; pass a folder for the run and its checkpoints", param="out")
     ckpt = checkpoint.latest(out)
     if resume and ckpt is None:
-        raise GenkitError(f"{term('resume')}: no complete checkpoint in {out} (start without {term('resume')})")
+        raise GenkitError(f"finds no complete checkpoint in {out} (start without it)", param="resume")
     if not resume and ckpt is not None:
         raise GenkitError(f"{out} already holds checkpoints (add {term('resume')} to continue, or choose another {term('out')})")
     if not resume and finished.exists():
