@@ -12,30 +12,29 @@ group counts, head sizes and counts, depths, VAE depth, cross-/joint-attention s
 property tests; `build_tiny(..., arch=random_arch(...))` builds it.
 
 The weights are random, so images are noise; the models exist to exercise code paths in seconds
-on a CPU. `TINY_SIZE[family]` is a small (height, width) every default and random architecture
-of the family accepts, and `CALL_ARGS[family]` the extra call arguments a quick test should pass.
+on a CPU.
+
+`FAMILIES[name]` is one `TinyModel` per family: its builder, default architecture, random-architecture
+sampler, a small (height, width) every default and random architecture accepts, and the extra call
+arguments a quick test should pass. A new family enters every contract test by one entry here.
+`TINY_SIZE`, `CALL_ARGS` and `DEFAULT_ARCH` are views of it.
 """
 
 from __future__ import annotations
 
 __all__ = [
-    "FAMILIES", "TINY_SIZE", "CALL_ARGS", "WORDS", "DEFAULT_ARCH", "build_tiny", "random_arch", "build_tiny_sd",
-    "build_tiny_mini", "clip_tokenizer", "t5_tokenizer", "gemma_tokenizer",
+    "FAMILIES", "TinyModel", "TINY_SIZE", "CALL_ARGS", "WORDS", "DEFAULT_ARCH", "build_tiny", "random_arch",
+    "build_tiny_sd", "build_tiny_mini", "clip_tokenizer", "t5_tokenizer", "gemma_tokenizer",
 ]
 
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
-FAMILIES = ("sd", "sdxl", "sd3", "flux", "pixart-sigma", "sana", "genkit-mini")
-
-# (height, width) in pixels: valid for the default and every random architecture of the family
-TINY_SIZE = {"sd": (32, 32), "sdxl": (32, 32), "sd3": (32, 32), "flux": (32, 32), "pixart-sigma": (32, 32),
-             "sana": (32, 32), "genkit-mini": (32, 32)}
-# extra call arguments for a quick test: the resolution binning of PixArt/Sana would generate at >= 256 pixels
-CALL_ARGS = {"pixart-sigma": {"use_resolution_binning": False, "clean_caption": False},
-             "sana": {"use_resolution_binning": False}}
+SIZE = (32, 32)  # (height, width) in pixels: every family's default and random architectures accept it
 
 # Words of typical prompts: each becomes one token, so prompts tokenize to real, meaningful ids.
 WORDS = """
@@ -161,7 +160,7 @@ def _vae(arch: dict, latent_channels: int = 4, **extra):
         in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=channels,
         norm_num_groups=arch["vae_norm_num_groups"], layers_per_block=arch["vae_layers_per_block"],
         down_block_types=("DownEncoderBlock2D",) * len(channels),
-        up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=TINY_SIZE["sd"][0], **extra,
+        up_block_types=("UpDecoderBlock2D",) * len(channels), sample_size=SIZE[0], **extra,
     )
 
 
@@ -185,46 +184,76 @@ def _unet(arch: dict, **extra):
 
 
 # ---------------------------------------------------------------------------------------------
-# The families: a default architecture, a builder, and a random architecture each
+# Random-architecture pieces shared by several families (every choice valid at SIZE, 32x32 pixels)
 
-DEFAULT_ARCH = {
-    "sd": dict(  # the tiny SD 1.x the tests have always used
-        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention=(True, False),
-        attention_head_dim=2, norm_num_groups=4, use_linear_projection=False, cross_attention_dim=32,
-        text_layers=2, text_heads=4, vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4,
-        vae_layers_per_block=1,
-    ),
-    "sdxl": dict(
-        sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention=(False, True),
-        attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=4,
-        use_linear_projection=True, addition_time_embed_dim=8, text_hidden=(16, 16), text_layers=2, text_heads=2,
-        projection_dim=16, vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4, vae_layers_per_block=1,
-    ),
-    "sd3": dict(
-        patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, dual_attention_layers=(),
-        qk_norm=None, clip_hidden=(16, 16), projection_dim=(16, 16), text_layers=1, text_heads=2, t5_d_model=32,
-        t5_layers=1, t5_heads=2, latent_channels=16,  # as SD3 (its inpainting pipeline requires 16)
-        vae_block_out_channels=(8, 8), vae_norm_num_groups=4,
-        vae_layers_per_block=1,
-    ),
-    "flux": dict(
-        num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 4, 8),
-        guidance_embeds=True, clip_hidden=16, text_layers=1, text_heads=2, t5_d_model=32, t5_layers=1, t5_heads=2,
-        latent_channels=4, vae_block_out_channels=(8, 8), vae_norm_num_groups=4, vae_layers_per_block=1,
-    ),
-    "pixart-sigma": dict(
-        sample_size=32, patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, learned_sigma=True,
-        t5_d_model=32, t5_layers=1, t5_heads=2, latent_channels=4, vae_block_out_channels=(8, 8, 16, 16),
-        vae_norm_num_groups=4, vae_layers_per_block=1,
-    ),
-    "sana": dict(
-        sample_size=16, patch_size=1, num_layers=1, num_attention_heads=2, attention_head_dim=8,
-        num_cross_attention_heads=2, cross_attention_head_dim=8, mlp_ratio=2.5, gemma_hidden=16, gemma_layers=1,
-        gemma_heads=2, gemma_kv_heads=1, gemma_head_dim=8, latent_channels=4, vae_block_out_channels=(8, 8, 16),
-        vae_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), vae_attention_head_dim=4,
-    ),
-    "genkit-mini": dict(sample_size=16, channels=(8, 16), cross_attention_levels=1, head_dim=8),
-}
+WIDTHS = (4, 8, 12, 16, 24, 32)  # multiples of every group count and head count drawn below
+
+
+def _pick(rng: random.Random, choices, n: int) -> tuple:
+    return tuple(rng.choice(choices) for _ in range(n))
+
+
+def _random_vae(rng: random.Random, max_blocks: int = 4) -> dict:
+    """AutoencoderKL: 1..max_blocks levels (factor 1..2 ** (max_blocks - 1))."""
+    return dict(vae_block_out_channels=_pick(rng, (4, 8, 16), rng.randint(1, max_blocks)),
+                vae_norm_num_groups=rng.choice((1, 2, 4)), vae_layers_per_block=rng.randint(1, 2))
+
+
+def _random_unet(rng: random.Random) -> dict:
+    levels = rng.randint(1, 3)
+    arch = dict(
+        block_out_channels=_pick(rng, WIDTHS, levels), layers_per_block=rng.randint(1, 2),
+        cross_attention=tuple(rng.random() < 0.6 for _ in range(levels)),
+        attention_head_dim=_pick(rng, (1, 2, 4), levels), norm_num_groups=rng.choice((1, 2, 4)),
+        use_linear_projection=rng.random() < 0.5, text_layers=rng.randint(1, 2), text_heads=rng.choice((1, 2, 4)),
+        **_random_vae(rng),
+    )
+    arch["sample_size"] = SIZE[0] // _vae_factor(arch)
+    return arch
+
+
+def _random_t5(rng: random.Random) -> dict:
+    return dict(t5_d_model=rng.choice((16, 32, 48)), t5_layers=rng.randint(1, 2), t5_heads=rng.choice((1, 2, 4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# One description per family
+
+@dataclass(frozen=True)
+class TinyModel:
+    """Everything the tests need of one family's tiny model."""
+
+    make: Callable[[dict, Path], Path]  # (architecture, folder) -> the folder, saved as a user's model
+    default_arch: dict  # the architecture build_tiny uses unless told otherwise
+    random_arch: Callable[[random.Random], dict]  # a random valid architecture (keys of default_arch)
+    size: tuple[int, int] = SIZE  # (height, width) valid for the default and every random architecture
+    call_args: dict = field(default_factory=dict)  # extra pipeline call arguments for a quick test
+
+
+def _saved(builder):
+    """A diffusers builder as a `TinyModel.make`: build, then save_pretrained like a user's folder."""
+
+    def make(arch: dict, folder: Path) -> Path:
+        builder(arch).save_pretrained(folder, safe_serialization=True)
+        return folder
+
+    return make
+
+
+FAMILIES: dict[str, TinyModel] = {}  # filled below, one entry per family section
+
+
+# ---------------------------------------------------------------------------------------------
+# The families, one section each: a default architecture, a builder, a random architecture (valid at SIZE)
+
+# -- sd
+
+_ARCH_SD = dict(  # the tiny SD 1.x the tests have always used
+    sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention=(True, False),
+    attention_head_dim=2, norm_num_groups=4, use_linear_projection=False, cross_attention_dim=32,
+    text_layers=2, text_heads=4, vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4,
+    vae_layers_per_block=1,
+)
 
 
 def _build_sd(arch: dict):
@@ -238,6 +267,23 @@ def _build_sd(arch: dict):
     return StableDiffusionPipeline(vae=_vae(arch), text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+
+
+def _random_sd(rng: random.Random) -> dict:
+    return dict(_random_unet(rng), cross_attention_dim=rng.choice((8, 16, 24, 32)))
+
+
+FAMILIES["sd"] = TinyModel(_saved(_build_sd), _ARCH_SD, _random_sd)
+
+
+# -- sdxl
+
+_ARCH_SDXL = dict(
+    sample_size=8, block_out_channels=(8, 16), layers_per_block=1, cross_attention=(False, True),
+    attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), norm_num_groups=4,
+    use_linear_projection=True, addition_time_embed_dim=8, text_hidden=(16, 16), text_layers=2, text_heads=2,
+    projection_dim=16, vae_block_out_channels=(8, 8, 16, 16), vae_norm_num_groups=4, vae_layers_per_block=1,
+)
 
 
 def _build_sdxl(arch: dict):
@@ -261,6 +307,28 @@ def _build_sdxl(arch: dict):
                                      tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler)
 
 
+def _random_sdxl(rng: random.Random) -> dict:
+    arch = _random_unet(rng)
+    levels = len(arch["block_out_channels"])
+    return dict(arch, transformer_layers_per_block=_pick(rng, (1, 2), levels),
+                text_hidden=_pick(rng, (8, 16, 24, 32), 2), projection_dim=rng.choice((8, 16, 32)),
+                addition_time_embed_dim=rng.choice((4, 8, 16)))
+
+
+FAMILIES["sdxl"] = TinyModel(_saved(_build_sdxl), _ARCH_SDXL, _random_sdxl)
+
+
+# -- sd3
+
+_ARCH_SD3 = dict(
+    patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, dual_attention_layers=(),
+    qk_norm=None, clip_hidden=(16, 16), projection_dim=(16, 16), text_layers=1, text_heads=2, t5_d_model=32,
+    t5_layers=1, t5_heads=2, latent_channels=16,  # as SD3 (its inpainting pipeline requires 16)
+    vae_block_out_channels=(8, 8), vae_norm_num_groups=4,
+    vae_layers_per_block=1,
+)
+
+
 def _build_sd3(arch: dict):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -273,7 +341,7 @@ def _build_sd3(arch: dict):
     inner = arch["num_attention_heads"] * arch["attention_head_dim"]
     factor = _vae_factor(arch)
     transformer = SD3Transformer2DModel(
-        sample_size=TINY_SIZE["sd3"][0] // factor, patch_size=arch["patch_size"],
+        sample_size=SIZE[0] // factor, patch_size=arch["patch_size"],
         in_channels=arch["latent_channels"], out_channels=arch["latent_channels"], num_layers=arch["num_layers"],
         attention_head_dim=arch["attention_head_dim"], num_attention_heads=arch["num_attention_heads"],
         caption_projection_dim=inner,  # the text stream runs at the image stream's width
@@ -288,6 +356,30 @@ def _build_sd3(arch: dict):
         text_encoder=encoders[0], tokenizer=tokenizer, text_encoder_2=encoders[1], tokenizer_2=tokenizer_2,
         text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3,
     )
+
+
+def _random_sd3(rng: random.Random) -> dict:
+    layers = rng.randint(1, 2)
+    return dict(
+        patch_size=rng.choice((1, 2)), num_layers=layers, num_attention_heads=rng.choice((1, 2, 4)),
+        attention_head_dim=rng.choice((4, 8, 16)), qk_norm=rng.choice((None, "rms_norm")),
+        dual_attention_layers=tuple(range(rng.randint(0, layers))),  # SD3.5's extra self-attention
+        clip_hidden=_pick(rng, (8, 16, 24, 32), 2), projection_dim=_pick(rng, (8, 16, 32), 2),
+        text_layers=rng.randint(1, 2), text_heads=rng.choice((1, 2, 4)), latent_channels=rng.choice((4, 8, 16)),
+        **_random_t5(rng), **_random_vae(rng),
+    )
+
+
+FAMILIES["sd3"] = TinyModel(_saved(_build_sd3), _ARCH_SD3, _random_sd3)
+
+
+# -- flux
+
+_ARCH_FLUX = dict(
+    num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 4, 8),
+    guidance_embeds=True, clip_hidden=16, text_layers=1, text_heads=2, t5_d_model=32, t5_layers=1, t5_heads=2,
+    latent_channels=4, vae_block_out_channels=(8, 8), vae_norm_num_groups=4, vae_layers_per_block=1,
+)
 
 
 def _build_flux(arch: dict):
@@ -311,6 +403,31 @@ def _build_flux(arch: dict):
                         text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, transformer=transformer)
 
 
+def _random_flux(rng: random.Random) -> dict:
+    head_dim = rng.choice((8, 12, 16, 24))
+    first = 2 * rng.randint(1, head_dim // 2 - 2)  # rotary dims per axis (index, row, column): even, sum head_dim
+    second = 2 * rng.randint(1, (head_dim - first) // 2 - 1)
+    return dict(
+        num_layers=rng.randint(1, 2), num_single_layers=rng.randint(0, 2), num_attention_heads=rng.choice((1, 2, 4)),
+        attention_head_dim=head_dim, axes_dims_rope=(first, second, head_dim - first - second),
+        guidance_embeds=rng.random() < 0.5, clip_hidden=rng.choice((8, 16, 32)), text_layers=rng.randint(1, 2),
+        text_heads=rng.choice((1, 2, 4)), latent_channels=rng.choice((1, 4, 8, 16)), **_random_t5(rng),
+        **_random_vae(rng, max_blocks=3),
+    )
+
+
+FAMILIES["flux"] = TinyModel(_saved(_build_flux), _ARCH_FLUX, _random_flux)
+
+
+# -- pixart-sigma
+
+_ARCH_PIXART_SIGMA = dict(
+    sample_size=32, patch_size=2, num_layers=1, num_attention_heads=2, attention_head_dim=8, learned_sigma=True,
+    t5_d_model=32, t5_layers=1, t5_heads=2, latent_channels=4, vae_block_out_channels=(8, 8, 16, 16),
+    vae_norm_num_groups=4, vae_layers_per_block=1,
+)
+
+
 def _build_pixart_sigma(arch: dict):
     from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
 
@@ -328,6 +445,29 @@ def _build_pixart_sigma(arch: dict):
     )
     return PixArtSigmaPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_vae(arch, latent),
                                transformer=transformer, scheduler=DPMSolverMultistepScheduler())
+
+
+def _random_pixart_sigma(rng: random.Random) -> dict:
+    return dict(
+        sample_size=rng.choice((32, 64)), patch_size=rng.choice((1, 2)), num_layers=rng.randint(1, 2),
+        num_attention_heads=rng.choice((1, 2, 4)), attention_head_dim=rng.choice((4, 8, 16)),
+        learned_sigma=rng.random() < 0.5, latent_channels=rng.choice((4, 8)), **_random_t5(rng), **_random_vae(rng),
+    )
+
+
+FAMILIES["pixart-sigma"] = TinyModel(_saved(_build_pixart_sigma), _ARCH_PIXART_SIGMA, _random_pixart_sigma,
+                                      # its resolution binning would generate at >= 256 pixels
+                                      call_args={"use_resolution_binning": False, "clean_caption": False})
+
+
+# -- sana
+
+_ARCH_SANA = dict(
+    sample_size=16, patch_size=1, num_layers=1, num_attention_heads=2, attention_head_dim=8,
+    num_cross_attention_heads=2, cross_attention_head_dim=8, mlp_ratio=2.5, gemma_hidden=16, gemma_layers=1,
+    gemma_heads=2, gemma_kv_heads=1, gemma_head_dim=8, latent_channels=4, vae_block_out_channels=(8, 8, 16),
+    vae_block_types=("ResBlock", "ResBlock", "EfficientViTBlock"), vae_attention_head_dim=4,
+)
 
 
 def _build_sana(arch: dict):
@@ -365,111 +505,6 @@ def _build_sana(arch: dict):
                         scheduler=scheduler)
 
 
-BUILDERS = {"sd": _build_sd, "sdxl": _build_sdxl, "sd3": _build_sd3, "flux": _build_flux,
-            "pixart-sigma": _build_pixart_sigma, "sana": _build_sana}
-
-
-def build_tiny(family: str, folder: str | Path, *, seed: int = 0, arch: dict | None = None) -> Path:
-    """Build `family`'s tiny pipeline with random weights from `seed` and save it in `folder`; returns the folder.
-
-    `arch` overrides keys of DEFAULT_ARCH[family] (see random_arch); None keeps the default."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
-    unknown = set(arch or ()) - set(DEFAULT_ARCH[family])
-    if unknown:
-        raise ValueError(f"{family} has no architecture keys {sorted(unknown)}; "
-                         f"known: {sorted(DEFAULT_ARCH[family])}")
-    arch = {**DEFAULT_ARCH[family], **(arch or {})}
-    folder = Path(folder)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        if family == "genkit-mini":
-            from genkit.train.base import ModelConfig, build_unet, export
-
-            return export(build_unet(ModelConfig(**arch)), folder)
-        pipe = BUILDERS[family](arch)
-    pipe.save_pretrained(folder, safe_serialization=True)
-    return folder
-
-
-# ---------------------------------------------------------------------------------------------
-# Random architectures: every choice below is valid for its family at TINY_SIZE (32x32 pixels)
-
-WIDTHS = (4, 8, 12, 16, 24, 32)  # multiples of every group count and head count drawn below
-
-
-def _pick(rng: random.Random, choices, n: int) -> tuple:
-    return tuple(rng.choice(choices) for _ in range(n))
-
-
-def _random_vae(rng: random.Random, max_blocks: int = 4) -> dict:
-    """AutoencoderKL: 1..max_blocks levels (factor 1..2 ** (max_blocks - 1))."""
-    return dict(vae_block_out_channels=_pick(rng, (4, 8, 16), rng.randint(1, max_blocks)),
-                vae_norm_num_groups=rng.choice((1, 2, 4)), vae_layers_per_block=rng.randint(1, 2))
-
-
-def _random_unet(rng: random.Random) -> dict:
-    levels = rng.randint(1, 3)
-    arch = dict(
-        block_out_channels=_pick(rng, WIDTHS, levels), layers_per_block=rng.randint(1, 2),
-        cross_attention=tuple(rng.random() < 0.6 for _ in range(levels)),
-        attention_head_dim=_pick(rng, (1, 2, 4), levels), norm_num_groups=rng.choice((1, 2, 4)),
-        use_linear_projection=rng.random() < 0.5, text_layers=rng.randint(1, 2), text_heads=rng.choice((1, 2, 4)),
-        **_random_vae(rng),
-    )
-    arch["sample_size"] = TINY_SIZE["sd"][0] // _vae_factor(arch)
-    return arch
-
-
-def _random_sd(rng: random.Random) -> dict:
-    return dict(_random_unet(rng), cross_attention_dim=rng.choice((8, 16, 24, 32)))
-
-
-def _random_sdxl(rng: random.Random) -> dict:
-    arch = _random_unet(rng)
-    levels = len(arch["block_out_channels"])
-    return dict(arch, transformer_layers_per_block=_pick(rng, (1, 2), levels),
-                text_hidden=_pick(rng, (8, 16, 24, 32), 2), projection_dim=rng.choice((8, 16, 32)),
-                addition_time_embed_dim=rng.choice((4, 8, 16)))
-
-
-def _random_t5(rng: random.Random) -> dict:
-    return dict(t5_d_model=rng.choice((16, 32, 48)), t5_layers=rng.randint(1, 2), t5_heads=rng.choice((1, 2, 4)))
-
-
-def _random_sd3(rng: random.Random) -> dict:
-    layers = rng.randint(1, 2)
-    return dict(
-        patch_size=rng.choice((1, 2)), num_layers=layers, num_attention_heads=rng.choice((1, 2, 4)),
-        attention_head_dim=rng.choice((4, 8, 16)), qk_norm=rng.choice((None, "rms_norm")),
-        dual_attention_layers=tuple(range(rng.randint(0, layers))),  # SD3.5's extra self-attention
-        clip_hidden=_pick(rng, (8, 16, 24, 32), 2), projection_dim=_pick(rng, (8, 16, 32), 2),
-        text_layers=rng.randint(1, 2), text_heads=rng.choice((1, 2, 4)), latent_channels=rng.choice((4, 8, 16)),
-        **_random_t5(rng), **_random_vae(rng),
-    )
-
-
-def _random_flux(rng: random.Random) -> dict:
-    head_dim = rng.choice((8, 12, 16, 24))
-    first = 2 * rng.randint(1, head_dim // 2 - 2)  # rotary dims per axis (index, row, column): even, sum head_dim
-    second = 2 * rng.randint(1, (head_dim - first) // 2 - 1)
-    return dict(
-        num_layers=rng.randint(1, 2), num_single_layers=rng.randint(0, 2), num_attention_heads=rng.choice((1, 2, 4)),
-        attention_head_dim=head_dim, axes_dims_rope=(first, second, head_dim - first - second),
-        guidance_embeds=rng.random() < 0.5, clip_hidden=rng.choice((8, 16, 32)), text_layers=rng.randint(1, 2),
-        text_heads=rng.choice((1, 2, 4)), latent_channels=rng.choice((1, 4, 8, 16)), **_random_t5(rng),
-        **_random_vae(rng, max_blocks=3),
-    )
-
-
-def _random_pixart_sigma(rng: random.Random) -> dict:
-    return dict(
-        sample_size=rng.choice((32, 64)), patch_size=rng.choice((1, 2)), num_layers=rng.randint(1, 2),
-        num_attention_heads=rng.choice((1, 2, 4)), attention_head_dim=rng.choice((4, 8, 16)),
-        learned_sigma=rng.random() < 0.5, latent_channels=rng.choice((4, 8)), **_random_t5(rng), **_random_vae(rng),
-    )
-
-
 def _random_sana(rng: random.Random) -> dict:
     channels = [rng.choice((4, 8))]
     for _ in range(rng.randint(0, 3)):  # the DC-AE's shortcuts need each level 1x or 2x the one before
@@ -488,21 +523,57 @@ def _random_sana(rng: random.Random) -> dict:
     )
 
 
+FAMILIES["sana"] = TinyModel(_saved(_build_sana), _ARCH_SANA, _random_sana, call_args={"use_resolution_binning": False})
+
+
+# -- genkit-mini
+
+_ARCH_GENKIT_MINI = dict(sample_size=16, channels=(8, 16), cross_attention_levels=1, head_dim=8)
+
+
 def _random_genkit_mini(rng: random.Random) -> dict:
     levels = rng.randint(1, 3)
-    return dict(sample_size=TINY_SIZE["genkit-mini"][0], channels=_pick(rng, (8, 16, 24, 32), levels),
+    return dict(sample_size=SIZE[0], channels=_pick(rng, (8, 16, 24, 32), levels),
                 cross_attention_levels=rng.randint(1, levels), head_dim=rng.choice((4, 8)))
 
 
-RANDOM_ARCH = {"sd": _random_sd, "sdxl": _random_sdxl, "sd3": _random_sd3, "flux": _random_flux,
-               "pixart-sigma": _random_pixart_sigma, "sana": _random_sana, "genkit-mini": _random_genkit_mini}
+def _genkit_mini(arch: dict, folder: Path) -> Path:
+    from genkit.train.base import ModelConfig, build_unet, export
+
+    return export(build_unet(ModelConfig(**arch)), folder)
+
+
+FAMILIES["genkit-mini"] = TinyModel(_genkit_mini, _ARCH_GENKIT_MINI, _random_genkit_mini)
+
+
+TINY_SIZE = {name: model.size for name, model in FAMILIES.items()}
+CALL_ARGS = {name: model.call_args for name, model in FAMILIES.items() if model.call_args}
+DEFAULT_ARCH = {name: model.default_arch for name, model in FAMILIES.items()}
+
+
+def _tiny(family: str) -> TinyModel:
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
+    return FAMILIES[family]
+
+
+def build_tiny(family: str, folder: str | Path, *, seed: int = 0, arch: dict | None = None) -> Path:
+    """Build `family`'s tiny pipeline with random weights from `seed` and save it in `folder`; returns the folder.
+
+    `arch` overrides keys of DEFAULT_ARCH[family] (see random_arch); None keeps the default."""
+    model = _tiny(family)
+    unknown = set(arch or ()) - set(model.default_arch)
+    if unknown:
+        raise ValueError(f"{family} has no architecture keys {sorted(unknown)}; known: {sorted(model.default_arch)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return model.make({**model.default_arch, **(arch or {})}, Path(folder))
 
 
 def random_arch(family: str, rng: random.Random) -> dict:
     """A random valid architecture for `family` (a full dict of DEFAULT_ARCH[family]'s keys), drawn from `rng`."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; one of {', '.join(FAMILIES)}")
-    return {**DEFAULT_ARCH[family], **RANDOM_ARCH[family](rng)}
+    model = _tiny(family)
+    return {**model.default_arch, **model.random_arch(rng)}
 
 
 def build_tiny_sd(folder: str | Path) -> Path:

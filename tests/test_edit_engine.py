@@ -15,15 +15,16 @@ from click.testing import CliRunner
 from PIL import Image
 
 import genkit
+from genkit import families
 from genkit.cli import main
 from genkit.errors import GenkitError
 from genkit.generate import GenerationConfig
 from genkit.outputs import parse_infotext, read_record
 from genkit.prompts import PromptSpec
-from genkit.testing import TINY_SIZE, build_tiny
+from genkit.testing import FAMILIES, TINY_SIZE, build_tiny
 
-EDIT_FAMILIES = ("sd", "sdxl", "sd3", "flux", "genkit-mini")
-NO_EDIT_FAMILIES = ("pixart-sigma", "sana")
+EDIT_FAMILIES = tuple(name for name in FAMILIES if families.get(name).edit_tasks)
+NO_EDIT_FAMILIES = tuple(name for name in FAMILIES if not families.get(name).edit_tasks)
 PROMPTS = ["a red circle on the left", "a blue square", "a green triangle at the top"]
 
 

@@ -21,11 +21,12 @@ import pytest
 from PIL import Image
 
 import genkit
+from genkit import families
 from genkit.prompts import PromptSpec
-from genkit.testing import TINY_SIZE, build_tiny, random_arch
+from genkit.testing import FAMILIES, TINY_SIZE, build_tiny, random_arch
 
-UNET_FAMILIES = ("sd", "sdxl", "genkit-mini")
-TRANSFORMER_FAMILIES = ("sd3", "flux", "pixart-sigma", "sana")
+UNET_FAMILIES = tuple(name for name in FAMILIES if families.get(name).denoiser_name == "unet")
+TRANSFORMER_FAMILIES = tuple(name for name in FAMILIES if families.get(name).denoiser_name == "transformer")
 CASES = [(f, s) for f in UNET_FAMILIES for s in range(20)] + [(f, s) for f in TRANSFORMER_FAMILIES for s in range(5)]
 WORDS = ["a red circle", "a blue square on the left", "a green triangle above a yellow circle", "a purple star",
          "a photo of a cat"]

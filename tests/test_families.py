@@ -15,13 +15,14 @@ import torch
 from click.testing import CliRunner
 
 import genkit
-from genkit import lora
+from genkit import families, lora, testing
 from genkit.cli import main
 from genkit.errors import GenkitError
 from genkit.testing import build_tiny
 
-FAMILIES = ["sd", "sdxl", "sd3", "flux", "pixart-sigma", "sana"]
-TRANSFORMERS = {"sd3", "flux", "pixart-sigma", "sana"}
+# every family of genkit.testing in diffusers' folder format (genkit-mini's own runs tests/test_contracts.py too)
+FAMILIES = [name for name in testing.FAMILIES if families.get(name).file_format == "diffusers"]
+TRANSFORMERS = {name for name in FAMILIES if families.get(name).denoiser_name == "transformer"}
 PROMPTS = ["a red circle", "a blue square on the left"]
 
 

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 
 import genkit
+from genkit import families
 from genkit.families import clip_chunks
 from genkit.prompts import PromptSpec, PromptWarning
-from genkit.testing import WORDS, build_tiny, clip_tokenizer
+from genkit.testing import FAMILIES, WORDS, build_tiny, clip_tokenizer
 
 
 def words(rng: random.Random, n: int, commas: float = 0.0) -> str:
@@ -60,7 +61,7 @@ def test_a1111_example():
     assert rows[3].tolist() == [tokenizer.bos_token_id, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * 75
 
 
-@pytest.fixture(scope="module", params=["sd", "sdxl"])
+@pytest.fixture(scope="module", params=[f for f in FAMILIES if "chunk" in families.get(f).long_prompts])
 def pipeline(request, tmp_path_factory):
     folder = build_tiny(request.param, tmp_path_factory.mktemp("long") / request.param)
     return genkit.load(str(folder), device="cpu")

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import genkit
-from genkit import testing
+from genkit import families, testing
 
-DIFFUSERS_FAMILIES = [f for f in testing.FAMILIES if f != "genkit-mini"]
+DIFFUSERS_FAMILIES = [f for f in testing.FAMILIES if families.get(f).file_format == "diffusers"]
 RANDOM_SEEDS = range(3)
 
 
