@@ -25,7 +25,6 @@ from PIL import Image, ImageOps
 from genkit.data import decode
 from genkit.errors import GenkitError
 
-ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 FILLS = ("edge", "mean")  # outpaint's fills; an (r, g, b) tuple is also accepted
 OUTPAINT_FILL = "mean"  # measured by benchmarks/edit_mini.py (docs/edit-mini.md)
 
@@ -44,17 +43,11 @@ def _open_path(source) -> Image.Image:
         raise GenkitError(f"image file {path} does not exist (check the path)")
     if path.is_dir():
         raise GenkitError(f"{path} is a folder; pass an image file (PNG, JPEG, WebP, ...)")
-    found = decode.inspect_image(path)  # training's checks: unreadable, bomb, unsupported mode
-    if isinstance(found, decode.Skipped):
-        fix = {decode.SkipKind.UNREADABLE: "; pass a PNG, JPEG, WebP, BMP, GIF or TIFF file"}.get(found.kind, "")
-        raise GenkitError(f"cannot read image {path}: {found.kind.value} ({found.detail}){fix}")
     try:
-        with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            image.load()
-            return image
-    except Exception as exc:  # checked above; a file changed in between
-        raise GenkitError(f"cannot read image {path}: {type(exc).__name__}: {exc}") from None
+        return decode.open_image(path)  # training's reader and checks: unreadable, bomb, unsupported mode
+    except decode.Unusable as exc:
+        fix = {decode.SkipKind.UNREADABLE: "; pass a PNG, JPEG, WebP, BMP, GIF or TIFF file"}.get(exc.kind, "")
+        raise GenkitError(f"cannot read image {path}: {exc.kind.value} ({exc.detail}){fix}") from None
 
 
 def _check_pil(image: Image.Image, what: str) -> Image.Image:
@@ -117,7 +110,7 @@ def read_mask(source, *, from_alpha: bool = False) -> Image.Image:
     Numpy arrays: HxW bool, uint8 or float in [0, 1] (HxWx3 and HxWx4 as for images).
     """
     image = _pil(source, "mask_image")
-    has_alpha = image.mode in ALPHA_MODES or "transparency" in image.info
+    has_alpha = decode.has_alpha(image)
     if from_alpha:
         if not has_alpha:
             raise GenkitError(f"mask_image has no transparency (mode {image.mode}) to read with from_alpha; "

@@ -1,15 +1,20 @@
 """Opening images the one way genkit does: training data, edit inputs and the server's uploads.
 
-`inspect_image` opens and decodes a file once, cheaply, and says why it cannot be used (unreadable,
-over Pillow's decompression-bomb limit, an unsupported pixel mode); `to_rgb` makes 8-bit RGB of any
-supported mode (16-bit greyscale scaled, not clipped; transparency composited on white);
-`open_rgb` reads a file upright (EXIF orientation) in RGB; `load_image` is the square training crop
-and `to_tensor` the [-1, 1] tensor the models take.
+`open_image` is the one reader: a file or an upload's bytes, refused before any pixel is decoded when it
+is over Pillow's decompression-bomb limit (or a caller's side limit), then decoded whole, upright (EXIF
+orientation), in its own pixel mode, refused if genkit cannot convert that mode (`Unusable`, a GenkitError
+that says why). `inspect_image` is its cheap form for training's pre-flight scan (JPEGs decoded at
+reduced scale); `to_rgb` makes 8-bit RGB of any supported mode (16-bit greyscale scaled, not clipped;
+transparency composited on white); `open_rgb` is a file as training sees it, `load_image` the square
+training crop and `to_tensor` the [-1, 1] tensor the models take. `ALPHA_MODES` / `has_alpha` say
+whether an image has transparency, for every reader and mask rule.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import os
 import random
 import warnings
 from dataclasses import dataclass
@@ -19,8 +24,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from genkit.errors import GenkitError
+
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "CMYK", "YCbCr") + SIXTEEN_BIT_MODES
+ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")  # with an alpha band; see has_alpha for a transparent colour
 EXIF_ORIENTATION = 0x0112
 
 
@@ -58,30 +66,80 @@ def too_large(size: tuple[int, int]) -> str | None:
     )
 
 
+class Unusable(GenkitError):
+    """An image genkit cannot use: `kind` (a SkipKind) and `detail`, what went wrong and the fix where there is one.
+    `over_side`: the image's size, when it is refused for a side over the caller's `max_side`."""
+
+    def __init__(self, kind: SkipKind, detail: str, over_side: tuple[int, int] | None = None):
+        super().__init__(f"{kind.value} ({detail})")
+        self.kind, self.detail, self.over_side = kind, detail, over_side
+
+
+def has_alpha(image: Image.Image) -> bool:
+    """Whether the image has transparency: an alpha band, or a palette or greyscale image's transparent colour."""
+    return image.mode in ALPHA_MODES or "transparency" in image.info
+
+
+def open_image(source, *, formats=None, max_side: int | None = None, draft_size: int | None = None) -> Image.Image:
+    """The one way genkit decodes an image: `source` is a file path or a binary file object (an upload's bytes in a
+    BytesIO); `formats` limits the formats Pillow may try. Returns the whole image, decoded, upright by its EXIF
+    orientation, in its own pixel mode (`to_rgb` makes RGB of it); raises `Unusable`: over Pillow's
+    decompression-bomb limit or with a side over `max_side` (both told from the header, before any pixel is
+    decoded), unreadable, or in a pixel mode genkit cannot convert. `draft_size` lets JPEGs decode at a reduced
+    scale that keeps both sides at least that long."""
+    with _decoded(source, formats, max_side, draft_size) as (image, _, _):
+        return ImageOps.exif_transpose(image)
+
+
 def inspect_image(path: Path) -> ImageInfo | Skipped:
-    """Open and decode the image once, cheaply; the reason it cannot be used, if any."""
+    """Open and decode the image once, cheaply (as `open_image`, JPEGs at up to 1/8 scale); the reason it cannot be
+    used, if any."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # too_large reports it
-            image = Image.open(path)
-        with image:
-            if reason := too_large(image.size):
-                return Skipped(path, SkipKind.TOO_LARGE, reason)
-            width, height = image.size
-            image.draft(None, (64, 64))  # JPEG: decode at up to 1/8 scale
-            image.load()
-            if image.mode not in SUPPORTED_MODES:
-                return Skipped(path, SkipKind.UNSUPPORTED, f"pixel mode {image.mode}; convert it to 8- or 16-bit PNG")
-            if image.getexif().get(EXIF_ORIENTATION) in (5, 6, 7, 8):  # rotated a quarter turn
+        with _decoded(path, draft_size=64) as (image, (width, height), orientation):
+            if orientation in (5, 6, 7, 8):  # rotated a quarter turn
                 width, height = height, width
             return ImageInfo(width, height, image.mode)
-    except UnidentifiedImageError:
-        empty = path.stat().st_size == 0
-        return Skipped(path, SkipKind.UNREADABLE, "empty file" if empty else "not an image Pillow recognises")
-    except Image.DecompressionBombError as exc:
-        return Skipped(path, SkipKind.TOO_LARGE, f"{exc}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+    except Unusable as exc:
+        return Skipped(path, exc.kind, exc.detail)
+
+
+@contextlib.contextmanager
+def _decoded(source, formats=None, max_side: int | None = None, draft_size: int | None = None):
+    """(the decoded image, its size as stored, its EXIF orientation), the file open until the block ends; Unusable
+    when it cannot be used."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # too_large says it, with the fix
+            image = Image.open(source, formats=formats)
     except Exception as exc:  # Pillow raises many types for damaged files: OSError, SyntaxError, ValueError...
-        return Skipped(path, SkipKind.UNREADABLE, f"{type(exc).__name__}: {exc}")
+        raise _unreadable(source, exc) from None
+    with image:
+        size = image.size
+        if reason := too_large(size):
+            raise Unusable(SkipKind.TOO_LARGE, reason)
+        if max_side is not None and max(size) > max_side:
+            raise Unusable(SkipKind.TOO_LARGE, f"{size[0]}x{size[1]} pixels; at most {max_side} a side",
+                           over_side=size)
+        try:
+            if draft_size:
+                image.draft(None, (draft_size, draft_size))
+            image.load()
+            orientation = image.getexif().get(EXIF_ORIENTATION)
+        except Exception as exc:
+            raise _unreadable(source, exc) from None
+        if image.mode not in SUPPORTED_MODES:
+            raise Unusable(SkipKind.UNSUPPORTED, f"pixel mode {image.mode}; convert it to 8- or 16-bit PNG")
+        yield image, size, orientation
+
+
+def _unreadable(source, exc: Exception) -> Unusable:
+    if isinstance(exc, Image.DecompressionBombError):
+        return Unusable(SkipKind.TOO_LARGE, f"{exc}; raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+    if isinstance(exc, UnidentifiedImageError):
+        empty = os.stat(source).st_size == 0 if isinstance(source, (str, os.PathLike)) else \
+            source.getbuffer().nbytes == 0 if hasattr(source, "getbuffer") else False
+        return Unusable(SkipKind.UNREADABLE, "empty file" if empty else "not an image Pillow recognises")
+    return Unusable(SkipKind.UNREADABLE, f"{type(exc).__name__}: {exc}")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -90,21 +148,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
         # Mode "I" is what some Pillow paths give 16-bit files; its values are taken as 0..65535.
         values = np.clip(np.asarray(image).astype(np.int64), 0, 65535)
         return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8)).convert("RGB")
-    if image.mode in ("RGBA", "LA", "PA", "RGBa") or "transparency" in image.info:
+    if has_alpha(image):
         white = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
     return image if image.mode == "RGB" else image.convert("RGB")  # 1, L, P, CMYK, YCbCr
 
 
 def open_rgb(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
-    """The whole image as training sees it before resizing: upright (EXIF), 8-bit RGB.
+    """The whole image as training sees it before resizing: `open_image`'s, in 8-bit RGB.
 
     draft_size lets JPEGs decode at a reduced scale that keeps both sides at least that long.
     """
-    with Image.open(path) as image:
-        if draft_size:
-            image.draft(None, (draft_size, draft_size))
-        return to_rgb(ImageOps.exif_transpose(image))
+    return to_rgb(open_image(path, draft_size=draft_size))
 
 
 def load_image(

@@ -82,7 +82,7 @@ async def variation(request: Request, name: str):
 
 
 def _kept(state, record: dict, key: str):
-    from PIL import Image
+    from genkit.data import decode
 
     if record.get(key) is None:
         return None
@@ -90,9 +90,7 @@ def _kept(state, record: dict, key: str):
     if path is None:
         raise ApiError(422, f"this image was edited from an input {key} the server did not keep (it keeps them only "
                             "with --out)", param=key)
-    with Image.open(path) as image:
-        image.load()
-        return image.copy()
+    return decode.open_image(path)  # a PNG this server wrote: the pixels it was given
 
 
 def _find(request: Request, name: str):

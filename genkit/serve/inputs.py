@@ -36,33 +36,26 @@ def decode_base64(text: str, field: str, max_side: int):
 
 
 def decode_bytes(raw: bytes, field: str, max_side: int, *, status: int = 400):
-    import warnings
-
-    from PIL import Image, ImageOps
+    """genkit's one image reader (`genkit.data.decode.open_image`: upright by EXIF, bomb and size told from the
+    header) on an upload's bytes, its refusals in the request's words."""
+    from genkit.data import decode
 
     if not raw:
         raise ApiError(status, f"{field}: the image is empty", param=field)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(BytesIO(raw), formats=FORMATS)
-            if max(image.size) > max_side:
-                raise ApiError(status, f"{field}: the image is {image.width}x{image.height}; this server reads input "
-                                       f"images at most {max_side} pixels wide and high", param=field, code="limit")
-            image.load()
-            image = ImageOps.exif_transpose(image)  # as genkit reads files: upright by EXIF
-    except ApiError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+        image = decode.open_image(BytesIO(raw), formats=FORMATS, max_side=max_side)
+    except decode.Unusable as exc:
+        if exc.over_side:
+            width, height = exc.over_side
+            raise ApiError(status, f"{field}: the image is {width}x{height}; this server reads input images at most "
+                                   f"{max_side} pixels wide and high", param=field, code="limit") from None
+        if exc.kind is decode.SkipKind.UNSUPPORTED:
+            raise ApiError(status, f"{field}: the image has {exc.detail}", param=field) from None
         raise ApiError(status, f"{field}: not an image genkit can read (send a PNG, JPEG or WebP file)",
                        param=field) from None
     if image.width < 1 or image.height < 1:
         raise ApiError(status, f"{field}: the image is empty ({image.width}x{image.height})", param=field)
     return image
-
-
-def has_alpha(image) -> bool:
-    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info
 
 
 def a1111_mask(image, *, invert: bool):
@@ -81,6 +74,7 @@ def a1111_mask(image, *, invert: bool):
 def openai_mask(image, field: str, *, status: int = 400):
     """A binary mode-'L' mask (255 repaints) from an image's transparency (OpenAI's mask convention)."""
     from genkit import images
+    from genkit.data.decode import has_alpha
 
     if not has_alpha(image):
         raise ApiError(status, f"{field}: the mask has no transparency (mode {image.mode}); send a PNG whose "
@@ -90,6 +84,8 @@ def openai_mask(image, field: str, *, status: int = 400):
 
 def is_transparent_somewhere(image) -> bool:
     """Whether an image has pixels with alpha < 128 (OpenAI: without a mask, those are the region to edit)."""
+    from genkit.data.decode import has_alpha
+
     if not has_alpha(image):
         return False
     return image.convert("RGBA").getchannel("A").getextrema()[0] < 128
