@@ -1,12 +1,15 @@
 """Recipes as TOML: read with tomllib into dataclasses, with `--set section.key=value` overrides.
 
-Unknown sections or keys are errors, so a typo in a recipe never trains silently with a default.
+Unknown sections or keys are errors, so a typo in a recipe never trains silently with a default. Every number of a
+recipe is declared with its range (`number`), and checked against it (finite, inside) before anything is written.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 
 from genkit.errors import GenkitError
@@ -40,6 +43,56 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     return raw
 
 
+@dataclass(frozen=True)
+class Range:
+    """Where a recipe number may lie: from `low` to `high` (None: unbounded), each end included unless open."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    whole: bool = False  # an int
+
+    def holds(self, value) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return False
+        if self.whole and not isinstance(value, int):
+            return False
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        kind, show = ("a whole number", str) if self.whole else ("a number", lambda v: f"{v:g}")
+        if self.low is not None and self.high is not None:
+            return (f"{kind + ' ' if self.whole else ''}in {'(' if self.low_open else '['}{show(self.low)}, "
+                    f"{show(self.high)}{')' if self.high_open else ']'}")
+        if self.low is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {show(self.low)}"
+        return f"{kind} {'<' if self.high_open else '<='} {show(self.high)}"
+
+
+def number(default, low=None, high=None, *, low_open: bool = False, high_open: bool = False):
+    """A recipe field holding a number: its default and its range (a whole number when the default is an int)."""
+    spec = Range(low, high, low_open, high_open, whole=isinstance(default, int))
+    return dataclasses.field(default=default, metadata={"range": spec})
+
+
+def check_number(key: str, value, spec: Range) -> None:
+    if not spec.holds(value):
+        raise GenkitError(f"{key} must be {spec}, got {value!r}")
+
+
+def check_ranges(config, where: str = "") -> None:
+    """Every ranged number of dataclass `config` (and of the dataclasses it holds) inside its range."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if dataclasses.is_dataclass(value):
+            check_ranges(value, f"{where}{field.name}.")
+        elif "range" in field.metadata:
+            check_number(f"{where}{field.name}", value, field.metadata["range"])
+
+
 def build(cls, raw: dict, where: str = ""):
     """Build dataclass `cls` from a dict, recursing into dataclass-typed fields; unknown keys raise."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -54,6 +107,9 @@ def build(cls, raw: dict, where: str = ""):
             value = build(sub, value, f"{where}{name}.")
         elif isinstance(value, list):
             value = tuple(value)
+        spec = fields[name].metadata.get("range")
+        if spec is not None and isinstance(value, (int, float)) and not isinstance(value, bool):
+            check_number(f"{where}{name}", value, spec)  # nan, inf, 2.5 steps: named with the range
         _check_type(f"{where}{name}", fields[name].default, value)
         kwargs[name] = value
     try:

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genkit.config import load as load_config, to_dict
+from genkit.config import check_ranges, load as load_config, number, to_dict
 from genkit.data import shapes
 from genkit.errors import GenkitError
 from genkit.families.genkit_mini import load_text_encoder
 from genkit.outputs import atomic_folder, save_png, save_text
+from genkit.prompts import DEFAULT_MAX_SIDE, MAX_SEED
 from genkit.train import checkpoint, shared
 from genkit.train.recipe import Precision, ValidationConfig as LoraValidationConfig
 
@@ -44,46 +45,40 @@ SAMPLE_PROMPTS = (
 
 @dataclass
 class ModelConfig:
-    sample_size: int = 32  # training resolution in pixels
+    sample_size: int = number(32, 8, DEFAULT_MAX_SIDE)  # training resolution in pixels
     channels: tuple = (32, 64, 128)  # UNet block widths; each block after the first halves the resolution
-    cross_attention_levels: int = 1  # how many of the coarsest levels get cross-attention
-    head_dim: int = 16  # channels per attention head
+    cross_attention_levels: int = number(1, 0)  # how many of the coarsest levels get cross-attention
+    head_dim: int = number(16, 1)  # channels per attention head
 
 
 @dataclass
 class DataConfig:
-    two_object_fraction: float = 0.5  # share of two-object scenes in each batch
-    color_jitter: int = 12  # +- per RGB channel on the drawn colours
-    caption_dropout: float = 0.1  # share of captions replaced by "" (for classifier-free guidance)
-
-    def __post_init__(self):
-        if not 0 <= self.two_object_fraction <= 1 or not 0 <= self.caption_dropout < 1:
-            raise ValueError("data.two_object_fraction must be in [0, 1] and data.caption_dropout in [0, 1)")
+    two_object_fraction: float = number(0.5, 0, 1)  # share of two-object scenes in each batch
+    color_jitter: int = number(12, 0, 255)  # +- per RGB channel on the drawn colours
+    caption_dropout: float = number(0.1, 0, 1, high_open=True)  # share of captions replaced by "" (for CFG)
 
 
 @dataclass
 class TrainConfig:
     """The same words as the LoRA recipe's [train] (genkit.train.recipe.TrainConfig) where they mean the same."""
 
-    steps: int = 6000  # total optimizer steps
-    batch_size: int = 32
-    learning_rate: float = 6e-4  # peak, after warm-up
-    min_learning_rate: float = 6e-5  # end of the cosine decay
-    warmup_steps: int = 200
-    weight_decay: float = 0.01
-    ema_decay: float = 0.998
-    seed: int = 0
+    steps: int = number(6000, 1)  # total optimizer steps
+    batch_size: int = number(32, 1)
+    learning_rate: float = number(6e-4, 0)  # peak, after warm-up (0 keeps the weights: a still run)
+    min_learning_rate: float = number(6e-5, 0)  # end of the cosine decay
+    warmup_steps: int = number(200, 0)
+    weight_decay: float = number(0.01, 0, 1)
+    ema_decay: float = number(0.998, 0, 1)  # 1 keeps the starting weights in the EMA
+    seed: int = number(0, 0, MAX_SEED)
     mixed_precision: str = "fp32"  # fp32 or bf16 (autocast; on CPUs with avx512_bf16)
-    threads: int = 0  # torch threads; 0 keeps torch's default
-    checkpoint_every: int = 250  # steps between checkpoints
-    keep_checkpoints: int = 2
+    threads: int = number(0, 0)  # torch threads; 0 keeps torch's default
+    checkpoint_every: int = number(250, 1)  # steps between checkpoints
+    keep_checkpoints: int = number(2, 1)
     # start from trained weights instead of random ones (a second stage): a checkpoint folder of another run
     # (its weights and EMA) or a genkit-mini folder (its weights for both); relative paths from the working folder
     init_from: str = ""
 
     def __post_init__(self):
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"train.steps and train.batch_size must be at least 1, got {self.steps}, {self.batch_size}")
         if self.mixed_precision not in (Precision.FP32.value, Precision.BF16.value):
             raise ValueError(f"train.mixed_precision must be fp32 or bf16, got {self.mixed_precision!r}")
 
@@ -92,7 +87,7 @@ class TrainConfig:
 class ValidationConfig(LoraValidationConfig):
     """Sample grids as the LoRA recipe's [validation] makes them; empty prompts: SAMPLE_PROMPTS."""
 
-    every: int = 500  # steps between sample grids in OUT/samples (and one at the end); 0: none
+    every: int = number(500, 0)  # steps between sample grids in OUT/samples (and one at the end); 0: none
 
 
 @dataclass
@@ -186,11 +181,11 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     of that step; the learning-rate schedule stays the recipe's, so `--resume` later continues
     exactly as an unbroken run would.
     """
-    from tqdm.auto import tqdm
-
     from genkit.pipeline import encode_text
+    from genkit.progress import progress_bar
 
     # 1. Set up: threads, frozen encoder, decoder and its EMA copy, optimizer
+    check_ranges(recipe)  # a caller's own recipe object: its numbers checked as a file's are
     cfg, out_dir = recipe.train, Path(out_dir)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -227,7 +222,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     save_text(out_dir / "recipe.json", json.dumps(to_dict(recipe), indent=1))
 
     # 3. The loop: batch from seeds, noise from the step's generator, v-prediction loss
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, disable=not progress, desc="train base")
+    bar = progress_bar(range(start, end), initial=start, total=cfg.steps, progress=progress, desc="train base")
     log = shared.LossLog(out_dir / "loss.jsonl", start)
     for step in bar:
         pixels, text = make_batch(step, recipe)

@@ -20,7 +20,8 @@ import enum
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from genkit.config import apply_overrides, build, read_toml, to_dict
+from genkit.config import apply_overrides, build, check_ranges, number, read_toml, to_dict
+from genkit.prompts import DEFAULT_MAX_SIDE, DEFAULT_MAX_STEPS, MAX_SEED
 
 PLACEMENT = {"device", "threads", "mixed_precision"}  # decided before the model (and so its family) is loaded
 SHIPPED = "lora"  # configs/lora.toml: the generic defaults and every family's table
@@ -59,24 +60,22 @@ def _choice(enum_type, value, key: str):
 
 @dataclass
 class AdapterConfig:
-    rank: int = 8  # LoRA rank r: the width of the low-rank update
-    alpha: float = 8.0  # the update is scaled by alpha / rank
-    dropout: float = 0.0  # dropout on the adapter's input
+    rank: int = number(8, 1)  # LoRA rank r: the width of the low-rank update
+    alpha: float = number(8.0, 0, low_open=True)  # the update is scaled by alpha / rank
+    dropout: float = number(0.0, 0, 1, high_open=True)  # dropout on the adapter's input
     target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # decoder layers that get adapters
     text_encoder: bool = False  # also train adapters on the text encoder (SD-family only; no caption cache then)
     text_encoder_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
 
     def __post_init__(self):
-        if self.rank < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
-            raise ValueError(f"lora.rank must be >= 1, lora.alpha > 0 and lora.dropout in [0, 1), got "
-                             f"{self.rank}, {self.alpha}, {self.dropout}")
         if not self.target_modules:
             raise ValueError("lora.target_modules must name at least one layer, e.g. [\"to_q\", \"to_v\"]")
 
 
 @dataclass
 class DataConfig:
-    resolution: int = 0  # square training size in pixels; 0 is the model's own (512 for SD 1.x, 32 for genkit-mini)
+    # square training size in pixels; 0 is the model's own (512 for SD 1.x, 32 for genkit-mini)
+    resolution: int = number(0, 0, DEFAULT_MAX_SIDE)
     instance_prompt: str = ""  # caption for images that have none (DreamBooth style); also --instance-prompt
     random_crop: bool = False  # random instead of centre crops (needs cache_latents = false)
     flip: bool = False  # mirror half the images, a fresh choice each epoch
@@ -84,8 +83,6 @@ class DataConfig:
     trigger_words: tuple = ()  # the words that name the new concept; empty: found in the captions (see priors)
 
     def __post_init__(self):
-        if self.resolution < 0:
-            raise ValueError(f"data.resolution must be 0 (the model's own) or a size in pixels, got {self.resolution}")
         if self.random_crop and self.cache_latents:
             raise ValueError("data.random_crop gives a new crop every step, so it cannot be cached: "
                              "also set data.cache_latents=false")
@@ -93,30 +90,23 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 1  # images per process per forward pass
-    gradient_accumulation_steps: int = 4  # forward passes per optimizer step
-    learning_rate: float = 1e-4  # peak, after warm-up
+    steps: int = number(1000, 1)  # optimizer steps
+    batch_size: int = number(1, 1)  # images per process per forward pass
+    gradient_accumulation_steps: int = number(4, 1)  # forward passes per optimizer step
+    learning_rate: float = number(1e-4, 0, low_open=True)  # peak, after warm-up
     lr_scheduler: str = "constant"  # constant or cosine (decay to 0 at the last step)
-    warmup_steps: int = 0  # linear warm-up from 0
-    weight_decay: float = 1e-2  # AdamW's decoupled weight decay
-    max_grad_norm: float = 1.0  # gradient clipping; 0 turns it off
-    seed: int = 0  # decides data order, flips, noise and the adapters' initial weights
+    warmup_steps: int = number(0, 0)  # linear warm-up from 0
+    weight_decay: float = number(1e-2, 0, 1)  # AdamW's decoupled weight decay
+    max_grad_norm: float = number(1.0, 0)  # gradient clipping; 0 turns it off
+    seed: int = number(0, 0, MAX_SEED)  # decides data order, flips, noise and the adapters' initial weights
     mixed_precision: str = "auto"  # auto (fp32 on CPU; bf16, else fp16, on GPU), fp32, fp16 or bf16
     gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, slower
     device: str = "auto"  # auto (what accelerate picks) or cpu
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    checkpoint_every: int = 250  # steps between checkpoints (the last step always gets one)
-    keep_checkpoints: int = 2  # newest complete checkpoints kept
+    threads: int = number(0, 0)  # torch CPU threads; 0 keeps torch's default
+    checkpoint_every: int = number(250, 1)  # steps between checkpoints (the last step always gets one)
+    keep_checkpoints: int = number(2, 1)  # newest complete checkpoints kept
 
     def __post_init__(self):
-        if min(self.steps, self.batch_size, self.gradient_accumulation_steps, self.checkpoint_every,
-               self.keep_checkpoints) < 1:
-            raise ValueError("train.steps, batch_size, gradient_accumulation_steps, checkpoint_every and "
-                             "keep_checkpoints must be at least 1")
-        if self.learning_rate <= 0 or self.warmup_steps < 0 or self.max_grad_norm < 0:
-            raise ValueError(f"train.learning_rate must be > 0 and warmup_steps, max_grad_norm >= 0, got "
-                             f"{self.learning_rate}, {self.warmup_steps}, {self.max_grad_norm}")
         _choice(Schedule, self.lr_scheduler, "train.lr_scheduler")
         _choice(Precision, self.mixed_precision, "train.mixed_precision")
         if self.device not in ("auto", "cpu"):
@@ -125,37 +115,26 @@ class TrainConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = 250  # steps between sample grids (and one at the end); 0 turns them off
+    every: int = number(250, 0)  # steps between sample grids (and one at the end); 0 turns them off
     prompts: tuple = ()  # empty: the instance prompt, else the first 4 distinct captions
-    seed: int = 0  # image i gets seed + i, so grids from different steps compare
-    num_inference_steps: int = 20  # denoising steps per sample
-
-    def __post_init__(self):
-        if self.every < 0 or self.num_inference_steps < 1:
-            raise ValueError("validation.every must be >= 0 and validation.num_inference_steps >= 1")
+    seed: int = number(0, 0, MAX_SEED)  # image i gets seed + i, so grids from different steps compare
+    num_inference_steps: int = number(20, 1, DEFAULT_MAX_STEPS)  # denoising steps per sample
 
 
 @dataclass
 class PriorConfig:
     source: str = "model"  # render (genkit-mini's own world), model (the base model's images) or none
-    images: int = 100  # prior images, made once into OUT/priors
-    fraction: float = 0.5  # share of every batch that is prior images
-    batch_size: int = 4  # images per generation batch while making model priors
+    images: int = number(100, 0)  # prior images, made once into OUT/priors
+    fraction: float = number(0.5, 0, 1, high_open=True)  # share of every batch that is prior images
+    batch_size: int = number(4, 1)  # images per generation batch while making model priors
     target: str = "images"  # what the prior images are trained toward: images (DreamBooth) or base (the base's prediction)
-    weight: float = 1.0  # a prior row's loss against a concept row's (DreamBooth's prior_loss_weight)
-    unconditional: float = 0.0  # share of the concept's rows shown with an empty caption and trained as prior rows
+    weight: float = number(1.0, 0, low_open=True)  # a prior row's loss against a concept row's (prior_loss_weight)
+    # share of the concept's rows shown with an empty caption and trained as prior rows
+    unconditional: float = number(0.0, 0, 1, high_open=True)
 
     def __post_init__(self):
         _choice(PriorSource, self.source, "prior.source")
         _choice(PriorTarget, self.target, "prior.target")
-        if self.images < 0 or self.batch_size < 1:
-            raise ValueError(f"prior.images must be >= 0 and prior.batch_size >= 1, got {self.images}, {self.batch_size}")
-        if not 0 <= self.fraction < 1:
-            raise ValueError(f"prior.fraction must be in [0, 1), got {self.fraction}")
-        if not 0 <= self.unconditional < 1:
-            raise ValueError(f"prior.unconditional must be in [0, 1), got {self.unconditional}")
-        if not self.weight > 0:
-            raise ValueError(f"prior.weight must be > 0, got {self.weight}")
 
     @property
     def active(self) -> bool:
@@ -210,6 +189,7 @@ def resolve(config: LoraRecipe | str | Path | None = None, overrides=(), instanc
     """The run's recipe: shipped defaults (with `family`'s table), then `config`'s file, then `overrides`."""
     if isinstance(config, LoraRecipe):
         recipe = build(LoraRecipe, apply_overrides(to_dict(config), overrides)) if overrides else config
+        check_ranges(recipe)  # a caller's own object: its numbers checked as a file's are
     else:
         raw = _layers(read_toml(shipped_path()), family)
         if config is not None and Path(config).resolve() != shipped_path().resolve():
