@@ -157,8 +157,8 @@ def check_multiple(name: str, value, multiple: int, where: str = "") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
         low = max(multiple, value // multiple * multiple) if isinstance(value, int) and not isinstance(value, bool) \
             else multiple
-        raise GenkitError(f"{name} must be a positive multiple of {multiple}{where}, got {value} "
-                          f"(try {low} or {low + multiple})")
+        raise GenkitError(f"must be a positive multiple of {multiple}{where}, got {value} "
+                          f"(try {low} or {low + multiple})", param=name)
     return value
 
 
@@ -168,8 +168,8 @@ def target_size(size: tuple[int, int], width: int | None, height: int | None, mu
     for name, asked, own in (("width", width, size[0]), ("height", height, size[1])):
         if asked is None:
             if own < multiple:
-                raise GenkitError(f"the input image's {name} {own} is under the model's size multiple {multiple}; "
-                                  f"pass {name}= (a multiple of {multiple}) or a larger image")
+                raise GenkitError(f"{name} {own} is under the model's size multiple {multiple}; "
+                                  f"pass {name}= (a multiple of {multiple}) or a larger image", param="image")
             out.append(own // multiple * multiple)
         else:
             out.append(check_multiple(name, asked, multiple))
@@ -198,7 +198,8 @@ def _fill_color(image: Image.Image, fill) -> tuple[int, ...]:
         return tuple(int(round(v)) for v in np.asarray(image, dtype=np.float64).reshape(-1, 3).mean(axis=0))
     if isinstance(fill, (tuple, list)) and len(fill) == 3 and all(isinstance(v, int) and 0 <= v <= 255 for v in fill):
         return tuple(fill)
-    raise GenkitError(f"outpaint fill must be 'edge', 'mean' or an (r, g, b) tuple of 0-255 integers, got {fill!r}")
+    raise GenkitError(f"fill must be 'edge', 'mean' or an (r, g, b) tuple of 0-255 integers, got {fill!r}",
+                      param="outpaint")
 
 
 def outpaint(image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0, fill=OUTPAINT_FILL
@@ -214,9 +215,9 @@ def outpaint(image, left: int = 0, right: int = 0, top: int = 0, bottom: int = 0
     pads = {"left": left, "right": right, "top": top, "bottom": bottom}
     for name, value in pads.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise GenkitError(f"outpaint {name} must be a whole number of pixels >= 0, got {value!r}")
+            raise GenkitError(f"{name} must be a whole number of pixels >= 0, got {value!r}", param="outpaint")
     if not any(pads.values()):
-        raise GenkitError("outpaint needs at least one of left, right, top, bottom > 0 (pixels to add)")
+        raise GenkitError("needs at least one of left, right, top, bottom > 0 (pixels to add)", param="outpaint")
     width, height = image.width + left + right, image.height + top + bottom
     if fill == "edge":
         pixels = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode="edge")
