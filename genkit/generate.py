@@ -24,9 +24,7 @@ from typing import Callable, Iterator
 from genkit import edit, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
-from genkit.prompts import PromptSpec, from_strings
-
-MAX_SEED = 2**63 - 1
+from genkit.prompts import MAX_SEED, PromptSpec, from_strings  # MAX_SEED: kept importable from here
 
 
 @dataclass
@@ -346,11 +344,11 @@ class Pipeline:
         `jobs` replaces planning (used to run one process's share of a larger plan, or to resume a run
         with the images still missing).
         """
-        from tqdm.auto import tqdm
+        from genkit.progress import progress_bar
 
         config = replace(config or GenerationConfig(), **settings)
         jobs = self.plan(prompts, config) if jobs is None else jobs
-        bar = tqdm(total=len(jobs), unit="img", desc="generate", disable=not progress, leave=False)
+        bar = progress_bar(total=len(jobs), unit="img", desc="generate", progress=progress, leave=False)
         encoded: dict = {}  # each distinct prompt's text encoding, once per run (genkit.invariance.rows_apart)
         # a long run starts with a batch of one, so its first image comes in about one image's time, not a whole
         # batch's (batch size never changes pixels in exact mode; see genkit.invariance)

@@ -276,8 +276,10 @@ def _read_seeds(out: Path) -> dict:
 
 def recorded_seed(out: str | Path, key: str) -> int | None:
     """The base seed an earlier run with this key drew in `out` (to finish it after a crash), or None."""
+    from genkit.prompts import MAX_SEED
+
     seed = _read_seeds(Path(out)).get(key)
-    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**63 else None
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED else None
 
 
 def record_seed(out: str | Path, key: str, seed: int) -> None:

@@ -78,12 +78,12 @@ class EvalResult:
 def evaluate(generate_fn: GenerateFn, items: Sequence[EvalItem], *, batch_size: int = 16,
              progress: bool = False) -> EvalResult:
     """Generate an image for every item, `batch_size` prompts per call, and judge each."""
-    from tqdm.auto import tqdm
+    from genkit.progress import progress_bar
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     results = []
-    for start in tqdm(range(0, len(items), batch_size), desc="eval", unit="batch", disable=not progress):
+    for start in progress_bar(range(0, len(items), batch_size), desc="eval", unit="batch", progress=progress):
         batch = list(items[start : start + batch_size])
         images = generate_fn([it.prompt for it in batch], [it.seed for it in batch])
         if len(images) != len(batch):

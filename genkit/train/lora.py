@@ -398,11 +398,11 @@ def train_lora(
     `section.key=value` strings; `instance_prompt` captions the images that have no caption.
     """
     from diffusers.training_utils import cast_training_params
-    from tqdm.auto import tqdm
 
     import genkit
     from genkit.data.imagefolder import fingerprint, scan_folder, warn_small_images
     from genkit.generate import versions
+    from genkit.progress import progress_bar
 
     # 1. Pre-flight, before the slow model load: recipe, images and captions, the output folder
     recipe = resolve(config, overrides, instance_prompt)  # every user value checked; the family's table comes later
@@ -482,9 +482,9 @@ def train_lora(
               f"{cfg.gradient_accumulation_steps} accumulated x {accelerator.num_processes} processes",
               file=sys.stderr)
     loss = None
-    with shared.LossLog(out / "loss.jsonl", start, enabled=main) as log, tqdm(
+    with shared.LossLog(out / "loss.jsonl", start, enabled=main) as log, progress_bar(
             range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train lora",
-            disable=None if progress and main else True) as bar:
+            progress=progress and main) as bar:
         for step in bar:
             loss = loop.step(step)
             done = step + 1
