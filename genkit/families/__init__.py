@@ -1,21 +1,28 @@
 """Model families: one small module each (base.py's `Family` is the protocol they answer).
 
-Adding a family is adding a module here with a `FAMILY` object and listing it in `_MODULES`, plus one
+Adding a family is adding a module here with a `FAMILY` object (found by `all_families`), plus one
 tiny-model entry in `genkit.testing.FAMILIES` (and, where its projection names differ, a table in
 configs/lora.toml); the engine, the loader, the trainers and the server never name a family.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
+import pkgutil
 
 from genkit.errors import GenkitError
 
-_MODULES = ("genkit_mini", "sd", "sdxl", "sd3", "flux", "pixart", "sana")
+
+@functools.lru_cache(maxsize=1)
+def _modules() -> tuple:
+    """Every module of this package that defines a `FAMILY` (base and helpers define none), by name."""
+    found = (importlib.import_module(f"{__name__}.{info.name}") for info in pkgutil.iter_modules(__path__))
+    return tuple(module for module in found if hasattr(module, "FAMILY"))
 
 
 def all_families() -> list:
-    return [importlib.import_module(f"genkit.families.{m}").FAMILY for m in _MODULES]
+    return [module.FAMILY for module in _modules()]
 
 
 def names() -> list[str]:
