@@ -419,6 +419,48 @@ def _random_flux(rng: random.Random) -> dict:
 FAMILIES["flux"] = TinyModel(_saved(_build_flux), _ARCH_FLUX, _random_flux)
 
 
+# -- chroma
+
+_ARCH_CHROMA = dict(
+    num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 4, 8),
+    approximator_num_channels=16, approximator_hidden_dim=32, approximator_layers=1, t5_d_model=32, t5_layers=1,
+    t5_heads=2, latent_channels=4, vae_block_out_channels=(8, 8), vae_norm_num_groups=4, vae_layers_per_block=1,
+)
+
+
+def _build_chroma(arch: dict):
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+
+    tokenizer = t5_tokenizer()
+    text_encoder = _t5_encoder(tokenizer, arch["t5_d_model"], arch["t5_layers"], arch["t5_heads"])
+    transformer = ChromaTransformer2DModel(
+        patch_size=1, in_channels=4 * arch["latent_channels"],  # latents are packed in 2x2 patches, as Flux's
+        num_layers=arch["num_layers"], num_single_layers=arch["num_single_layers"],
+        attention_head_dim=arch["attention_head_dim"], num_attention_heads=arch["num_attention_heads"],
+        joint_attention_dim=arch["t5_d_model"], axes_dims_rope=tuple(arch["axes_dims_rope"]),
+        approximator_num_channels=arch["approximator_num_channels"],
+        approximator_hidden_dim=arch["approximator_hidden_dim"], approximator_layers=arch["approximator_layers"],
+    )
+    vae = _vae(arch, arch["latent_channels"], use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+               scaling_factor=0.3611)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return ChromaPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder.eval(), tokenizer=tokenizer,
+                          transformer=transformer)
+
+
+def _random_chroma(rng: random.Random) -> dict:
+    flux = _random_flux(rng)
+    keep = ("num_layers", "num_single_layers", "num_attention_heads", "attention_head_dim", "axes_dims_rope",
+            "latent_channels", "t5_d_model", "t5_layers", "t5_heads", "vae_block_out_channels", "vae_norm_num_groups",
+            "vae_layers_per_block")
+    return dict({k: flux[k] for k in keep}, approximator_num_channels=rng.choice((8, 16, 32)),
+                approximator_hidden_dim=rng.choice((16, 32)), approximator_layers=rng.randint(1, 2))
+
+
+FAMILIES["chroma"] = TinyModel(_saved(_build_chroma), _ARCH_CHROMA, _random_chroma)
+
+
 # -- pixart-sigma
 
 _ARCH_PIXART_SIGMA = dict(

@@ -65,7 +65,7 @@ def test_models_command_shows_each_presets_family():
     rows = {line.split()[0]: line.split()[1] for line in result.stdout.splitlines()[1:]}
     assert rows["genkit-mini"] == "genkit-mini" and rows["sdxl"] == "sdxl" and rows["sd35-medium"] == "sd3"
     assert rows["flux-dev"] == rows["flux-schnell"] == "flux" and rows["pixart-sigma"] == "pixart-sigma"
-    assert rows["sana"] == "sana"
+    assert rows["sana"] == "sana" and rows["chroma"] == "chroma"
 
 
 def _right(images, pairs) -> int:
