@@ -112,25 +112,46 @@ def picture(source, what: str, cache: dict | None = None) -> Picture:
     return found
 
 
-def check_mask(mask: Picture, image_size: tuple[int, int]) -> None:
-    """A mask must have its image's size and both repaint and keep something."""
-    if mask.pixels.size != tuple(image_size):
-        raise GenkitError(f"{mask.source} is {mask.pixels.width}x{mask.pixels.height} but the image is "
-                          f"{image_size[0]}x{image_size[1]} (pass a mask of the image's size; white repaints)",
-                          param="mask")
-    low, high = mask.pixels.getextrema()
-    check_coverage(mask.source, 0.0 if high == 0 else 1.0 if low == 255 else 0.5, param="mask")
+def check_mask(mask, image_size: tuple[int, int], *, param: str = "mask", which: str | None = None,
+               convention: str = "white") -> None:
+    """The one mask check, for every caller (genkit generate and the engine, genkit-mini's pipeline, the server's
+    A1111 and OpenAI routes): a mask has its image's size and repaints something but not everything.
+
+    `mask`: a Picture or a binary mode-'L' PIL mask (255 repaints). The GenkitError is about `param` and names the
+    mask `which` after it (default: a Picture's source). `convention` is how the mask's maker marks what repaints,
+    for the fix the error suggests: "white" (genkit's and A1111's masks) or "transparent" (OpenAI's). genkit-mini's
+    pipeline, which measures what a mask repaints after resizing it, calls the two rules alone (check_mask_size,
+    check_coverage)."""
+    pixels = mask.pixels if isinstance(mask, Picture) else mask
+    if which is None:
+        which = mask.source if isinstance(mask, Picture) else ""
+    check_mask_size(pixels.size, image_size, param=param, which=which, convention=convention)
+    low, high = pixels.getextrema()
+    check_coverage(0.0 if high == 0 else 1.0 if low == 255 else 0.5, param=param, which=which, convention=convention)
 
 
-def check_coverage(which: str, share: float, param: str | None = None) -> None:
-    """A mask must repaint something and keep something (`share`: the part it repaints); `param`: the mask's
-    parameter, which the error is about (then `which` is what follows its name)."""
-    if share == 0:
-        raise GenkitError(f"{which} is all black: nothing to repaint (paint white where the image should change)",
-                          param=param)
-    if share == 1:
-        raise GenkitError(f"{which} is all white: it repaints the whole image (drop the mask for image-to-image, or "
-                          "paint black what should stay)", param=param)
+_MASK_WORDS = {  # convention -> (how it marks repaint and keep, nothing to repaint, everything repainted)
+    "white": ("white repaints, black keeps", "is all black: nothing to repaint (paint white where the image should "
+              "change)", "is all white: it repaints the whole image (drop the mask for image-to-image, or paint "
+              "black what should stay)"),
+    "transparent": ("transparent repaints, opaque keeps", "is all opaque: nothing to repaint (make transparent where "
+                    "the image should change)", "is all transparent: it repaints the whole image (drop the mask for "
+                    "image-to-image, or keep opaque what should stay)"),
+}
+
+
+def check_mask_size(size: tuple[int, int], image_size: tuple[int, int], *, param: str = "mask", which: str = "",
+                    convention: str = "white") -> None:
+    """check_mask's first rule: the mask (`size`, before any resizing) has its image's size."""
+    if tuple(size) != tuple(image_size):
+        raise GenkitError(f"{which} is {size[0]}x{size[1]} but the image is {image_size[0]}x{image_size[1]} (pass a "
+                          f"mask of the image's size; {_MASK_WORDS[convention][0]})".lstrip(), param=param)
+
+
+def check_coverage(share: float, *, param: str = "mask", which: str = "", convention: str = "white") -> None:
+    """check_mask's second rule: the mask repaints something and keeps something (`share`: the part it repaints)."""
+    if share in (0, 1):
+        raise GenkitError(f"{which} {_MASK_WORDS[convention][1 if share == 0 else 2]}".lstrip(), param=param)
 
 
 SIDES = ("left", "right", "top", "bottom")

@@ -270,10 +270,7 @@ class GenkitMiniPipeline(DiffusionPipeline):
             own = _size_of(item)
             for r in ([k] if len(masks) == rows else range(rows)):
                 image_size = sizes[r if len(sizes) == rows else 0]
-                if own != image_size:
-                    raise GenkitError(f"is {own[0]}x{own[1]} but its image is {image_size[0]}x{image_size[1]}"
-                                      " (pass a mask of the image's size; white repaints, black keeps)",
-                                      param="mask_image")
+                edit.check_mask_size(own, image_size, param="mask_image")
             if torch.is_tensor(item):
                 low, high = float(item.min()), float(item.max())
                 if low < 0 or high > 1 or not np.isfinite([low, high]).all():
@@ -289,7 +286,7 @@ class GenkitMiniPipeline(DiffusionPipeline):
         repaint = _rows(repaint, rows)
         for r in range(rows):
             share = float(repaint[r].float().mean())
-            edit.check_coverage(f"mask_image (row {r})" if len(masks) > 1 else "mask_image", share)
+            edit.check_coverage(share, param="mask_image", which=f"(row {r})" if len(masks) > 1 else "")
         return init, repaint, width, height
 
     @staticmethod

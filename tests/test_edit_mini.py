@@ -202,9 +202,9 @@ def test_strength_needs_an_image(mini):
 
 
 def test_mask_size_unlike_image(mini):
-    with pytest.raises(GenkitError, match=r"mask_image is 16x8 but its image is 16x16 \(pass a mask of the image's size"):
+    with pytest.raises(GenkitError, match=r"mask_image is 16x8 but the image is 16x16 \(pass a mask of the image's size"):
         mini.pipe("a red circle", image=noise_image(0), mask_image=Image.new("L", (16, 8), 255), num_inference_steps=2)
-    with pytest.raises(GenkitError, match="mask_image is 8x8 but its image is 16x16"):
+    with pytest.raises(GenkitError, match="mask_image is 8x8 but the image is 16x16"):
         mini.pipe("a red circle", image=noise_image(0), mask_image=torch.ones(1, 1, 8, 8), num_inference_steps=2)
 
 

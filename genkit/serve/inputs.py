@@ -91,14 +91,13 @@ def is_transparent_somewhere(image) -> bool:
     return image.convert("RGBA").getchannel("A").getextrema()[0] < 128
 
 
-def check_mask(mask, image, field: str, status: int) -> None:
-    """A mask must have its image's size and mark some, not all, of it for repainting."""
-    if mask.size != image.size:
-        raise ApiError(status, f"{field}: the mask is {mask.width}x{mask.height} but the image is "
-                               f"{image.width}x{image.height}; send a mask of the image's size", param=field)
-    low, high = mask.getextrema()
-    if high == 0:
-        raise ApiError(status, f"{field}: the mask marks nothing to repaint", param=field)
-    if low == 255:
-        raise ApiError(status, f"{field}: the mask marks the whole image; send no mask to edit all of it (img2img, "
-                               "strength sets how far it may move)", param=field)
+def check_mask(mask, image, field: str, status: int, *, convention: str = "white") -> None:
+    """genkit's one mask check (`genkit.edit.check_mask`: the image's size, something but not everything to repaint)
+    in the request's words: `convention` "white" for A1111's masks, "transparent" for OpenAI's."""
+    from genkit import edit
+    from genkit.errors import GenkitError
+
+    try:
+        edit.check_mask(mask, image.size, convention=convention)
+    except GenkitError as exc:
+        raise ApiError(status, exc.naming(field), param=field) from None

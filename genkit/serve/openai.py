@@ -115,10 +115,10 @@ async def edits(request: Request):
     order.image = inputs.decode_bytes(image, "image", max_side)
     if mask is not None:
         order.mask = inputs.openai_mask(inputs.decode_bytes(mask, "mask", max_side), "mask")
-        inputs.check_mask(order.mask, order.image, "mask", 400)
+        inputs.check_mask(order.mask, order.image, "mask", 400, convention="transparent")
     elif inputs.is_transparent_somewhere(order.image):  # OpenAI: without a mask, the image's transparency is one
         order.mask = inputs.openai_mask(order.image, "image")
-        inputs.check_mask(order.mask, order.image, "image", 400)
+        inputs.check_mask(order.mask, order.image, "image", 400, convention="transparent")
     order.strength = body.strength
     order.fields = {**order.fields, "image": "image", "mask": "mask" if mask is not None else "image",
                     "strength": "strength"}
