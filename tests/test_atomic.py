@@ -39,7 +39,7 @@ ALLOWED = {
     ("genkit/families/genkit_mini.py", "GenkitMini.save_lora", "StableDiffusionPipeline.save_lora_weights"):
         "as Family.save_lora",
     ("genkit/families/pixart.py", "PixArtSigma.save_lora", "save_file"): "as Family.save_lora",
-    ("genkit/testing.py", "build_tiny", "pipe.save_pretrained"): "tiny random-weight models for tests and "
+    ("genkit/testing.py", "_saved", "builder(arch).save_pretrained"): "tiny random-weight models for tests and "
     "benchmarks, written into a folder the caller makes for them",
     ("genkit/serve/store.py", "ImageStore.input_picture", "picture.pixels.save"): "PNG bytes into memory (BytesIO), "
     "hashed, then written by keep_input through atomic_write",
@@ -127,7 +127,7 @@ def unprotected_writes() -> list[tuple[str, str, str, int]]:
 
 
 def _function(scope: list[str]) -> str:
-    """The outer function with its class: `OutputWriter.write`, `build_tiny` (nested functions are their parent's)."""
+    """The outer function with its class: `OutputWriter.write`, `_saved` (nested functions are their parent's)."""
     return ".".join(scope[:2]) if len(scope) > 1 and scope[0][:1].isupper() else (scope[0] if scope else "<module>")
 
 
