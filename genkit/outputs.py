@@ -147,7 +147,7 @@ def remove_stale_temporaries(path: Path) -> None:
     """Delete what a killed atomic_write or atomic_folder of `path` left behind."""
     import shutil
 
-    for stale in path.parent.glob(f".{glob.escape(path.stem)}-{'[0-9a-f]' * 8}{glob.escape(path.suffix)}.tmp"):
+    for stale in path.parent.glob(f".{glob.escape(path.stem)}-*{glob.escape(path.suffix)}.tmp"):
         shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
 
 

@@ -299,11 +299,11 @@ def test_what_a_kill_between_the_two_steps_left_is_removed_by_the_next_write(tmp
     stale_file.write_bytes(b"half")
     stale_folder = tmp_path / ".final-89abcdef.tmp"
     (stale_folder / "unet").mkdir(parents=True)
-    other = tmp_path / ".grid-big-0123abcd.png.tmp"  # another file's temporary (grid-big.png): not this one's
+    other = tmp_path / ".grids-0123abcd.png.tmp"  # another file's temporary (grids.png): not this one's
     other.write_bytes(b"x")
     outputs.save_png(Image.new("RGB", (4, 4)), tmp_path / "grid.png")
     outputs.atomic_folder(tmp_path / "final", lambda tmp: (Path(tmp) / "model_index.json").write_text("{}"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".grid-big-0123abcd.png.tmp", "final", "grid.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".grids-0123abcd.png.tmp", "final", "grid.png"]
 
 
 def test_a_loss_log_line_a_kill_cut_short_is_dropped_on_resume(tmp_path):
