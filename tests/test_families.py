@@ -231,3 +231,23 @@ def test_a_folder_of_an_unknown_family_is_one_line(tmp_path, family_dirs):
     result = CliRunner().invoke(main, ["generate", "x", "--model", str(folder), "--quiet"])
     assert result.exit_code == 2 and "KandinskyV22Pipeline" in result.output and "sd3" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("family", list(testing.FAMILIES))
+def test_every_multiple_of_the_size_factor_runs(family, tmp_path):
+    """A family's size multiple is the one its pipelines enforce (SD's and PixArt's check 8 whatever the VAE): on
+    random architectures (VAE factors 1 to 8), the smallest allowed side and an odd multiple of it generate, and a
+    side off the multiple is one line naming the two nearest that work."""
+    import random
+
+    for seed in range(3):
+        arch = testing.random_arch(family, random.Random(seed))
+        pipe = genkit.load(str(testing.build_tiny(family, tmp_path / f"{seed}", arch=arch)), device="cpu")
+        m = pipe.size_factor
+        for side in (m, 3 * m):
+            image = pipe.generate(PROMPTS[:1], width=side, height=side, num_inference_steps=1, seed=0).images[0]
+            assert image.size == (side, side)
+        if m > 1:
+            with pytest.raises(GenkitError, match=f"multiple of {m}.*try {m} or {2 * m}") as error:
+                pipe.plan(PROMPTS[:1], genkit.GenerationConfig(width=m + 1))
+            assert error.value.param == "width"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -107,7 +108,7 @@ class Family(abc.ABC):
     guidance_scale = 7.0  # default --guidance
     num_inference_steps = 25  # default --steps
     scheduler = "default"  # default sampler: the model's own
-    size_multiple: int | None = None  # None: the VAE's factor
+    checked_multiple = 1  # the side multiple the family's pipelines check whatever the model (SD/SDXL/PixArt: 8)
 
     def denoiser(self, pipe) -> torch.nn.Module:
         return getattr(pipe, self.denoiser_name)
@@ -117,8 +118,12 @@ class Family(abc.ABC):
                 if getattr(pipe, n, None) is not None]
 
     def multiple(self, pipe) -> int:
-        """Width and height must be multiples of this (what the family's pipelines check, and what its latents need)."""
-        return self.size_multiple or int(getattr(pipe, "vae_scale_factor", 8))
+        """Width and height must be multiples of this: what its latents need and what its pipelines check."""
+        return math.lcm(self.latent_multiple(pipe), self.checked_multiple)
+
+    def latent_multiple(self, pipe) -> int:
+        """The side multiple the model itself needs (the VAE's factor; transformers: whole patches too)."""
+        return int(getattr(pipe, "vae_scale_factor", 8))
 
     def patch(self, pipe) -> int:
         """Latent pixels per denoiser token side (transformers patchify; a UNet sees every latent pixel)."""
@@ -177,6 +182,11 @@ class Family(abc.ABC):
     def prompt_cut(self, pipe, prompt: str, mode: str) -> dict | None:
         """What the text encoder drops of `prompt` read in `mode` (one of `long_prompts`): {"tokens", "dropped"}."""
         return cut_prompt(*self.prompt_limit(pipe), prompt)
+
+    def prompt_notice(self, pipe, prompt: str) -> list[str] | None:
+        """The words of `prompt` this model was never taught (said once as an UnknownWordsWarning, and recorded with
+        each image as `prompt_unknown_words`); None: nothing to say, as for a model of the open world."""
+        return None
 
     def chunks(self, pipe, text: str) -> int:
         """Pieces `text` is read in under the "chunk" mode (1: read as the pipeline reads it)."""
@@ -371,7 +381,7 @@ class TransformerFamily(Family):
     def patch(self, pipe) -> int:
         return int(getattr(self.denoiser(pipe).config, "patch_size", 1) or 1)
 
-    def multiple(self, pipe) -> int:
+    def latent_multiple(self, pipe) -> int:
         """A latent side must hold whole patches (PixArt's own check says 8 and then crashes on 24 or 40)."""
         return int(pipe.vae_scale_factor) * self.patch(pipe)
 

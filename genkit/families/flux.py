@@ -23,7 +23,7 @@ class Flux(FlowFamily):
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-dpm++", "flow-unipc")  # FluxPipeline passes sigmas, which flow-heun cannot take
 
-    def multiple(self, pipe) -> int:
+    def latent_multiple(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * 2  # latents are packed in 2x2 patches
 
     def default_size(self, pipe) -> int:

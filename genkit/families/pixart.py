@@ -16,6 +16,7 @@ class PixArtSigma(DenoiserLoRA, TransformerFamily):
     name = "pixart-sigma"
     title = "PixArt-Sigma"
     pipeline_classes = ("PixArtSigmaPipeline",)
+    checked_multiple = 8  # PixArtSigmaPipeline.check_inputs: "divisible by 8", whatever the VAE
     max_sequence_length = 300  # the pipeline's max_sequence_length default
     guidance_scale = 4.5
     num_inference_steps = 20

@@ -20,8 +20,7 @@ class Sana(FlowFamily):
     num_inference_steps = 20
     edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it
 
-    def multiple(self, pipe) -> int:
-        return max(32, int(pipe.vae_scale_factor) * self.patch(pipe))  # SanaPipeline checks 32 whatever its VAE
+    checked_multiple = 32  # SanaPipeline checks 32 whatever its VAE
 
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, on_step)

@@ -16,6 +16,7 @@ class StableDiffusion(UNetFamily):
     name = "sd"
     title = "Stable Diffusion 1.x/2.x"
     pipeline_classes = ("StableDiffusionPipeline",)
+    checked_multiple = 8  # StableDiffusion(XL)Pipeline.check_inputs: "divisible by 8", whatever the VAE
     long_prompts = ("chunk", "truncate")
     text_encoder_lora = True
     kohya = Kohya("sd_v1", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, v2_width=1024)
