@@ -1,6 +1,6 @@
 """Tiny random-weight pipelines of every model family genkit drives, built offline.
 
-(Over 500 lines on purpose: seven families, each a builder and a random-architecture sampler side by side, so a
+(Over 500 lines on purpose: every family, each a builder and a random-architecture sampler side by side, so a
 family's tiny model and its property-test space are read and changed together.)
 
 `build_tiny(family, folder)` makes a real diffusers pipeline (or a genkit-mini folder) out of

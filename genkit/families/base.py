@@ -196,10 +196,6 @@ class Family(abc.ABC):
         """`args` with the text given as embeddings of `chunks` pieces (families with a "chunk" mode)."""
         raise NotImplementedError(f"{self.title} reads no prompt in chunks")
 
-    def prompt_notice(self, pipe, prompt: str) -> dict | None:
-        """Something a user should know about how this model reads `prompt` (said once, recorded), or None."""
-        return None
-
     # -- inference: editing --------------------------------------------------------------------
     edit_tasks: tuple[str, ...] = ("img2img", "inpaint")  # diffusers has these pipelines for the family
 

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from genkit.config import to_dict
 from genkit.errors import GenkitError, term
-from genkit.lora import WEIGHTS_NAME, diffusers_layout, text_encoder_problem
-from genkit.train import checkpoint, objectives, priors, shared
+from genkit.lora import WEIGHTS_NAME, text_encoder_problem
+from genkit.train import adapters, checkpoint, objectives, priors, shared
 from genkit.train.encoders import Encoders
 from genkit.train.sampling import Streams, batch_items, sample_index
 from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
@@ -150,56 +150,6 @@ def _prior_items(out: Path, recipe: LoraRecipe, pipeline, items, triggers, progr
     return [Item(path.resolve(), caption, CaptionSource.PRIOR) for path, caption in made]
 
 
-# --- The adapters ---------------------------------------------------------------------------
-
-
-def _add_adapters(pipe, family, cfg: AdapterConfig) -> list[tuple[str, torch.nn.Module]]:
-    """Add peft LoRA layers (B starts at zero, so step 0 is the base model); returns the trained modules."""
-    from peft import LoraConfig
-
-    trained = [(family.denoiser_name, family.denoiser(pipe))]
-    if cfg.text_encoder:
-        trained.append(("text_encoder", pipe.text_encoder))
-    for name, module in trained:
-        targets = cfg.text_encoder_target_modules if name == "text_encoder" else cfg.target_modules
-        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, init_lora_weights="gaussian",
-                            target_modules=list(targets))
-        try:
-            if name == family.denoiser_name:
-                family.add_adapter(module, config)
-            else:
-                module.add_adapter(config)
-        except ValueError as exc:
-            raise GenkitError(f"lora.target_modules: {str(exc).splitlines()[0][:200]}") from None
-    return trained
-
-
-def _adapter_params(trained) -> dict[str, torch.nn.Parameter]:
-    return {f"{name}.{key}": p for name, module in trained for key, p in module.named_parameters() if p.requires_grad}
-
-
-def _lora_layers(trained, family) -> dict:
-    """{component: state dict} of the adapters as diffusers' training scripts save them for this family: UNet
-    families in diffusers' layout (feed-forward and convolution adapters renamed too, see genkit.lora._LAYOUTS),
-    transformers in peft's."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    def layout(name, state):
-        if family.lora_layout == "peft" and name == family.denoiser_name:
-            return state
-        return diffusers_layout(convert_state_dict_to_diffusers(state))
-
-    return {name: layout(name, get_peft_model_state_dict(module)) for name, module in trained}
-
-
-def _check_finite(params: dict, step: int) -> None:
-    bad = next((name for name, p in params.items() if not torch.isfinite(p).all()), None)
-    if bad is not None:
-        raise GenkitError(f"the adapter weights became NaN or infinite at step {step} ({bad}); nothing was written "
-                          f"and the last checkpoint is untouched (lower train.learning_rate and {term('resume')})")
-
-
 # --- Writing --------------------------------------------------------------------------------
 
 
@@ -226,7 +176,7 @@ def _export(out: Path, pipeline, trained, record: dict) -> tuple[Path, Path]:
     """Write the weights (the family's diffusers layout and header) and the record, each by an atomic rename."""
     from genkit.outputs import atomic_write, save_text
 
-    layers = _lora_layers(trained, pipeline.family)
+    layers = adapters.layers(trained, pipeline.family)
     metadata = {name: module.peft_config["default"].to_dict() for name, module in trained}
     for meta in metadata.values():  # JSON-safe (peft keeps sets)
         meta.update({k: sorted(v) for k, v in meta.items() if isinstance(v, set)})
@@ -438,9 +388,9 @@ def train_lora(
         prior_items = _prior_items(out, recipe, pipeline, items, triggers, progress and accelerator.is_main_process)
     streams = Streams(len(items), len(prior_items), Fraction(recipe.prior.fraction).limit_denominator(1000))
     torch.manual_seed(cfg.seed)
-    trained = _add_adapters(pipe, pipeline.family, recipe.lora)
+    trained = adapters.add(pipe, pipeline.family, recipe.lora)
     cast_training_params([module for _, module in trained], dtype=torch.float32)
-    params = _adapter_params(trained)
+    params = adapters.params(trained)
     if cfg.gradient_checkpointing:
         pipeline.denoiser.enable_gradient_checkpointing()
         if recipe.lora.text_encoder:
@@ -491,7 +441,7 @@ def train_lora(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(step, cfg):.1e}")
             log.write(done, loss)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                _check_finite(params, done)
+                adapters.check_finite(params, done)
                 accelerator.wait_for_everyone()
                 if main:
                     _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints)
@@ -499,7 +449,7 @@ def train_lora(
                 _validate(pipeline, trained, prompts, recipe.validation, out / "samples" / f"step-{done:07d}.png")
 
     # 6. Export the adapter and the record of how it was made
-    _check_finite(params, cfg.steps)
+    adapters.check_finite(params, cfg.steps)
     weights, record = out / WEIGHTS_NAME, out / RECORD_NAME
     if main:
         weights, record = _export(out, pipeline, trained, {
