@@ -427,6 +427,7 @@ class Pipeline:
             "device": self.device, "exact": self.exact, "threads": _threads(),
             "versions": versions(), **({"compiled": True} if self.compiled else {}), **_edit_record(job),
             **({"prompt_truncated": cut} if (cut := self.prompt_cut(job.prompt)) else {}),
+            **({"prompt_unknown_words": words} if (words := self.family.prompt_notice(self.pipe, job.prompt)) else {}),
             **({"prompt_chunks": chunks} if (chunks := self.chunks_of(job)) > 1 else {}),
         }
 

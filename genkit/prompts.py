@@ -31,12 +31,17 @@ JSONL_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "n": int, "ste
 RECORD_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "n"}
 # what an image record (manifest.jsonl) says about how it was made; the command line decides these
 RECORD_ONLY = frozenset({"index", "file", "skipped", "model", "family", "lora", "attention", "dtype", "device",
-                         "exact", "threads", "versions", "compiled", "prompt_truncated", "prompt_chunks"})
+                         "exact", "threads", "versions", "compiled", "prompt_truncated", "prompt_chunks",
+                         "prompt_unknown_words"})
 MAX_SEED = 2**63 - 1
 
 
 class PromptWarning(UserWarning):
     """A prompt the model cannot read whole (longer than its text encoder's tokens)."""
+
+
+class UnknownWordsWarning(UserWarning):
+    """A prompt with words the model was never taught (genkit-mini: words outside its shapes world)."""
 
 MAX_GUIDANCE = 100.0  # A1111's slider stops at 30; serve's limit is the same 100
 DEFAULT_MAX_STEPS = 1000  # the schedulers' training timesteps: more steps cannot sample anything new

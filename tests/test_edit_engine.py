@@ -190,7 +190,7 @@ def test_jsonl_lines_carry_their_own_inputs(scene, monkeypatch):
     (scene / "prompts.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
     result = cli(["-f", str(scene / "prompts.jsonl"), "-o", str(scene / "jsonl"), "--json"], scene)
     assert result.exit_code == 0, result.output
-    records = [json.loads(line) for line in result.output.splitlines()]
+    records = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r.get("strength") for r in records] == [0.4, 1.0, None]
     assert records[1]["mask"] == str(scene / "mask.png") and "image" not in records[2]
 

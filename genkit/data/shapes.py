@@ -15,6 +15,7 @@ Every shape's outline is `_outline`: filled polygons and ellipses, and for the r
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 import re
@@ -93,6 +94,7 @@ TWO_OBJECT_TEMPLATES = {  # relation -> phrasings with {a}, {b}, {rel}
     "and": ("a {a} and a {b}", "{a} and {b}", "a {a} next to a {b}"),
     "spatial": ("a {a} {rel} a {b}", "{a} {rel} {b}", "there is a {a} {rel} a {b}"),
 }
+SIDE_BY_SIDE_TEMPLATE = "a {a} {pa} and a {b} {pb}"  # "a red circle on the left and a blue square on the right"
 SIDE_BY_SIDE = {  # relation -> (position of a, position of b) in "on the left and on the right" captions
     "left of": ("left", "right"),
     "right of": ("right", "left"),
@@ -150,11 +152,27 @@ def two_object_caption(a, b, relation, *, rng=None, template=None) -> str:
         return _tidy(template.format(a=a_text, b=b_text))
     if template is None and rng.random() < 0.3:  # "a red circle on the left and a blue square on the right"
         pa, pb = SIDE_BY_SIDE[relation]
-        return _tidy(
-            f"a {a_text} {rng.choice(POSITION_PHRASES[pa])} and a {b_text} {rng.choice(POSITION_PHRASES[pb])}"
-        )
+        return _tidy(SIDE_BY_SIDE_TEMPLATE.format(a=a_text, b=b_text, pa=rng.choice(POSITION_PHRASES[pa]),
+                                                  pb=rng.choice(POSITION_PHRASES[pb])))
     template = template or rng.choice(TWO_OBJECT_TEMPLATES["spatial"])
     return _tidy(template.format(a=a_text, b=b_text, rel=rng.choice(RELATION_PHRASES[relation])))
+
+
+def words(text: str) -> list[str]:
+    """A text's words as a caption's are counted: lower case, without punctuation."""
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+@functools.lru_cache(maxsize=1)
+def vocabulary() -> frozenset[str]:
+    """Every word a caption of this world can hold: its phrasings' own words (the held-out ones, asked in evaluation,
+    too), the colours, the training shapes (not `EXTRA_SHAPES`, which only a LoRA teaches), sizes, positions and
+    relations. The words genkit-mini was trained to read."""
+    phrasings = [*TRAIN_TEMPLATES, *HELD_OUT_TEMPLATES, *(t for group in TWO_OBJECT_TEMPLATES.values() for t in group),
+                 SIDE_BY_SIDE_TEMPLATE, *(p for group in POSITION_PHRASES.values() for p in group),
+                 *(p for group in RELATION_PHRASES.values() for p in group)]
+    names = [*COLORS, *SHAPES, *SIZES, *(_tidy(f"a {color}") for color in COLORS)]  # "an orange"
+    return frozenset(word for text in (*phrasings, *names) for word in words(re.sub(r"\{\w+\}", " ", text)))
 
 
 def allowed_pairs(include_held_out: bool = False) -> list[tuple[str, str]]:

@@ -1,5 +1,7 @@
 """genkit-mini: the embedded default. A pixel-space UNet read by a frozen MiniLM, v-prediction (genkit.pipeline)."""
 
+import weakref
+
 import torch
 
 from genkit.families.base import DenoiserLoRA, Kohya, UNetFamily
@@ -92,6 +94,39 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
         return denoiser(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"],
                         encoder_attention_mask=cond["encoder_attention_mask"]).sample
+
+    def prompt_notice(self, pipe, prompt: str) -> list[str] | None:
+        """The prompt's words outside the shapes world genkit-mini was trained on (`shapes.vocabulary`): a cat is
+        drawn as some shape, silently, so they are said once per pipeline and prompt. None when every word is in
+        its world, or while a LoRA is loaded (it may have taught new words, its trigger words among them)."""
+        from genkit.data import shapes
+
+        if getattr(pipe.unet, "peft_config", None):
+            return None
+        known = shapes.vocabulary()
+        outside = list(dict.fromkeys(word for word in shapes.words(prompt) if word not in known))
+        told = _TOLD.setdefault(pipe, set())
+        if outside and prompt not in told:
+            told.add(prompt)
+            _warn_outside(prompt, outside)
+        return outside or None
+
+
+_TOLD: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # pipeline -> the prompts it has warned about
+
+
+def _warn_outside(prompt: str, outside: list[str]) -> None:
+    import warnings
+
+    from genkit.data import shapes
+    from genkit.errors import term
+    from genkit.prompts import UnknownWordsWarning
+
+    shown = prompt if len(prompt) <= 60 else prompt[:57] + "..."
+    warnings.warn(UnknownWordsWarning(
+        f"genkit-mini draws only its shapes world ({'/'.join(shapes.SHAPES)} in {len(shapes.COLORS)} colours); "
+        f"{', '.join(map(repr, outside))} in {shown!r} {'is' if len(outside) == 1 else 'are'} outside it and not "
+        f"drawn (for other subjects use a real model: {term('model')} sdxl; genkit models lists them)"), stacklevel=4)
 
 
 FAMILY = GenkitMini()
