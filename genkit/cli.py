@@ -19,10 +19,11 @@ SCHEDULER_HELP = "ddim, euler, euler-a, dpm++, unipc, ddpm, or default (the mode
 
 
 class GenkitGroup(click.Group):
-    """Turns GenkitError into `Error: <message>` and exit code 2, with no traceback."""
+    """Turns GenkitError into `Error: <message>` and exit code 2, with no traceback; the setting it is about (its
+    `param`) is named by its flag."""
 
     def invoke(self, ctx):
-        from genkit.errors import command_line
+        from genkit.errors import command_line, flag
 
         try:
             with command_line():  # library errors name settings by their flags here
@@ -30,7 +31,7 @@ class GenkitGroup(click.Group):
         except GenkitError as exc:
             from genkit.distributed import rank_prefix
 
-            click.echo(f"Error: {rank_prefix()}{exc}", err=True)
+            click.echo(f"Error: {rank_prefix()}{exc.naming(exc.param and flag(exc.param))}", err=True)
             ctx.exit(2)
 
 
@@ -303,7 +304,8 @@ def _recipe_path(config: str) -> Path:
         return Path(str(shipped))
     names = sorted(p.name.removesuffix(".toml") for p in packaged_dir("_configs", "configs").iterdir()
                    if p.name.endswith(".toml"))
-    raise GenkitError(f"config {config!r} is neither a file nor a shipped recipe (shipped: {', '.join(names)})")
+    raise GenkitError(f"{config!r} is neither a file nor a shipped recipe (shipped: {', '.join(names)})",
+                      param="config")
 
 
 @main.command("eval")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field, replace
 
-from genkit.errors import GenkitError, term
+from genkit.errors import GenkitError
 from genkit.serve.errors import ApiError, one_line
 from genkit.serve.loras import LoraLibrary, split_tags
 from genkit.serve.queue import Coalescer, QueueFull, ShuttingDown, Ticket
@@ -79,9 +79,7 @@ class Service:
         try:
             jobs = pipeline.plan([prompt], self._config(order))
         except GenkitError as exc:
-            param = order.field(_field_of(str(exc)))
-            raise ApiError(422, f"{param}: {exc}" if param and not str(exc).startswith(param) else str(exc),
-                           param=param) from None
+            raise refused(exc, order) from None
         files = {}
         if jobs[0].image is not None:
             self._check_edit_size(jobs[0], order)
@@ -171,7 +169,7 @@ class Service:
             if isinstance(exc, ShuttingDown):
                 raise ApiError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
             if isinstance(exc, GenkitError):
-                raise ApiError(422, str(exc), param=order.field("loras") if str(exc).startswith(term("lora") + " ") else None)
+                raise refused(exc, order)
             raise ApiError(500, f"generation failed: {one_line(exc)}", code="generation_failed")
         return Delivery(entries=ticket.outputs_done(), interrupted=ticket.interrupted, model=ticket.key[0])
 
@@ -197,14 +195,13 @@ class Service:
         return self.store.save(image, record)
 
 
-def _field_of(message: str) -> str | None:
-    """Which setting a GenkitError from Pipeline.plan is about, from its first words."""
-    head = message.lower()
-    for prefix, name in (("width", "width"), ("height", "height"), ("steps", "steps"), ("guidance", "guidance"),
-                         ("seed", "seed"), ("unknown scheduler", "scheduler"), ("a prompt", "prompt"),
-                         ("no prompts", "prompt"), ("n must", "n"), ("num_images", "n"), ("strength", "strength"),
-                         ("mask", "mask"), ("inpainting", "mask"), ("image", "image"), ("the input image", "image"),
-                         ("outpaint", "outpaint")):
-        if head.startswith(prefix):
-            return name
-    return None
+# The engine's parameters in the Order's words, where they differ (each dialect's `fields` maps the Order's words
+# to the client's).
+ORDER_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "n",
+               "lora": "loras"}
+
+
+def refused(exc: GenkitError, order: Order) -> ApiError:
+    """The engine's GenkitError as a 422 naming the request's field for the parameter it is about (`exc.param`)."""
+    field = order.field(ORDER_WORDS.get(exc.param, exc.param)) if exc.param else None
+    return ApiError(422, exc.naming(field), param=field)
