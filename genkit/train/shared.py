@@ -50,9 +50,10 @@ def resume_point(out: Path, resume: bool, finished: Path) -> Path | None:
     if resume and ckpt is None:
         raise GenkitError(f"finds no complete checkpoint in {out} (start without it)", param="resume")
     if not resume and ckpt is not None:
-        raise GenkitError(f"{out} already holds checkpoints (add {term('resume')} to continue, or choose another {term('out')})")
+        raise GenkitError(f"{out} already holds checkpoints (add {term('resume')} to continue, or choose another folder)",
+                          param="out")
     if not resume and finished.exists():
-        raise GenkitError(f"{out} already holds a finished run ({finished.name}); choose another {term('out')}")
+        raise GenkitError(f"{out} already holds a finished run ({finished.name}); choose another folder", param="out")
     return ckpt
 
 
