@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from genkit.errors import GenkitError
+from genkit.presets import DEFAULT_MODEL
 
 SCHEDULER_HELP = "ddim, euler, euler-a, dpm++, unipc, ddpm, or default (the model's own)"
 
@@ -239,7 +240,7 @@ def train():
 
 
 @train.command("base")
-@click.option("--config", "-c", default="genkit-mini", show_default=True,
+@click.option("--config", "-c", default=DEFAULT_MODEL, show_default=True,  # the default model's shipped recipe
               help="Recipe TOML file, or the name of a shipped recipe (genkit-mini, genkit-mini-tiny).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a recipe key, e.g. train.steps=100.")
 @click.option("--out", "-o", default="runs/genkit-mini", show_default=True, type=click.Path())

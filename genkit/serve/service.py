@@ -84,7 +84,7 @@ class Service:
         if jobs[0].image is not None:
             self._check_edit_size(jobs[0], order)
             jobs, files = self._kept_inputs(jobs)
-        return Ticket(key=(model, loras, jobs[0].batch_key()), jobs=jobs, files=files)
+        return Ticket(key=(model, loras, pipeline.batch_key(jobs[0])), jobs=jobs, files=files)
 
     def _check_edit_size(self, job, order: Order) -> None:
         """An edit's output size comes from its input when width/height are not given: bounded like them."""
