@@ -373,7 +373,7 @@ def lora_group():
 def lora_inspect(path, model, as_json):
     """Print what the LoRA at PATH (folder or .safetensors file) holds: format, ranks, alphas, target layers, base
     model, trigger words and training settings (genkit's record or kohya's ss_* fields)."""
-    from genkit.lora_files import format_info, inspect_lora
+    from genkit.lora.files import format_info, inspect_lora
 
     _quiet_libraries()
     info = inspect_lora(path, model=model)
@@ -389,7 +389,7 @@ def lora_inspect(path, model, as_json):
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def lora_export(src, fmt, out, model, overwrite):
     """Write the LoRA at SRC (a genkit/diffusers/peft folder or file) in another tool's layout; print the file."""
-    from genkit.lora_files import export_kohya
+    from genkit.lora.files import export_kohya
 
     _quiet_libraries()
     result = export_kohya(src, out, model=model, overwrite=overwrite)

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "genkit"
 
 # the parts that make images (the library's inference side and the server)
-INFERENCE = ("genkit.generate", "genkit.loader", "genkit.pipeline", "genkit.lora", "genkit.edit", "genkit.images",
+INFERENCE = ("genkit.generate", "genkit.loader", "genkit.families.genkit_mini.model", "genkit.lora", "genkit.edit", "genkit.images",
              "genkit.families", "genkit.invariance", "genkit.schedulers", "genkit.outputs", "genkit.prompts",
              "genkit.presets", "genkit.attention", "genkit.cpu", "genkit.run", "genkit.serve")
 COMMAND_LINE = ("genkit.cli", "genkit.__main__", "genkit.serve.command")  # the only modules that may use click

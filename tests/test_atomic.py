@@ -36,7 +36,7 @@ ALLOWED = {
     "followed; a resumed run rewrites it through save_text and drops a line a kill cut short",
     ("genkit/families/base.py", "Family.save_lora", "type(pipe).save_lora_weights"): "writes where its caller says: "
     "genkit.train.lora._export hands it atomic_write's temporary file",
-    ("genkit/families/genkit_mini.py", "GenkitMini.save_lora", "StableDiffusionPipeline.save_lora_weights"):
+    ("genkit/families/genkit_mini/__init__.py", "GenkitMini.save_lora", "StableDiffusionPipeline.save_lora_weights"):
         "as Family.save_lora",
     ("genkit/families/pixart.py", "PixArtSigma.save_lora", "save_file"): "as Family.save_lora",
     ("genkit/testing.py", "_saved", "builder(arch).save_pretrained"): "tiny random-weight models for tests and "

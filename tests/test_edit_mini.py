@@ -18,7 +18,7 @@ from genkit.data import shapes
 from genkit.errors import GenkitError
 from genkit.images import fit_to_size, outpaint, read_image, read_mask, sha256_of
 from genkit.invariance import BatchInvariant, rows_apart
-from genkit.pipeline import guided
+from genkit.families.genkit_mini.model import guided
 
 PROMPTS = ["a red circle on the left", "a blue square", "a green triangle at the top"]
 SIZE = 16  # the tiny model's canvas

@@ -13,7 +13,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import genkit
-from genkit import lora, lora_files
+from genkit import lora
+from genkit.lora import files as lora_files
 from genkit.cli import main
 from genkit.errors import GenkitError
 from genkit.testing import build_tiny

@@ -145,7 +145,7 @@ def make_batch(step: int, recipe: BaseRecipe) -> tuple[torch.Tensor, list[str]]:
 def build_unet(model: ModelConfig):
     from diffusers import UNet2DConditionModel
 
-    from genkit.pipeline import unet_config
+    from genkit.families.genkit_mini.model import unet_config
 
     return UNet2DConditionModel(
         **unet_config(model.sample_size, model.channels, model.cross_attention_levels, model.head_dim)
@@ -161,7 +161,7 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 def sample_grid(tokenizer, encoder, unet, validation: ValidationConfig | None = None, guidance: float = 4.0):
     from genkit import schedulers
     from genkit.grid import make_grid
-    from genkit.pipeline import GenkitMiniPipeline
+    from genkit.families.genkit_mini.model import GenkitMiniPipeline
 
     pipe = GenkitMiniPipeline(encoder, tokenizer, unet, schedulers.build("dpm++", noise_scheduler().config))
     pipe.set_progress_bar_config(disable=True)
@@ -181,7 +181,7 @@ def train_base(recipe: BaseRecipe, out_dir: str | Path, *, resume: bool = False,
     of that step; the learning-rate schedule stays the recipe's, so `--resume` later continues
     exactly as an unbroken run would.
     """
-    from genkit.pipeline import encode_text
+    from genkit.families.genkit_mini.model import encode_text
     from genkit.progress import progress_bar
 
     # 1. Set up: threads, frozen encoder, decoder and its EMA copy, optimizer

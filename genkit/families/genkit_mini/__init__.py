@@ -1,4 +1,4 @@
-"""genkit-mini: the embedded default. A pixel-space UNet read by a frozen MiniLM, v-prediction (genkit.pipeline)."""
+"""genkit-mini: the embedded default. A pixel-space UNet read by a frozen MiniLM, v-prediction (genkit.families.genkit_mini.model)."""
 
 import weakref
 
@@ -29,7 +29,7 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     title = "genkit-mini"
     pipeline_classes = ("GenkitMiniPipeline",)
     file_format = "genkit"
-    max_sequence_length = 24  # genkit.pipeline.MAX_TOKENS (MiniLM, trained on captions of up to 24 tokens)
+    max_sequence_length = 24  # genkit.families.genkit_mini.model.MAX_TOKENS (MiniLM, trained on captions of up to 24 tokens)
     latent = False
     guidance_scale = 4.0
     num_inference_steps = 20
@@ -41,7 +41,7 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     def load(self, source, *, dtype, use_safetensors, local):
         from pathlib import Path
 
-        from genkit.pipeline import GenkitMiniPipeline
+        from genkit.families.genkit_mini.model import GenkitMiniPipeline
 
         extra = {}
         if not (Path(source) / "text_encoder").is_dir():  # shipped weights: the encoder comes from its package
@@ -58,7 +58,7 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
         return [pipe.text_encoder]
 
     def encode_captions(self, pipe, captions, device) -> dict:
-        from genkit.pipeline import encode_text
+        from genkit.families.genkit_mini.model import encode_text
 
         hidden, mask = encode_text(pipe.tokenizer, pipe.text_encoder, captions, device)
         return {"encoder_hidden_states": hidden, "encoder_attention_mask": mask}
