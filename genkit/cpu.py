@@ -78,15 +78,15 @@ def _address_space() -> int:
 
 
 def check_size(pipeline, width: int, height: int, batch_size: int) -> None:
-    """Width and height within prompts.max_side(), and a lower bound of a batch's memory at that size within what
+    """Width and height within checks.max_side(), and a lower bound of a batch's memory at that size within what
     is free, before any tensor is allocated (100000 px wide filled 6 GB and never finished).
 
     The bound: the full-size feature maps of the VAE decoder (or of a pixel-space denoiser) at its narrowest
     block's channels, three alive at once (a resnet's input, its normalised copy, its output), per image of
     the batch. Real peaks are several times higher; this refuses only what cannot fit at all.
     """
+    from genkit.checks import check_side
     from genkit.errors import GenkitError, term
-    from genkit.prompts import check_side
 
     check_side(width, "width")
     check_side(height, "height")

@@ -21,10 +21,10 @@ import secrets
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from genkit import edit, schedulers
+from genkit import checks, edit, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
-from genkit.prompts import MAX_SEED, PromptSpec, from_strings  # MAX_SEED: kept importable from here
+from genkit.prompts import PromptSpec, from_strings
 
 
 @dataclass
@@ -221,14 +221,14 @@ class Pipeline:
             raise GenkitError(f"no prompts given (pass at least one prompt or {term('prompts_file')})")
         base = self._settings(config)
         seed = config.seed if config.seed is not None else secrets.randbelow(2**31)
-        _check_count("num_images_per_prompt", config.num_images_per_prompt)
-        _check_count("batch_size", config.batch_size)
+        checks.check_count(config.num_images_per_prompt, "num_images_per_prompt")
+        checks.check_count(config.batch_size, "batch_size")
         jobs, read = [], {}
         for spec in specs:
             if not spec.prompt.strip():
                 raise GenkitError("is empty (remove it or write some text)", param="prompt")
             n = spec.num_images_per_prompt or config.num_images_per_prompt
-            _check_count("num_images_per_prompt", n)
+            checks.check_count(n, "num_images_per_prompt")
             steps = spec.num_inference_steps or base["num_inference_steps"]
             guidance = spec.guidance_scale if spec.guidance_scale is not None else base["guidance_scale"]
             self._check_numbers(steps, guidance)
@@ -236,8 +236,8 @@ class Pipeline:
             scheduler = self._sampler(spec.scheduler) if spec.scheduler else base["scheduler"]
             edits = self._edit(spec, config, steps, read)
             first = spec.seed if spec.seed is not None else seed + len(jobs)
-            _check_seed(first)
-            _check_seed(first + n - 1)  # the prompt's seeds run from first to first + n - 1
+            checks.check_seed(first)
+            checks.check_seed(first + n - 1)  # the prompt's seeds run from first to first + n - 1
             for k in range(n):
                 image_seed = first + k
                 jobs.append(Job(
@@ -317,16 +317,12 @@ class Pipeline:
         return sampler
 
     def _check_side(self, key: str, value) -> int:
-        from genkit.images import check_multiple
-
-        return check_multiple(key, value, self.size_factor, f" for {self.name}")
+        return checks.check_multiple(key, value, self.size_factor, f" for {self.name}")
 
     @staticmethod
     def _check_numbers(steps, guidance) -> None:
-        from genkit.prompts import check_guidance, check_steps
-
-        check_steps(steps)
-        check_guidance(guidance)
+        checks.check_steps(steps)
+        checks.check_guidance(guidance)
 
     # -- running --------------------------------------------------------------------------
     def iter_generate(
@@ -377,7 +373,10 @@ class Pipeline:
         steps = first.num_inference_steps if first.task is None else \
             edit.kept_steps(first.num_inference_steps, first.strength)  # an edit runs the last steps only
 
+        last = {}  # the last step's latents (a reference), decoded again in fp32 if the VAE made NaN
+
         def on_step(pipe, step, timestep, tensors):
+            last["latents"] = tensors.get("latents")
             if callback is not None:
                 callback({"batch": number, "step": step + 1, "steps": steps,
                           "images": [job.index for job in batch]})
@@ -386,7 +385,8 @@ class Pipeline:
         with (BatchInvariant() if self.exact else contextlib.nullcontext()), \
                 rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
                 self.family.attention_context(self.attention):
-            args = self.family.call_args(batch, generators, on_step)
+            args = {**self.family.call_args(batch, generators, on_step), "output_type": "np"}  # floats, checked for
+            # NaN before they become the pixels "pil" would have made (the same numpy_to_pil)
             if (chunks := self.chunks_of(first)) > 1:  # a batch shares its chunk count (batch_key)
                 args = self.family.chunked_args(self.pipe, batch, chunks, args)
             if first.task is not None:
@@ -397,11 +397,13 @@ class Pipeline:
                     args["mask_image"] = [mask for _, mask in inputs]
                 args = _accepted(pipe, args)
             output = pipe(**args)
-        images = list(output.images)
+            images, upcast = _finite(self, pipe, batch, output.images, last.get("latents"))
+        images = _pil(images)
         if first.task == "inpaint":  # the known region is the input's pixels (latent models only come close)
             images = [_keep_known(out, image, mask) for out, (image, mask) in zip(images, inputs)]
         return GenerationResult(images=images, seeds=[job.seed for job in batch],
-                                metadata=[self.record(job) for job in batch])
+                                metadata=[{**self.record(job), **({"vae_upcast": True} if up else {})}
+                                          for job, up in zip(batch, upcast)])
 
     def _pipe_for(self, task: str | None):
         """The pipeline that runs `task`: this one for text-to-image, else the family's editing pipeline."""
@@ -469,6 +471,63 @@ def _keep_known(generated, image, mask):
     return Image.composite(generated.convert("RGB"), image.convert("RGB"), mask.convert("L"))
 
 
+def _finite(pipeline: Pipeline, pipe, batch: list[Job], images, latents):
+    """(images, upcast): the batch's floats in [0, 1] (batch, h, w, 3) with no NaN, and for each whether its VAE
+    decoded in fp32. An image that came out NaN from finite latents is decoded again in fp32 (its VAE overflowed in
+    fp16); NaN or infinite latents are the denoiser's: refused in one line naming the dtype to use. Costs one sum of
+    the floats and one check of the latents per batch; pixels as before wherever nothing was NaN."""
+    import numpy as np
+    import torch
+
+    upcast = [pipeline.family.vae_upcast(pipe)] * len(batch)
+    nan = ~np.isfinite(images.reshape(len(batch), -1).sum(axis=1))  # NaN survives the [0, 1] clamp; inf does not
+    finite = torch.isfinite(latents.flatten(1)).all(dim=1).tolist() if latents is not None else (~nan).tolist()
+    for job, ok in zip(batch, finite):
+        if not ok:
+            raise _made_nan(pipeline, job, "latents")
+    rows = np.flatnonzero(nan)
+    if rows.size:
+        vae = getattr(pipe, "vae", None)
+        dtype = vae.dtype if vae is not None else None
+        try:
+            if vae is not None:
+                vae.to(torch.float32)
+            with torch.no_grad():
+                decoded = pipeline.family.decode(pipe, latents[torch.as_tensor(rows)].float(), batch[0].width,
+                                                 batch[0].height)
+        finally:
+            if vae is not None:
+                vae.to(dtype)
+        again = (decoded.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()  # as diffusers' postprocess
+        for row, pixels in zip(rows, again):
+            if not np.isfinite(pixels).all():
+                raise _made_nan(pipeline, batch[row], "VAE's pixels, even in fp32")
+            images[row], upcast[row] = pixels, True
+    return images, upcast
+
+
+def _made_nan(pipeline: Pipeline, job: Job, what: str) -> GenkitError:
+    """`what` ("latents": the text encoders' and denoiser's work; or the VAE's pixels in fp32) holds NaN or infinity:
+    in a half dtype, an overflow, so the dtype to use instead; in fp32, weights that hold NaN."""
+    from genkit.loader import SHORT
+
+    dtype, where = SHORT[str(pipeline.dtype).removeprefix("torch.")], f"image {job.index} (seed {job.seed})"
+    wider = [name for name in ("bf16", "fp32") if name in pipeline.family.dtypes and name != dtype]
+    if what != "latents" or dtype == "fp32" or not wider:
+        return GenkitError(f"{pipeline.name}: its {what} came out NaN for {where} in fp32, so its weights hold NaN or "
+                           "infinity: download or save the model again (nothing of this batch was saved)", param="model")
+    return GenkitError(f"{dtype}: {pipeline.family.title} overflowed it while denoising {where} (NaN latents: black "
+                       f"images), so nothing of this batch was saved: pass {term('dtype')} {' or '.join(wider)}",
+                       param="dtype")
+
+
+def _pil(images) -> list:
+    """Floats in [0, 1], (batch, h, w, c), as the PIL images a pipeline's output_type "pil" makes of them."""
+    from diffusers.utils import numpy_to_pil
+
+    return numpy_to_pil(images)
+
+
 def _accepted(pipe, args: dict) -> dict:
     """The call's arguments this pipeline takes (img2img pipelines size the output from the input, not width=)."""
     import inspect
@@ -500,18 +559,6 @@ def _batches(jobs: list[Job], size: int, first: int | None = None, key=Job.batch
         batch.append(job)
     if batch:
         yield batch
-
-
-def _check_count(name: str, value) -> None:
-    from genkit.prompts import check_count
-
-    check_count(value, name)
-
-
-def _check_seed(seed) -> None:
-    from genkit.prompts import check_seed
-
-    check_seed(seed)
 
 
 def _check_size(pipeline, width: int, height: int, batch_size: int) -> None:

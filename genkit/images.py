@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from genkit import checks
 from genkit.data import decode
 from genkit.errors import GenkitError
 
@@ -151,17 +152,6 @@ def sha256_of(source) -> str:
 # --- sizing and padding ----------------------------------------------------------------------
 
 
-def check_multiple(name: str, value, multiple: int, where: str = "") -> int:
-    """`value` as an image side: a whole number that `multiple` divides (at least `multiple`); else one line naming
-    the two nearest sides that work. The one check of a side for generation, editing and training."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < multiple or value % multiple:
-        low = max(multiple, value // multiple * multiple) if isinstance(value, int) and not isinstance(value, bool) \
-            else multiple
-        raise GenkitError(f"must be a positive multiple of {multiple}{where}, got {value} "
-                          f"(try {low} or {low + multiple})", param=name)
-    return value
-
-
 def target_size(size: tuple[int, int], width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
     """The (width, height) `fit_to_size` gives an input of `size` (see there)."""
     out = []
@@ -172,7 +162,7 @@ def target_size(size: tuple[int, int], width: int | None, height: int | None, mu
                                   f"pass {name}= (a multiple of {multiple}) or a larger image", param="image")
             out.append(own // multiple * multiple)
         else:
-            out.append(check_multiple(name, asked, multiple))
+            out.append(checks.check_multiple(name, asked, multiple))
     return out[0], out[1]
 
 

@@ -116,7 +116,7 @@ def read_record(path: str | Path) -> dict:
 
 def check_record(record, path) -> None:
     """A GenkitError naming the field when a stored record cannot be replayed as it is."""
-    from genkit import prompts
+    from genkit import checks
 
     where = f"{path}: genkit record"
     if not isinstance(record, dict):
@@ -128,14 +128,14 @@ def check_record(record, path) -> None:
         value = record[key]
         if isinstance(value, bool) or not isinstance(value, kind):
             raise GenkitError(f"{where}: {key} has the wrong type ({value!r:.60}); the image was edited or damaged")
-    prompts.check_count(record["index"] + 1, "index", f"{where}: index + 1")
+    checks.check_count(record["index"] + 1, "index", f"{where}: index + 1")
     if not record["prompt"].strip():
         raise GenkitError(f"{where}: prompt is empty; the image was edited or damaged")
-    prompts.check_seed(record["seed"], f"{where}: seed")
-    prompts.check_steps(record["num_inference_steps"], f"{where}: num_inference_steps")
-    prompts.check_guidance(record["guidance_scale"], f"{where}: guidance_scale")
+    checks.check_seed(record["seed"], f"{where}: seed")
+    checks.check_steps(record["num_inference_steps"], f"{where}: num_inference_steps")
+    checks.check_guidance(record["guidance_scale"], f"{where}: guidance_scale")
     for key in ("width", "height"):
-        prompts.check_side(record[key], key, f"{where}: {key}")
+        checks.check_side(record[key], key, f"{where}: {key}")
     for number, entry in enumerate(record["lora"]):
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str) or \
                 isinstance(entry.get("scale"), bool) or not isinstance(entry.get("scale"), (int, float)):
@@ -276,7 +276,7 @@ def _read_seeds(out: Path) -> dict:
 
 def recorded_seed(out: str | Path, key: str) -> int | None:
     """The base seed an earlier run with this key drew in `out` (to finish it after a crash), or None."""
-    from genkit.prompts import MAX_SEED
+    from genkit.checks import MAX_SEED
 
     seed = _read_seeds(Path(out)).get(key)
     return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed <= MAX_SEED else None

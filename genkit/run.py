@@ -140,19 +140,19 @@ def check_request(request: GenerateRequest) -> None:
 
 def _check_numbers(request: GenerateRequest) -> None:
     """The settings a model is not needed to judge, checked before it loads (the plan checks them again)."""
-    from genkit import prompts
+    from genkit import checks
 
-    prompts.check_count(request.num_images_per_prompt, "num_images_per_prompt")
-    prompts.check_count(request.batch_size, "batch_size")
+    checks.check_count(request.num_images_per_prompt, "num_images_per_prompt")
+    checks.check_count(request.batch_size, "batch_size")
     if request.num_inference_steps is not None:
-        prompts.check_steps(request.num_inference_steps)
+        checks.check_steps(request.num_inference_steps)
     if request.guidance_scale is not None:
-        prompts.check_guidance(request.guidance_scale)
+        checks.check_guidance(request.guidance_scale)
     if request.seed is not None:
-        prompts.check_seed(request.seed)
+        checks.check_seed(request.seed)
     for side in ("width", "height"):
         if getattr(request, side) is not None:
-            prompts.check_side(getattr(request, side), side)
+            checks.check_side(getattr(request, side), side)
 
 
 def _check_edit_inputs(request: GenerateRequest) -> None:

@@ -58,12 +58,12 @@ def test_bad_values_on_the_command_line_name_their_flag(tiny_mini, tmp_path, mon
 
 def test_the_flag_comes_from_param_not_from_the_message(tiny_mini, tmp_path, monkeypatch):
     """A check whose message names nothing: the command line still names the flag, from `param` alone."""
-    import genkit.prompts
+    import genkit.checks
 
     def refuse(value, where=None):
         raise GenkitError("is refused by this test", param="guidance_scale")
 
-    monkeypatch.setattr(genkit.prompts, "check_guidance", refuse)
+    monkeypatch.setattr(genkit.checks, "check_guidance", refuse)
     result = CliRunner().invoke(main, ["generate", "a red circle", "-q", "--model", str(tiny_mini), "--guidance", "5",
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 2 and result.stderr.strip() == "Error: --guidance is refused by this test"
@@ -112,10 +112,10 @@ def test_the_engines_refusals_name_each_dialects_field(client):
 
 # (library parameter, the check that raises it, A1111's field, OpenAI's field, a body that reaches the check)
 SEAMS = [
-    ("guidance_scale", "genkit.prompts.check_guidance", "cfg_scale", "guidance", {"cfg_scale": 5}, {"guidance": 5}),
-    ("num_inference_steps", "genkit.prompts.check_steps", "steps", "steps", {}, {}),
-    ("num_images_per_prompt", "genkit.prompts.check_count", "batch_size", "n", {}, {}),
-    ("width", "genkit.images.check_multiple", "width", "size", {}, {}),
+    ("guidance_scale", "genkit.checks.check_guidance", "cfg_scale", "guidance", {"cfg_scale": 5}, {"guidance": 5}),
+    ("num_inference_steps", "genkit.checks.check_steps", "steps", "steps", {}, {}),
+    ("num_images_per_prompt", "genkit.checks.check_count", "batch_size", "n", {}, {}),
+    ("width", "genkit.checks.check_multiple", "width", "size", {}, {}),
 ]
 
 

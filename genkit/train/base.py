@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from genkit.checks import DEFAULT_MAX_SIDE, MAX_SEED
 from genkit.config import check_ranges, load as load_config, number, to_dict
 from genkit.data import shapes
 from genkit.errors import GenkitError
 from genkit.families.genkit_mini import load_text_encoder
 from genkit.outputs import atomic_folder, save_png, save_text
-from genkit.prompts import DEFAULT_MAX_SIDE, MAX_SEED
 from genkit.train import checkpoint, shared
 from genkit.train.recipe import Precision, ValidationConfig as LoraValidationConfig
 

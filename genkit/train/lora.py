@@ -107,7 +107,7 @@ def _resolution(pipeline, resolution: int) -> int:
     factor = pipeline.size_factor
     if resolution == 0:
         return pipeline.family.default_size(pipeline.pipe)
-    from genkit.images import check_multiple
+    from genkit.checks import check_multiple
 
     return check_multiple("data.resolution", resolution, factor, f" for {pipeline.name}")
 

@@ -20,8 +20,8 @@ import enum
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from genkit.checks import DEFAULT_MAX_SIDE, DEFAULT_MAX_STEPS, MAX_SEED
 from genkit.config import apply_overrides, build, check_ranges, number, read_toml, to_dict
-from genkit.prompts import DEFAULT_MAX_SIDE, DEFAULT_MAX_STEPS, MAX_SEED
 
 PLACEMENT = {"device", "threads", "mixed_precision"}  # decided before the model (and so its family) is loaded
 SHIPPED = "lora"  # configs/lora.toml: the generic defaults and every family's table
