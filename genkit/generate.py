@@ -25,11 +25,13 @@ from genkit import checks, edit, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
+from genkit.settings import SETTINGS, digest_key
 
 
 @dataclass
 class GenerationConfig:
-    """Settings of one call; None means the model's default (its preset, else its own config)."""
+    """Settings of one call; None means the model's default (its preset, else its own config). Its fields are
+    genkit.settings' `per_call` ones (tests/test_settings.py)."""
 
     negative_prompt: str = ""  # what to steer away from (replaces the empty prompt in guidance)
     num_images_per_prompt: int = 1  # images per prompt (-n)
@@ -50,7 +52,8 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Job:
-    """One image to make: its index in the run and everything that decides its pixels."""
+    """One image to make: its index in the run and everything that decides its pixels (genkit.settings' `recorded`
+    ones, tests/test_settings.py)."""
 
     index: int
     prompt: str
@@ -167,10 +170,12 @@ class Pipeline:
         return self.family.denoiser(self.pipe)
 
     def set_attention(self, backend) -> None:
-        """Use attention `backend` (genkit.attention.Attention) from the next batch on; the records say which."""
+        """Use attention `backend` (a name or genkit.attention.Attention) from the next batch on, in this pipeline
+        alone: what it may be is probed in this model's dtypes and head sizes on its device (genkit.attention.choose;
+        auto says on stderr what it passed over), and the records say the backend that runs."""
         from genkit import attention
 
-        backend = attention.resolve(backend, self.device)
+        backend = attention.choose(backend, self.family, self.pipe, self.device).backend
         self.family.apply_attention(self.pipe, backend)
         self.attention = backend
 
@@ -419,15 +424,13 @@ class Pipeline:
         return schedulers.build(schedulers.parse(name, flow=self.family.flow), self.base_scheduler_config)
 
     def record(self, job: Job) -> dict:
-        """Everything needed to make this image again."""
+        """Everything needed to make this image again (its keys: genkit.outputs.RECORD)."""
         return {
-            "index": job.index, "prompt": job.prompt, "negative_prompt": job.negative_prompt, "seed": job.seed,
-            "num_inference_steps": job.num_inference_steps, "guidance_scale": job.guidance_scale,
-            "width": job.width, "height": job.height, "scheduler": job.scheduler, "model": self.name,
+            "index": job.index, **_settings_record(job, of_edit=False), "model": self.name,
             "family": self.family.name,
             "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device, "exact": self.exact, "threads": _threads(),
-            "versions": versions(), **({"compiled": True} if self.compiled else {}), **_edit_record(job),
+            "versions": versions(), **({"compiled": True} if self.compiled else {}), **_settings_record(job, of_edit=True),
             **({"prompt_truncated": cut} if (cut := self.prompt_cut(job.prompt)) else {}),
             **({"prompt_unknown_words": words} if (words := self.family.prompt_notice(self.pipe, job.prompt)) else {}),
             **({"prompt_chunks": chunks} if (chunks := self.chunks_of(job)) > 1 else {}),
@@ -452,15 +455,20 @@ class Pipeline:
         return self._cut[prompt]
 
 
-def _edit_record(job: Job) -> dict:
-    """An edit's part of the record: where each input was read from, its sha256, the strength, the outpaint."""
-    if job.image is None:
-        return {}
-    out = {"image": job.image.source, "image_sha256": job.image.sha256, "strength": job.strength}
-    if job.mask is not None:
-        out.update(mask=job.mask.source, mask_sha256=job.mask.sha256)
-    if job.outpaint:
-        out["outpaint"] = job.outpaint
+def _settings_record(job: Job, of_edit: bool) -> dict:
+    """The job's recorded settings (genkit.settings), those of an edit or the others; an edit's only where it has
+    them, each input as where it was read from and its sha256."""
+    out = {}
+    for setting in SETTINGS:
+        if not setting.recorded or setting.edit != of_edit:
+            continue
+        value = getattr(job, setting.name)
+        if setting.edit and value is None:
+            continue
+        if setting.digest:
+            out.update({setting.name: value.source, digest_key(setting.name): value.sha256})
+        else:
+            out[setting.name] = value
     return out
 
 
@@ -516,8 +524,8 @@ def _made_nan(pipeline: Pipeline, job: Job, what: str) -> GenkitError:
     if what != "latents" or dtype == "fp32" or not wider:
         return GenkitError(f"{pipeline.name}: its {what} came out NaN for {where} in fp32, so its weights hold NaN or "
                            "infinity: download or save the model again (nothing of this batch was saved)", param="model")
-    return GenkitError(f"{dtype}: {pipeline.family.title} overflowed it while denoising {where} (NaN latents: black "
-                       f"images), so nothing of this batch was saved: pass {term('dtype')} {' or '.join(wider)}",
+    return GenkitError(f"{dtype}: {pipeline.family.title} overflows in it: {where} came out of the denoiser as NaN "
+                       f"(a black image), so nothing of this batch was saved; pass {term('dtype')} {' or '.join(wider)}",
                        param="dtype")
 
 

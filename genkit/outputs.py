@@ -22,11 +22,13 @@ import os
 import re
 import secrets
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from genkit import settings
 from genkit.errors import GenkitError, strict_json, term
 
 MANIFEST = "manifest.jsonl"
@@ -89,10 +91,55 @@ def parse_infotext(text: str) -> dict:
     return {"prompt": "\n".join(prompt_lines), "negative_prompt": negative, **fields}
 
 
-# what replay needs from a record, and the type each must have (ranges are checked as for a new run)
-_RECORD_KEYS = {"index": int, "prompt": str, "negative_prompt": str, "seed": int, "num_inference_steps": int,
-                "guidance_scale": (int, float), "width": int, "height": int, "scheduler": str, "model": str,
-                "lora": list}
+@dataclass(frozen=True)
+class RecordKey:
+    """One key of an image's record (the `genkit` PNG chunk, a manifest.jsonl line)."""
+
+    name: str
+    kind: str  # "setting" (genkit.settings), "digest" (an input's sha256), "run" (what replay loads, how the prompt
+    # was read), "environment" (what changes floating-point results, not what was asked), "output" (the file)
+    required: tuple[type, ...] | None = None  # replay needs it, of these types (ranges checked as for a new run)
+    label: str | None = None  # how replay names it when this run's differs (an environment key)
+
+
+def _settings_keys() -> tuple[RecordKey, ...]:
+    keys = []
+    for setting in settings.SETTINGS:
+        if setting.recorded:
+            keys.append(RecordKey(setting.name, "setting", None if setting.edit else setting.json))
+        if setting.digest:
+            keys.append(RecordKey(settings.digest_key(setting.name), "digest"))
+    return tuple(keys)
+
+
+# The record's schema: every key genkit writes in an image's record. Pipeline.record writes them (the settings from
+# genkit.settings, the rest from the pipeline), the writer adds `file` (and a run `skipped`); replay reads the
+# settings back as the image's Job, the digests to check its inputs, the run keys as what to load, and names the
+# environment keys that differ; a prompts file reads settings and digests and leaves the rest to the command line.
+RECORD = (
+    RecordKey("index", "run", (int,)),
+    *_settings_keys(),
+    RecordKey("model", "run", (str,)),
+    RecordKey("family", "run"),
+    RecordKey("lora", "run", (list,)),
+    RecordKey("threads", "environment", label="CPU threads"),
+    RecordKey("device", "environment", label="device"),
+    RecordKey("dtype", "environment", label="dtype"),
+    RecordKey("compiled", "environment", label="--compile"),
+    RecordKey("exact", "environment", label="--exact/--fast"),
+    RecordKey("attention", "environment", label="attention backend"),
+    RecordKey("versions", "environment", label="library versions"),
+    RecordKey("vae_upcast", "environment", label="VAE decoded in fp32"),  # its half-precision pixels were NaN
+    RecordKey("prompt_truncated", "run"),  # what the text encoder dropped (a CLIP family's cut)
+    RecordKey("prompt_chunks", "run"),  # the pieces a long prompt was read in
+    RecordKey("prompt_unknown_words", "run"),  # words the model was never taught (genkit-mini)
+    RecordKey("file", "output"),
+    RecordKey("skipped", "output"),
+)
+RECORD_SETTINGS = tuple(key.name for key in RECORD if key.kind == "setting")  # replay's Job, a prompts file's line
+RECORD_ONLY = frozenset(key.name for key in RECORD if key.kind not in ("setting", "digest"))  # left to the command line
+ENVIRONMENT = {key.name: key.label for key in RECORD if key.label}  # replay's reasons, when pixels differ
+_REQUIRED = {key.name: key.required for key in RECORD if key.required}
 
 
 def read_record(path: str | Path) -> dict:
@@ -122,7 +169,7 @@ def check_record(record, path) -> None:
     if not isinstance(record, dict):
         raise GenkitError(f"{where} is a JSON {type(record).__name__}, not an object; the image was edited or "
                           "damaged, so it cannot be replayed")
-    for key, kind in _RECORD_KEYS.items():
+    for key, kind in _REQUIRED.items():
         if key not in record:
             raise GenkitError(f"{where} has no {key!r}; the image was edited or damaged, so it cannot be replayed")
         value = record[key]

@@ -5,10 +5,11 @@ JSONL: one object per line with `prompt` and optional `negative_prompt`, `seed`,
 `steps`, `guidance` (the CLI's words), `width`, `height`, `scheduler`, and for edits `image`,
 `mask`, `strength`, `outpaint`, overriding the run's settings for that line.
 
-A run's `manifest.jsonl` is a prompts file too: its lines are image records, whose words
-(`num_inference_steps`, `guidance_scale`, `num_images_per_prompt`) mean `steps`, `guidance`, `n`;
-what a record says about how it was run (model, LoRAs, device, versions, file, ...) is left to the
-command line, and a recorded input's `image_sha256` / `mask_sha256` is checked against the file.
+A line may also use the library's words (`num_inference_steps`, `guidance_scale`, `num_images_per_prompt`):
+the short ones are only aliases (genkit.settings), and a line is read into a PromptSpec in the library's words.
+So a run's `manifest.jsonl` is a prompts file too: its lines are image records; what a record says about how
+it was run (model, LoRAs, device, versions, file, ...: genkit.outputs.RECORD_ONLY) is left to the command
+line, and a recorded input's `image_sha256` / `mask_sha256` is checked against the file.
 `genkit generate --prompts-file outputs/manifest.jsonl --model M` makes the run again.
 """
 
@@ -16,22 +17,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-from genkit.checks import check_count, check_guidance, check_seed, check_steps
+from genkit import checks, settings
 from genkit.errors import GenkitError, strict_json
+from genkit.outputs import RECORD_ONLY
 
-JSONL_KEYS = {"prompt": str, "negative_prompt": str, "seed": int, "n": int, "steps": int, "guidance": (int, float),
-              "width": int, "height": int, "scheduler": str,
-              "image": str, "mask": str, "strength": (int, float), "outpaint": (str, dict),
-              "image_sha256": str, "mask_sha256": str}
+# a .jsonl line's keys and the JSON types of each: every setting a prompt may set, by its short word (steps, guidance,
+# n: genkit.settings' aliases), and the sha256 of each input file
+JSONL_KEYS = {**{s.word: s.json for s in settings.SETTINGS if s.per_prompt},
+              **{settings.digest_key(s.name): (str,) for s in settings.SETTINGS if s.digest}}
 # image / mask paths in a .jsonl: relative to the file's own folder, else to the working folder
-RECORD_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "n"}
-# what an image record (manifest.jsonl) says about how it was made; the command line decides these
-RECORD_ONLY = frozenset({"index", "file", "skipped", "model", "family", "lora", "attention", "dtype", "device",
-                         "exact", "threads", "versions", "compiled", "prompt_truncated", "prompt_chunks",
-                         "prompt_unknown_words"})
+JSONL_WORDS = {s.alias: s.name for s in settings.SETTINGS if s.alias}  # a line's short words -> the library's
 
 
 class PromptWarning(UserWarning):
@@ -97,10 +94,16 @@ def _read_lines(path: Path) -> list[str]:
     return text.splitlines()
 
 
-_NUMBERS = {  # jsonl key -> its check
-    "seed": check_seed, "n": partial(check_count, param="num_images_per_prompt"), "steps": check_steps,
-    "guidance": check_guidance,
-}
+def _check_number(name: str, value, where: str) -> None:
+    """The range check of a .jsonl line's number (the others are checked by the plan, with the model)."""
+    if name == "seed":
+        checks.check_seed(value, where)
+    elif name == "num_images_per_prompt":
+        checks.check_count(value, name, where)
+    elif name == "num_inference_steps":
+        checks.check_steps(value, where)
+    elif name == "guidance_scale":
+        checks.check_guidance(value, where)
 
 
 def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
@@ -116,38 +119,36 @@ def _read_jsonl(path: Path, lines: list[str]) -> list[PromptSpec]:
                               'object like {"prompt": "a red circle"}') from None
         if not isinstance(entry, dict) or not isinstance(entry.get("prompt"), str) or not entry["prompt"].strip():
             raise GenkitError(f'{where} needs a non-empty "prompt" string, like {{"prompt": "a red circle"}}')
-        entry = _plain_words(entry, where)
-        for key, value in entry.items():
-            if key not in JSONL_KEYS:
-                raise GenkitError(f"{where}: unknown key {key!r} (valid: {', '.join(JSONL_KEYS)})")
-            if not isinstance(value, JSONL_KEYS[key]) or isinstance(value, bool):
-                raise GenkitError(f"{where}: {key} has the wrong type ({value!r})")
-            if key in _NUMBERS:
-                _NUMBERS[key](value, where=f"{where}: {key}")
-        specs.append(PromptSpec(
-            prompt=entry["prompt"],
-            negative_prompt=entry.get("negative_prompt"),
-            seed=entry.get("seed"),
-            num_images_per_prompt=entry.get("n"),
-            num_inference_steps=entry.get("steps"),
-            guidance_scale=float(entry["guidance"]) if "guidance" in entry else None,
-            width=entry.get("width"), height=entry.get("height"), scheduler=entry.get("scheduler"),
-            image=_input(path, entry, "image", where), mask=_input(path, entry, "mask", where),
-            strength=entry.get("strength"), outpaint=entry.get("outpaint"),
-        ))
+        entry = _library_words(entry, where)
+        for name, (word, value) in entry.items():
+            if word not in JSONL_KEYS:
+                raise GenkitError(f"{where}: unknown key {word!r} (valid: {', '.join(JSONL_KEYS)})")
+            if not isinstance(value, JSONL_KEYS[word]) or isinstance(value, bool):
+                raise GenkitError(f"{where}: {word} has the wrong type ({value!r})")
+            _check_number(name, value, f"{where}: {word}")
+        values = {name: value for name, (_, value) in entry.items()}
+        if "guidance_scale" in values:
+            values["guidance_scale"] = float(values["guidance_scale"])
+        for name in settings.names(digest=True):  # an input's path, found and checked against its sha256
+            values[name] = _input(path, values, name, where)
+            values.pop(settings.digest_key(name), None)
+        specs.append(PromptSpec(**values))
     return specs
 
 
-def _plain_words(entry: dict, where: str) -> dict:
-    """A record's words as a prompts file's (`num_inference_steps` -> `steps`), its run-only keys dropped."""
+def _library_words(entry: dict, where: str) -> dict:
+    """{library word: (the line's word, value)}: a line's keys by the library's words (`steps` and a record's
+    `num_inference_steps` both mean num_inference_steps, which a .jsonl line calls `steps`); a record's run-only
+    keys (model, device, ...) dropped."""
     out = {}
     for key, value in entry.items():
         if key in RECORD_ONLY:
             continue
-        word = RECORD_WORDS.get(key, key)
-        if word in out or (word != key and word in entry):
-            raise GenkitError(f"{where}: {key!r} and {word!r} say the same thing; keep one")
-        out[word] = value
+        name = JSONL_WORDS.get(key, key)
+        word = settings.BY_NAME[name].word if name in settings.BY_NAME else key
+        if name in out:
+            raise GenkitError(f"{where}: {name!r} and {word!r} say the same thing; keep one")
+        out[name] = (word, value)
     return out
 
 

@@ -13,7 +13,8 @@ from typing import Iterator
 
 from genkit import distributed
 from genkit.errors import GenkitError, term
-from genkit.outputs import OutputWriter, check_out_dir, read_record, recorded_seed, run_key, save_png, save_text
+from genkit.outputs import (ENVIRONMENT, RECORD_SETTINGS, OutputWriter, check_out_dir, read_record, recorded_seed,
+                            run_key, save_png, save_text)
 
 
 @dataclass
@@ -52,14 +53,11 @@ class GenerateRequest:
     progress: bool = True
 
     def config(self):
+        """The request's settings (genkit.settings' `per_call` ones, which it holds under the same names)."""
+        from genkit import settings
         from genkit.generate import GenerationConfig
 
-        return GenerationConfig(
-            negative_prompt=self.negative_prompt, num_images_per_prompt=self.num_images_per_prompt,
-            batch_size=self.batch_size, seed=self.seed, num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale, width=self.width, height=self.height, scheduler=self.scheduler,
-            image=self.image, mask=self.mask, strength=self.strength, outpaint=self.outpaint,
-        )
+        return GenerationConfig(**{name: getattr(self, name) for name in settings.names(per_call=True)})
 
 
 def load_for(request, device: str | None = None) -> "object":
@@ -230,9 +228,11 @@ class Replay:
         return f"differs from the original by up to {self.largest_difference} of 255 ({why})"
 
 
-# recorded settings that change floating-point results without changing what was asked for
-_ENVIRONMENT = {"threads": "CPU threads", "device": "device", "dtype": "dtype", "compiled": "--compile",
-                "exact": "--exact/--fast", "attention": "attention backend", "versions": "library versions"}
+def _exact_offered(device: str | None) -> bool:
+    """A recorded --exact replays as --exact where it is offered; on CUDA as --fast (genkit.loader.exact_refusal)."""
+    from genkit.loader import exact_refusal, pick_device
+
+    return exact_refusal(pick_device(device)) is None
 
 
 def replay_image(image: str | Path, *, out=None, model=None, device=None, input_image=None, input_mask=None
@@ -244,23 +244,26 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     import numpy as np
     from PIL import Image
 
+    from genkit import settings
     from genkit.generate import Job
 
     record = read_record(image)
     out_dir = check_out_dir(out or Path(image).parent)
-    inputs = {key: _find_input(record, key, given, Path(image).parent)
-              for key, given in (("image", input_image), ("mask", input_mask)) if record.get(key) is not None}
+    given = {"image": input_image, "mask": input_mask}
+    inputs = {key: _find_input(record, key, given[key], Path(image).parent)
+              for key in settings.names(digest=True) if record.get(key) is not None}
     request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
                               attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
-                              dtype=record.get("dtype"), exact=record.get("exact", True),
+                              dtype=record.get("dtype"), exact=record.get("exact", True) and _exact_offered(device),
                               long_prompts=_long_prompts(record))
     from genkit import cpu
 
     if isinstance(record.get("threads"), int) and 1 <= record["threads"] <= cpu.usable_cores():  # pixels depend on it
         cpu.choose_threads(record["threads"])  # GENKIT_THREADS / --threads still win inside genkit.load
     pipeline = load_for(request)
-    job = Job(**{key: record[key] for key in Job.__dataclass_fields__
-                 if key in record and key not in ("image", "mask")}, **inputs)
+    # the recorded settings are the image's Job (its inputs read again); the rest is what to load and how
+    recorded = {key: record[key] for key in RECORD_SETTINGS if key in record and key not in inputs}
+    job = Job(index=record["index"], **recorded, **inputs)
     result = pipeline.generate([record["prompt"]], jobs=[job])
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"replay-{Path(image).name}"
@@ -272,7 +275,7 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     if before.shape != after.shape:
         return Replay(path, False, 255, [f"size {before.shape[1]}x{before.shape[0]} -> {after.shape[1]}x{after.shape[0]}"])
     largest = int(np.abs(before - after).max())
-    reasons = [f"{label} {record.get(key)} -> {now.get(key)}" for key, label in _ENVIRONMENT.items()
+    reasons = [f"{label} {record.get(key)} -> {now.get(key)}" for key, label in ENVIRONMENT.items()
                if key in record and record.get(key) != now.get(key)]
     return Replay(path, largest == 0, largest, reasons)
 

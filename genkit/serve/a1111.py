@@ -33,7 +33,9 @@ from genkit.serve.service import Order
 
 router = APIRouter(prefix="/sdapi/v1")
 
-FIELDS = {"n": "batch_size", "guidance": "cfg_scale", "scheduler": "sampler_name",
+# A1111's words for the library's (genkit.settings), where they differ: errors name the client's field by it
+FIELDS = {"num_images_per_prompt": "batch_size", "num_inference_steps": "steps", "guidance_scale": "cfg_scale",
+          "scheduler": "sampler_name", "image": "init_images", "strength": "denoising_strength", "lora": "loras",
           "model": "override_settings.sd_model_checkpoint"}
 SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
              "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # A1111's noise schedules; genkit has one
@@ -132,11 +134,7 @@ async def img2img(request: Request):
                                        invert=body.inpainting_mask_invert == 1)
         inputs.check_mask(order.mask, order.image, "mask", 422)
     order.strength = body.denoising_strength
-    order.fields = {**order.fields, **EDIT_FIELDS}
     return await _generate(request, body, order)
-
-
-EDIT_FIELDS = {"image": "init_images", "mask": "mask", "strength": "denoising_strength"}
 
 
 def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
@@ -154,10 +152,11 @@ def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
     if model is not None and not isinstance(model, str):
         raise ApiError(422, "override_settings.sd_model_checkpoint must be a string",
                        param="override_settings.sd_model_checkpoint")
-    return Order(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.batch_size * body.n_iter,
-                 seed=None if body.seed == -1 else body.seed, steps=body.steps, guidance=body.cfg_scale,
-                 width=body.width, height=body.height, scheduler=_sampler(body), model=model,
-                 loras=[(ref.name, ref.value) for ref in body.loras], fields=FIELDS)
+    return Order(prompt=body.prompt, negative_prompt=body.negative_prompt,
+                 num_images_per_prompt=body.batch_size * body.n_iter, seed=None if body.seed == -1 else body.seed,
+                 num_inference_steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
+                 scheduler=_sampler(body), model=model, lora=[(ref.name, ref.value) for ref in body.loras],
+                 fields=FIELDS)
 
 
 def _sampler(body: Txt2Img) -> str | None:

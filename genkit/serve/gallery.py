@@ -16,10 +16,14 @@ from importlib import resources
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, HTMLResponse, Response
 
+from genkit import settings
 from genkit.serve.errors import ApiError
 from genkit.serve.service import Order
 
 router = APIRouter()
+# the gallery's words (its JSON, the page's) for the library's (genkit.settings), where they differ
+FIELDS = {"num_images_per_prompt": "n", "num_inference_steps": "steps", "guidance_scale": "guidance", "lora": "loras"}
+SHOWN = (*settings.names(recorded=True, edit=False), "model")  # what an entry says of its record, in FIELDS' words
 
 
 def _page() -> str:
@@ -67,14 +71,15 @@ async def variation(request: Request, name: str):
     for lora in record.get("lora", []):
         served = state.library.name_of(lora.get("path", ""))
         if served is None:
-            raise ApiError(422, f"LoRA {lora.get('name')!r} of this image is not served now", param="loras")
+            raise ApiError(422, f"LoRA {lora.get('name')!r} of this image is not served now", param=FIELDS["lora"])
         loras.append((served, float(lora["scale"])))
-    order = Order(prompt=record["prompt"], negative_prompt=record.get("negative_prompt", ""),
-                  steps=record["num_inference_steps"], guidance=record["guidance_scale"], width=record["width"],
-                  height=record["height"], scheduler=record["scheduler"], model=record["model"], loras=loras)
-    if record.get("image") is not None:  # an edit: the same input, kept beside the images (--out)
-        order.image, order.mask = _kept(state, record, "image"), _kept(state, record, "mask")
-        order.strength, order.outpaint = record.get("strength"), record.get("outpaint")
+    # the record's settings but its seed (the engine draws a new one); an edit's input kept beside the images (--out)
+    same = {name: record[name] for name in settings.names(per_prompt=True, recorded=True, edit=False)
+            if name != "seed" and name in record}
+    order = Order(**same, model=record["model"], lora=loras, fields=FIELDS)
+    if record.get("image") is not None:
+        for name in settings.names(edit=True):
+            setattr(order, name, _kept(state, record, name) if settings.BY_NAME[name].digest else record.get(name))
     delivery = await state.service.run(order, request)
     if delivery is None:
         return Response(status_code=499)
@@ -105,9 +110,6 @@ def _entry(entry) -> dict:
 
     record = entry.record
     return {"file": entry.file, "url": f"/genkit/v1/files/{entry.file}", "time": entry.time,
-            "prompt": record.get("prompt"), "negative_prompt": record.get("negative_prompt"),
-            "seed": record.get("seed"), "steps": record.get("num_inference_steps"),
-            "guidance": record.get("guidance_scale"), "width": record.get("width"), "height": record.get("height"),
-            "scheduler": record.get("scheduler"), "model": record.get("model"),
-            "loras": [{"name": lo.get("name"), "scale": lo.get("scale")} for lo in record.get("lora", [])],
+            **{FIELDS.get(name, name): record.get(name) for name in SHOWN},
+            FIELDS["lora"]: [{"name": lo.get("name"), "scale": lo.get("scale")} for lo in record.get("lora", [])],
             "infotext": infotext(record), "record": record}

@@ -27,7 +27,10 @@ from genkit.serve.errors import ApiError
 from genkit.serve.service import Order
 
 router = APIRouter(prefix="/v1")
-FIELDS = {"width": "size", "height": "size", "scheduler": "scheduler"}
+# OpenAI's words (and genkit's extensions') for the library's (genkit.settings), where they differ: errors name the
+# client's field by it
+FIELDS = {"num_images_per_prompt": "n", "num_inference_steps": "steps", "guidance_scale": "guidance", "width": "size",
+          "height": "size", "lora": "loras"}
 
 
 class Generations(Body):
@@ -62,9 +65,10 @@ def _order(body: Generations) -> Order:
     if body.seed is not None and body.seed < 0:
         raise ApiError(400, f"seed must be 0 or more, got {body.seed}", param="seed")
     width, height = _size(body.size)
-    return Order(prompt=body.prompt, negative_prompt=body.negative_prompt, n=body.n, seed=body.seed,
-                 steps=body.steps, guidance=body.guidance, width=width, height=height, scheduler=body.scheduler,
-                 model=body.model, loras=[(ref.name, ref.value) for ref in body.loras], fields=FIELDS)
+    return Order(prompt=body.prompt, negative_prompt=body.negative_prompt, num_images_per_prompt=body.n,
+                 seed=body.seed, num_inference_steps=body.steps, guidance_scale=body.guidance, width=width,
+                 height=height, scheduler=body.scheduler, model=body.model,
+                 lora=[(ref.name, ref.value) for ref in body.loras], fields=FIELDS)
 
 
 async def _answer(request: Request, body: Generations, order: Order):
@@ -120,8 +124,8 @@ async def edits(request: Request):
         order.mask = inputs.openai_mask(order.image, "image")
         inputs.check_mask(order.mask, order.image, "image", 400, convention="transparent")
     order.strength = body.strength
-    order.fields = {**order.fields, "image": "image", "mask": "mask" if mask is not None else "image",
-                    "strength": "strength"}
+    if mask is None:  # the mask is the image's own transparency: its errors are about the image
+        order.fields = {**order.fields, "mask": "image"}
     return await _answer(request, body, order)
 
 

@@ -1,7 +1,8 @@
 """One image request, whatever the dialect: check it, plan it, queue it, wait for it.
 
-Each dialect turns its body into an `Order` (with its own field names in `fields`, so errors
-name what the client sent) and gets back `Delivery` entries; everything between is here:
+Each dialect turns its body into an `Order`, in the library's words (genkit.settings), with its own words for
+them in `fields` (the dialect's one map), so errors name what the client sent, and gets back `Delivery` entries;
+everything between is here:
 limits, LoRA tags and names, the model, `Pipeline.plan` (the engine's own validation), the
 coalescing queue, and waiting while watching for a client that goes away.
 
@@ -28,24 +29,25 @@ DISCONNECT_POLL_S = 0.2
 
 @dataclass
 class Order:
-    """What a client asked for, in genkit's terms; None means the model's default."""
+    """What a client asked for, in the library's words; None means the model's default. Its settings are
+    genkit.settings' `per_prompt` ones (tests/test_settings.py), then the model, the LoRAs and the dialect's words."""
 
     prompt: str
     negative_prompt: str = ""
-    n: int = 1
+    num_images_per_prompt: int = 1
     seed: int | None = None
-    steps: int | None = None
-    guidance: float | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
-    model: str | None = None
-    loras: list = field(default_factory=list)  # [(name, scale)] besides the prompt's <lora:...> tags
     image: object = None  # image editing: the input (a PIL image), a mask (white repaints), strength, outpaint
     mask: object = None
     strength: float | None = None
     outpaint: str | None = None
-    fields: dict = field(default_factory=dict)  # genkit's word -> the dialect's (errors name the client's field)
+    model: str | None = None
+    lora: list = field(default_factory=list)  # [(name, scale)] besides the prompt's <lora:...> tags
+    fields: dict = field(default_factory=dict)  # the library's word -> the dialect's (errors name the client's field)
 
     def field(self, name: str) -> str:
         return self.fields.get(name, name)
@@ -67,9 +69,9 @@ class Service:
         limits = self.limits
         limits.check_prompt(order.prompt, order.field("prompt"))
         limits.check_prompt(order.negative_prompt, order.field("negative_prompt"))
-        limits.check_count(order.n, order.field("n"))
-        limits.check_steps(order.steps, order.field("steps"))
-        limits.check_guidance(order.guidance, order.field("guidance"))
+        limits.check_count(order.num_images_per_prompt, order.field("num_images_per_prompt"))
+        limits.check_steps(order.num_inference_steps, order.field("num_inference_steps"))
+        limits.check_guidance(order.guidance_scale, order.field("guidance_scale"))
         limits.check_side(order.width, order.field("width"))
         limits.check_side(order.height, order.field("height"))
         prompt, tags = split_tags(order.prompt, order.field("prompt"))
@@ -116,19 +118,19 @@ class Service:
 
     @staticmethod
     def _config(order: Order):
+        """The order's settings as the engine's call settings (its prompt goes to the plan on its own)."""
+        from genkit import settings
         from genkit.generate import GenerationConfig
 
-        return GenerationConfig(negative_prompt=order.negative_prompt, num_images_per_prompt=order.n, seed=order.seed,
-                                num_inference_steps=order.steps, guidance_scale=order.guidance, width=order.width,
-                                height=order.height, scheduler=order.scheduler, image=order.image, mask=order.mask,
-                                strength=order.strength, outpaint=order.outpaint)
+        return GenerationConfig(**{name: getattr(order, name) for name in settings.names(per_call=True,
+                                                                                          per_prompt=True)})
 
     def _loras(self, tags: list, order: Order) -> tuple:
         named = [(name, scale, order.field("prompt")) for name, scale in tags]
-        named += [(name, scale, order.field("loras")) for name, scale in order.loras]
+        named += [(name, scale, order.field("lora")) for name, scale in order.lora]
         if len(named) > self.limits.max_loras:
-            raise ApiError(422, f"{order.field('loras')}: {len(named)} LoRAs asked for; at most "
-                                f"{self.limits.max_loras} per request", param=order.field("loras"), code="limit")
+            raise ApiError(422, f"{order.field('lora')}: {len(named)} LoRAs asked for; at most "
+                                f"{self.limits.max_loras} per request", param=order.field("lora"), code="limit")
         seen, key = set(), []
         for name, scale, where in named:
             if name in seen:
@@ -195,13 +197,7 @@ class Service:
         return self.store.save(image, record)
 
 
-# The engine's parameters in the Order's words, where they differ (each dialect's `fields` maps the Order's words
-# to the client's).
-ORDER_WORDS = {"num_inference_steps": "steps", "guidance_scale": "guidance", "num_images_per_prompt": "n",
-               "lora": "loras"}
-
-
 def refused(exc: GenkitError, order: Order) -> ApiError:
     """The engine's GenkitError as a 422 naming the request's field for the parameter it is about (`exc.param`)."""
-    field = order.field(ORDER_WORDS.get(exc.param, exc.param)) if exc.param else None
+    field = order.field(exc.param) if exc.param else None
     return ApiError(422, exc.naming(field), param=field)
