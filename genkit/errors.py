@@ -42,7 +42,8 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "negative_prompt": "--negative", "seed": "--seed", "overrides": "--set", "strength": "--strength",
          "allow_pickle": "--allow-pickle", "width": "--width", "height": "--height", "dtype": "--dtype",
          "batch_size": "--batch-size", "api_key": "--api-key", "overwrite": "--overwrite",
-         "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger", "config": "--config"}
+         "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger", "config": "--config",
+         "exact": "--exact"}
 _COMMAND_LINE: ContextVar[bool] = ContextVar("genkit_command_line", default=False)
 
 

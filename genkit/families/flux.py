@@ -29,6 +29,10 @@ class Flux(FlowFamily):
     def default_size(self, pipe) -> int:
         return int(pipe.default_sample_size) * int(pipe.vae_scale_factor)
 
+    def decode(self, pipe, latents, width, height) -> torch.Tensor:
+        """Its latents come packed in 2x2 patches, (batch, tokens, 4 * channels): unpacked first."""
+        return super().decode(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), width, height)
+
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}

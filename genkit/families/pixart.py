@@ -21,11 +21,13 @@ class PixArtSigma(DenoiserLoRA, TransformerFamily):
     guidance_scale = 4.5
     num_inference_steps = 20
     edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it
+    dtypes = ("fp16", "bf16", "fp32")
+    gpu_dtypes = ("fp16",)  # PixArt-Sigma's weights and diffusers' docs: fp16
 
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, None)
         del args["callback_on_step_end"]  # PixArt's pipeline has only the legacy per-step callback
-        args["callback"], args["callback_steps"] = (lambda i, t, latents: on_step(None, i, t, {})), 1
+        args["callback"], args["callback_steps"] = (lambda i, t, latents: on_step(None, i, t, {"latents": latents})), 1
         args["use_resolution_binning"] = False  # the record's size is the size made, never a bin's
         args["clean_caption"] = False  # the prompt as written (cleaning needs bs4 + ftfy and rewrites it)
         return args

@@ -20,6 +20,8 @@ class StableDiffusion(UNetFamily):
     long_prompts = ("chunk", "truncate")
     text_encoder_lora = True
     kohya = Kohya("sd_v1", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, v2_width=1024)
+    dtypes = ("fp16", "bf16", "fp32")
+    gpu_dtypes = ("fp16",)  # its weights are published in fp16 and run in it (A1111, ComfyUI, diffusers' docs)
 
     # -- reading the prompt: CLIP's 75-token chunks --------------------------------------------
     def chunk_tokenizer(self, pipe):

@@ -13,6 +13,7 @@ class StableDiffusion3(FlowFamily):
     max_sequence_length = 256  # the pipeline's max_sequence_length default
     guidance_scale = 7.0
     num_inference_steps = 28
+    dtypes = ("bf16", "fp16", "fp32")  # fp16: SD3 Medium runs in it; SD3.5 overflows (NaN: said, nothing saved)
 
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, _, pooled, _ = pipe.encode_prompt(captions, None, None, device=device, num_images_per_prompt=1,

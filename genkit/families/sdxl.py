@@ -20,6 +20,19 @@ class StableDiffusionXL(StableDiffusion):
     text_encoder_lora = False
     kohya = Kohya("sdxl_base_v1-0", {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"})
 
+    def vae_upcast(self, pipe) -> bool:
+        """SDXL's VAE overflows in fp16: its pipelines decode in fp32 unless the VAE says it is fp16-safe (its config's
+        force_upcast false, as madebyollin's sdxl-vae-fp16-fix), as A1111's --no-half-vae."""
+        return pipe.vae.dtype == torch.float16 and bool(pipe.vae.config.force_upcast)
+
+    def decode(self, pipe, latents, width, height) -> torch.Tensor:
+        config = pipe.vae.config
+        mean, std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        if mean is None or std is None:
+            return super().decode(pipe, latents, width, height)
+        mean, std = (torch.tensor(v).view(1, -1, 1, 1).to(latents.device, latents.dtype) for v in (mean, std))
+        return pipe.vae.decode((latents * std / config.scaling_factor + mean).to(pipe.vae.dtype), return_dict=False)[0]
+
     def chunk_embeds(self, pipe, batch, chunks: int) -> dict:
         """Both CLIPs' penultimate states side by side, chunk by chunk; pooled text from the second's first chunk."""
         from genkit.families import clip_chunks

@@ -36,6 +36,8 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     scheduler = "dpm++"
     prior_sources = ("render", "model", "none")  # render: scenes of its own shapes world
     lora_layout = "diffusers"
+    dtypes = ("fp32", "bf16", "fp16")
+    gpu_dtypes = ("fp32",)  # a small pixel-space model: fp32 everywhere unless told
     kohya = Kohya("genkit-mini", {"unet": "lora_unet_"})
 
     def load(self, source, *, dtype, use_safetensors, local):
@@ -68,6 +70,9 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
 
     def latents(self, pipe, encoded, generators) -> torch.Tensor:
         return encoded
+
+    def decode(self, pipe, latents, width, height) -> torch.Tensor:
+        return latents  # pixel space: the sample is the image
 
     # -- LoRA: Stable Diffusion's loader and layout (`unet.` keys), into the decoder --------------------
     def load_lora(self, pipe, file, state_dict, alphas, metadata, adapter) -> None:
