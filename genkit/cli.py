@@ -90,10 +90,13 @@ def main(threads):
 
 def model_options(f):
     f = click.option("--allow-pickle", is_flag=True, help="Allow .bin/.ckpt pickle weights (they can run code).")(f)
-    f = click.option("--dtype", default=None, help="fp32, fp16 or bf16 (default: fp16 on CUDA, else fp32).")(f)
+    f = click.option("--dtype", default=None,
+                     help="fp32, fp16 or bf16, as the model's family runs (default on CUDA: bf16 for Flux, SD3, SANA, "
+                          "Chroma, else fp32 without bf16; fp16 for SD, SDXL, PixArt; elsewhere fp32).")(f)
     f = click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")(f)
     f = click.option("--attention", default="auto", show_default=True,
-                     help="auto, xformers, sdpa, sliced or math.")(f)
+                     help="auto, sdpa, math, sliced, xformers, flash, flash3 or sage (genkit info: which run "
+                          "here).")(f)
     f = click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
                      help="Preset name, diffusers folder or hub id (env GENKIT_MODEL; default genkit-mini).")(f)
     return f
@@ -131,8 +134,8 @@ def model_options(f):
 @click.option("--compile", is_flag=True, help="torch.compile the UNet: slow first batch, faster after (long runs).")
 @click.option("--exact/--fast", default=None,
               help="--exact: an image's pixels never depend on its batch-mates or the batch size (the default on a "
-                   "CPU); --fast: skip that guard (the default on a GPU, where batching is the speed; see the "
-                   "README's Seeds section).")
+                   "CPU; refused on CUDA, where it does not hold); --fast: skip that guard (the default on a GPU, "
+                   "where batching is the speed; see the README's Seeds section).")
 @click.option("--long-prompts", type=click.Choice(["chunk", "truncate"]), default=None,
               help="A prompt past CLIP's 75 tokens (SD 1.x/2.x, SDXL): chunk reads all of it in 75-token chunks as "
                    "A1111 does (the default); truncate cuts it as diffusers does (said and recorded).")
@@ -184,9 +187,42 @@ def replay(image, out, model, device, check, input_image, input_mask):
         click.echo(replay.summary(), err=True)
 
 
+def _memory_amount(ctx, param, value):
+    from genkit.memory import parse_bytes
+
+    try:
+        return None if value is None else parse_bytes(value)
+    except GenkitError as exc:
+        raise click.BadParameter(exc.message) from None
+
+
 @main.command()
-def info():
-    """Device, library versions and attention backends."""
+@click.option("--model", "-m", default=None,
+              help="Plan this model's memory instead (preset, diffusers folder or hub id; its configs are enough).")
+@click.option("--device", default=None, help="With --model: plan for cpu, cuda, cuda:N or mps (default: the best here).")
+@click.option("--memory", default=None, metavar="AMOUNT", callback=_memory_amount,
+              help="With --model: the budget, like 12GiB, 24GB or 512MiB (default: what is free on --device now).")
+@click.option("--width", "-W", type=int, default=None)
+@click.option("--height", "-H", type=int, default=None)
+@click.option("--batch-size", "-b", default=1, show_default=True)
+@click.option("--dtype", default=None, help="With --model: fp32, fp16 or bf16 (default: the family's on --device).")
+@click.option("--json", "as_json", is_flag=True, help="With --model: the plan as one JSON object.")
+def info(model, device, memory, width, height, batch_size, dtype, as_json):
+    """Device, library versions, and each attention backend: whether its probe ran here, and why not.
+
+    With --model: a memory plan instead, from the model's configs alone (no weights read): each component's bytes,
+    dtype and placement, and the fastest placement that fits --memory with its predicted peak (estimates)."""
+    if model is not None:
+        from genkit import memory as memory_plan
+
+        _quiet_libraries()
+        plan = memory_plan.plan(model, device=device, memory=memory, width=width, height=height,
+                                batch_size=batch_size, dtype=dtype)
+        click.echo(json.dumps(plan.to_json()) if as_json else memory_plan.describe(plan))
+        return
+    if device or memory or width or height or batch_size != 1 or dtype or as_json:
+        raise GenkitError("is needed with --device, --memory, --width, --height, --batch-size, --dtype and --json "
+                          "(they plan a model's memory)", param="model")
     import platform
 
     import torch
@@ -207,7 +243,7 @@ def info():
     else:
         lines["cpu threads"] = str(torch.get_num_threads())
     lines["bf16 on CPU"] = "yes" if "avx512_bf16" in _cpu_flags() or "amx_bf16" in _cpu_flags() else "no"
-    for backend, state in attention.available(device).items():
+    for backend, state in attention.report(device).items():  # each backend's probe, run here
         lines[f"attention {backend}"] = state
     lines["presets"] = ", ".join(presets.names())
     lines["GENKIT_HOME"] = str(presets.genkit_home())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -64,17 +65,44 @@ def _mps() -> bool:
     return bool(backend and backend.is_available())
 
 
-def pick_dtype(dtype: str | None, device: str, family=None):
-    """`dtype` as torch's; unset: fp16 for latent models on CUDA (a family not known yet counts as latent), else fp32."""
+SHORT = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}  # torch's name -> the families' (Family.dtypes)
+
+
+def pick_dtype(dtype: str | None, device: str, family=None, bf16: bool | None = None):
+    """`dtype` as torch's, refused in one line outside the family's `dtypes`. Unset: fp32 off CUDA; on CUDA the
+    family's `gpu_dtype` for a GPU with or without bf16 (`bf16`; None: ask the device), and for a family not known
+    until loaded (a hub id) bf16, else fp32: every family runs in both, and neither overflows."""
     import torch
 
     if dtype is None:
-        latent = family.latent if family is not None else True
-        return torch.float16 if device.startswith("cuda") and latent else torch.float32
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        bf16 = gpu_bf16(device) if bf16 is None else bf16
+        name = family.gpu_dtype(bf16) if family is not None else "bf16" if bf16 else "fp32"
+        return getattr(torch, DTYPES[name])
     key = str(dtype).removeprefix("torch.").lower()
     if key not in DTYPES:
         raise GenkitError(f"{dtype!r} is not a dtype genkit knows (valid: fp32, fp16, bf16)", param="dtype")
+    check_dtype(family, DTYPES[key], dtype)
     return getattr(torch, DTYPES[key])
+
+
+def check_dtype(family, name: str, given) -> None:
+    """Refuse dtype `name` (torch's, as `given`) when `family` does not run in it (None: not known yet)."""
+    short = SHORT[name]
+    if family is None or short in family.dtypes:
+        return
+    why = " (fp16 overflows its activations into NaN: black images)" if short == "fp16" else ""
+    raise GenkitError(f"{given}: {family.title} models run in {' or '.join(family.dtypes)}{why}; "
+                      f"pass {term('dtype')} {family.dtypes[0]}", param="dtype")
+
+
+def gpu_bf16(device: str) -> bool:
+    """CUDA device `device` computes in bf16 natively (compute capability 8.0 and later; ROCm), not emulated."""
+    import torch
+
+    with torch.cuda.device(torch.device(device)):
+        return torch.cuda.is_bf16_supported(including_emulation=False)
 
 
 def check_folder(folder: Path, allow_pickle: bool) -> dict:
@@ -179,6 +207,26 @@ def default_exact(device: str) -> bool:
     return str(device).split(":")[0] == "cpu"  # "cpu:0" is what accelerate gives each process
 
 
+def exact_refusal(device: str) -> str | None:
+    """Why `exact=True` is refused on `device` (a GenkitError's message about `exact`), or None where it is offered.
+
+    On CUDA the fixed blocks did not make batches bitwise equal to images alone (SD 1.5-size on an H200: batch 8
+    against alone up to 2 levels apart) and ran at 0.32x a plain diffusers loop: a cost for a promise not kept."""
+    if str(device).split(":")[0] != "cuda":
+        return None
+    fast = "--fast" if term("exact").startswith("--") else "exact=False"
+    return ("is not offered on CUDA: there genkit keeps the same pixels for the same batch run to run (same prompts, "
+            "seeds, batch size, settings, GPU and library versions), not pixels independent of the batch (cuBLAS and "
+            "cuDNN choose kernels by a batch's shape: a level or two apart between a batch and alone); use "
+            f"{fast}, the GPU default, or {term('device')} cpu where pixels never depend on the batch")
+
+
+def check_exact(device: str, exact: bool) -> None:
+    """Refuse `exact` where it is not offered (`exact_refusal`), in one line, before any model loads."""
+    if exact and (why := exact_refusal(device)):
+        raise GenkitError(why, param="exact")
+
+
 def load(
     name_or_path: str | None = None,
     *,
@@ -192,12 +240,18 @@ def load(
     keep_freed_memory: bool = True,
     exact: bool | None = None,
     threads: int | str | None = None,
+    lora=(),
 ):
     """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`.
 
+    `lora`: LoRAs to apply, as `--lora` does: each a path (a LoRA folder or file), a "path:scale" string or a
+    (path, scale) pair; a bad path, scale or file is refused before the model loads.
+
     `exact` makes an image's pixels independent of its batch (genkit.invariance); False (`--fast`) skips
     that guard. Unset: exact on the CPU, where it holds bitwise and costs 0.79-0.9x on genkit-mini; fast on
-    a GPU, where it is not guaranteed (cuBLAS/cuDNN) and would undo what batching buys (README: Seeds). On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
+    a GPU. On CUDA exact=True is refused (`exact_refusal`: it did not hold there, and undid what batching buys).
+    `dtype` unset: the family's (`pick_dtype`); one it does not run in is refused, before the load where its family
+    is known. On the CPU, `keep_freed_memory` keeps freed memory in the process (genkit.cpu: same pixels, faster
     sampling; the process keeps its peak memory until it exits). `threads` (or $GENKIT_THREADS): CPU threads, a
     number or "auto" (the cores free now); unset, --fast takes the free cores and --exact keeps torch's count and
     says on stderr when cores are busy (genkit.cpu.choose_threads).
@@ -205,13 +259,15 @@ def load(
     from genkit import families
     from genkit.generate import Pipeline
 
+    loras = lora_specs(lora, allow_pickle)  # before the slow load
     name = name_or_path or presets.DEFAULT_MODEL
     source, family, defaults, preset = _locate(name, allow_pickle)
     local = Path(source).exists()
     backend_device = pick_device(device)
     exact = default_exact(backend_device) if exact is None else exact
-    backend = attn.resolve(attention, backend_device)  # fail on xformers before the slow load
+    check_exact(backend_device, exact)
     torch_dtype = pick_dtype(dtype, backend_device, family)
+    backend = attn.check(attention, backend_device, torch_dtype, family)  # what cannot run, before the slow load
     if backend_device == "cpu":
         from genkit import cpu
 
@@ -226,7 +282,10 @@ def load(
             from genkit.families.base import load_diffusers
 
             pipe = load_diffusers(source, torch_dtype, use_safetensors, local)
-    family = family or families.detect(type(pipe).__name__, source)
+    if family is None:  # a hub id: its family and the dtypes it runs in are known now
+        family = families.detect(type(pipe).__name__, source)
+        if dtype is not None:
+            check_dtype(family, str(torch_dtype).removeprefix("torch."), dtype)
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload:
         if not backend_device.startswith("cuda"):
@@ -245,6 +304,44 @@ def load(
         vae.enable_slicing()
     if vae_tiling:
         vae.enable_tiling()
-    return Pipeline(pipe, name=name if preset is not None else source, family=family, defaults=defaults,
-                    device=backend_device, attention=backend, exact=exact)
+    pipeline = Pipeline(pipe, name=name if preset is not None else source, family=family, defaults=defaults,
+                        device=backend_device, attention=backend, exact=exact)
+    if loras:
+        from genkit import lora as adapters
+
+        adapters.apply(pipeline, loras, allow_pickle=allow_pickle)
+    return pipeline
+
+
+def lora_specs(given, allow_pickle: bool = False) -> list:
+    """`genkit.load`'s `lora` as genkit.lora.LoraSpec's, each file found and its header read: one path, "path:scale"
+    string, (path, scale) pair or LoraSpec, or a list of them."""
+    from genkit import lora
+
+    if isinstance(given, (str, os.PathLike, lora.LoraSpec)) or _is_pair(given):
+        given = [given]
+    if given is None:
+        given = []
+    specs = []
+    for entry in given:
+        if isinstance(entry, os.PathLike):  # a path is a path, even with a ':' in it
+            spec = lora.parse_spec(lora.LoraSpec(Path(entry).expanduser()))
+        elif _is_pair(entry):
+            spec = lora.parse_spec(lora.LoraSpec(Path(entry[0]).expanduser(), float(entry[1])))
+        elif isinstance(entry, (str, lora.LoraSpec)):
+            spec = lora.parse_spec(entry)
+        else:
+            raise GenkitError(f"{entry!r:.60}: a LoRA is a path, a \"path:scale\" string or a (path, scale) pair",
+                              param="lora")
+        file = lora.weights_file(spec.path, allow_pickle)
+        if file.suffix == ".safetensors":
+            lora.check_safetensors(file)
+        specs.append(spec)
+    return specs
+
+
+def _is_pair(entry) -> bool:
+    """(path, scale): a tuple or list of a path and a number."""
+    return isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], (str, os.PathLike)) and \
+        isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)
 

@@ -189,7 +189,8 @@ CASES = [
     Case("seed-too-large", lambda c: c.gen("a", "--seed", 2**63), ("seed", str(2**63))),
     Case("scheduler-unknown", lambda c: c.gen("a", "--scheduler", "heun"),
          ("'heun' (flow-heun) does not fit", "ddim, euler, euler-a, dpm++, unipc, ddpm")),
-    Case("attention-unknown", lambda c: c.gen("a", "--attention", "flash"), ("flash", "auto, xformers, sdpa")),
+    Case("attention-unknown", lambda c: c.gen("a", "--attention", "flashy"), ("flashy", "auto, xformers, sdpa")),
+    Case("attention-flash-on-a-unet", lambda c: c.gen("a", "--attention", "flash"), ("flash", "dispatcher", "sdpa")),
     Case("dtype-unknown", lambda c: c.gen("a", "--dtype", "fp8"), ("fp8", "fp32, fp16, bf16")),
     Case("threads-0", lambda c: ["--threads", 0, *c.gen("a")], ("threads", "got '0'", "--threads 2")),
     Case("threads-env-not-a-number", lambda c: c.gen("a"), ("threads", "'many'"), env={"GENKIT_THREADS": "many"}),
@@ -498,4 +499,4 @@ def test_errors_name_parameters_in_the_library_and_flags_on_the_command_line(tmp
     flags = [line for line in Path("genkit/cli.py").read_text().splitlines() if "click.option(" in line]
     for flag in FLAGS.values():  # every flag the map names exists on the command line
         if flag.startswith("--") and flag not in ("--lora-dir", "--api-key", "--host", "--port"):  # genkit serve's
-            assert any(f'"{flag}"' in line for line in flags), flag
+            assert any(f'"{flag}"' in line or f'"{flag}/--' in line for line in flags), flag  # or "--exact/--fast"

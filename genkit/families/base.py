@@ -143,6 +143,28 @@ class Family(abc.ABC):
         """The sampler names (genkit.schedulers) this family's pipelines can run; others are refused."""
         return FLOW_SAMPLERS if self.flow else UNET_SAMPLERS
 
+    # -- inference: dtypes and decoding --------------------------------------------------------
+    # fp16 overflows the activations of today's large transformers into NaN, black images (Flux: diffusers#9096; SD3.5,
+    # Chroma, Qwen-Image, Z-Image): their authors run them in bf16, which has fp32's range. So a family runs in bf16
+    # (fp32 on a GPU without it) unless it says otherwise; a CPU runs every family in fp32 unless told.
+    dtypes: tuple[str, ...] = ("bf16", "fp32")  # the --dtype values it runs in (the others are refused)
+    gpu_dtypes: tuple[str, ...] = ("bf16", "fp32")  # its default on a GPU: the first one the GPU computes in
+
+    def gpu_dtype(self, bf16: bool) -> str:
+        """Its default dtype on a GPU; `bf16`: the GPU computes in bf16 natively (NVIDIA Ampere and later)."""
+        return next(dtype for dtype in self.gpu_dtypes if bf16 or dtype != "bf16")
+
+    def vae_upcast(self, pipe) -> bool:
+        """Its pipelines decode in fp32 by themselves at the pipeline's dtype (SDXL's VAE in fp16: force_upcast)."""
+        return False
+
+    def decode(self, pipe, latents: torch.Tensor, width: int, height: int) -> torch.Tensor:
+        """Pixels in [-1, 1], (batch, 3, height, width), of the latents the pipeline passed its last step's callback,
+        decoded as its own decode does, in the VAE's dtype (the engine decodes again in fp32 when that made NaN)."""
+        config = pipe.vae.config
+        latents = latents / config.scaling_factor + (getattr(config, "shift_factor", None) or 0.0)
+        return pipe.vae.decode(latents.to(pipe.vae.dtype), return_dict=False)[0]
+
     # -- inference: the call -----------------------------------------------------------------
     negative_prompt = True  # the call takes a negative prompt (for classifier-free guidance)
     empty_negative_is_zeros = False  # an empty negative is passed as none (the pipeline uses zeros, not "")
@@ -218,9 +240,29 @@ class Family(abc.ABC):
                               f"{', '.join(have)}); drop the input image or use one of those", param=param)
 
     # -- inference: attention ----------------------------------------------------------------
+    # genkit.attention probes each backend in the dtypes and head sizes of the layers it would reach
+    # (`attention_modules`), through the route the model takes (`dispatcher`), then the family applies the choice
+    # to that pipeline alone (`apply_attention`).
+    dispatcher = False  # the model calls diffusers' dispatch_attention_fn (each processor is given its backend)
+    attention_masked = False  # its attention calls pass a boolean mask (the probe passes one too)
+
+    def attention_unfit(self, backend: Attention) -> str | None:
+        """Why this family's models cannot use `backend` at all, with the fix (None: they can, if its probe runs)."""
+        from genkit import attention
+
+        if backend is not Attention.AUTO and attention.PROCESSORS not in attention.SPECS[backend].routes \
+                and not self.dispatcher:
+            return (f"{backend.value} runs through diffusers' attention dispatcher, which {self.title} models do not "
+                    f"call (use {term('attention')} sdpa or xformers)")
+        return None
+
+    def attention_modules(self, pipe, backend: Attention) -> list[torch.nn.Module]:
+        """The models of `pipe` whose attention `backend` reaches (the probe asks it in their dtypes and head sizes)."""
+        return [self.denoiser(pipe)]
+
     @abc.abstractmethod
     def apply_attention(self, pipe, backend: Attention) -> None:
-        """Make `pipe` compute attention with `backend` from its next call on."""
+        """Make `pipe` compute attention with `backend` from its next call on, without touching any other pipeline."""
 
     def attention_context(self, backend: Attention):
         """A context the pipeline call runs in (transformer families choose SDPA's kernel here)."""
@@ -306,19 +348,29 @@ class UNetFamily(Family):
 
     denoiser_name = "unet"
 
-    def apply_attention(self, pipe, backend: Attention) -> None:
-        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+    def attention_modules(self, pipe, backend: Attention) -> list[torch.nn.Module]:
+        """Every model with attention processors (UNet, VAE); a half-precision kernel reaches the UNet alone, as the
+        VAE may decode in fp32 (SDXL's upcast, the engine's NaN retry)."""
+        from genkit import attention
 
-        if backend is Attention.XFORMERS:
-            pipe.enable_xformers_memory_efficient_attention()
-            return
+        if attention.SPECS[backend].half:
+            return [self.denoiser(pipe)]
+        return [module for module in pipe.components.values() if hasattr(module, "set_attn_processor")]
+
+    def apply_attention(self, pipe, backend: Attention) -> None:
+        from diffusers.models import attention_processor as processors
+
+        chosen = {Attention.MATH: processors.AttnProcessor, Attention.XFORMERS: processors.XFormersAttnProcessor}
+        reached = self.attention_modules(pipe, backend)
         for module in pipe.components.values():
             if not hasattr(module, "set_attn_processor"):
                 continue
-            if backend is Attention.SLICED and hasattr(module, "set_attention_slice"):
+            if not any(module is other for other in reached):  # left on SDPA
+                module.set_attn_processor(processors.AttnProcessor2_0())
+            elif backend is Attention.SLICED and hasattr(module, "set_attention_slice"):
                 module.set_attention_slice("auto")
             else:
-                module.set_attn_processor(AttnProcessor() if backend is Attention.MATH else AttnProcessor2_0())
+                module.set_attn_processor(chosen.get(backend, processors.AttnProcessor2_0)())
 
     def target(self, pipe) -> Target:
         return Target(pipe.scheduler.config.get("prediction_type", "epsilon"))
@@ -372,7 +424,6 @@ class TransformerFamily(Family):
 
     denoiser_name = "transformer"
     lora_layout = "peft"  # diffusers' SD3/Flux/SANA training scripts save peft's lora_A/lora_B keys
-    dispatcher = False  # the model calls diffusers' dispatch_attention_fn (set_attention_backend reaches it)
 
     def patch(self, pipe) -> int:
         return int(getattr(self.denoiser(pipe).config, "patch_size", 1) or 1)
@@ -381,17 +432,21 @@ class TransformerFamily(Family):
         """A latent side must hold whole patches (PixArt's own check says 8 and then crashes on 24 or 40)."""
         return int(pipe.vae_scale_factor) * self.patch(pipe)
 
-    def apply_attention(self, pipe, backend: Attention) -> None:
-        """Their processors are their own (joint, linear, rotary): never replaced; SDPA's kernel is chosen per call."""
+    def attention_unfit(self, backend: Attention) -> str | None:
         if backend is Attention.SLICED:
-            raise GenkitError(f"sliced: sliced attention is for UNet models; {self.title} computes attention in "
-                              f"its own processors (use {term('attention')} sdpa or math)", param="attention")
-        if backend is Attention.XFORMERS:
-            denoiser = self.denoiser(pipe)
-            if self.dispatcher:
-                denoiser.set_attention_backend("xformers")
-            else:
-                pipe.enable_xformers_memory_efficient_attention()
+            return (f"sliced attention is for UNet models; {self.title} computes attention in its own processors "
+                    f"(use {term('attention')} sdpa or math)")
+        return super().attention_unfit(backend)
+
+    def apply_attention(self, pipe, backend: Attention) -> None:
+        """Their processors are their own (joint, linear, rotary): a dispatcher model's are each given the backend;
+        others swap to diffusers' xformers twin and back; SDPA's math kernel is chosen per call."""
+        from genkit import attention
+
+        if self.dispatcher:
+            attention.set_dispatch_backend(self.denoiser(pipe), backend)
+        else:
+            attention.swap_processors(self.denoiser(pipe), xformers=backend is Attention.XFORMERS)
 
     def attention_context(self, backend: Attention):
         if backend is Attention.MATH:

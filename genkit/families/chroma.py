@@ -22,6 +22,7 @@ class Chroma(Flux):
     guidance_scale = 5.0  # ChromaPipeline's defaults
     num_inference_steps = 35
     edit_tasks = ("img2img",)
+    attention_masked = True  # its calls mask T5's padding (flash-attn and sage take no mask: their probes say so)
 
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-unipc")  # its pipeline passes sigmas, which flow-heun and DPM-Solver cannot take

@@ -8,6 +8,8 @@ import inspect
 
 import torch
 
+from genkit.attention import Attention
+from genkit.errors import term
 from genkit.families.base import FlowFamily
 
 
@@ -21,6 +23,13 @@ class Sana(FlowFamily):
     edit_tasks = ()  # diffusers has no image-to-image or inpainting pipeline for it
 
     checked_multiple = 32  # SanaPipeline checks 32 whatever its VAE
+    dtypes = ("bf16", "fp16", "fp32")  # fp16: its fp16 variants; the bf16 ones overflow (NaN: said, nothing saved)
+
+    def attention_unfit(self, backend) -> str | None:
+        if backend is Attention.XFORMERS:  # its processors (linear self-attention, masked cross-attention) have no twin
+            return (f"{self.title}'s attention processors are its own (linear self-attention), and none of them "
+                    f"calls xformers (use {term('attention')} sdpa or math)")
+        return super().attention_unfit(backend)
 
     def call_args(self, batch, generators, on_step) -> dict:
         args = super().call_args(batch, generators, on_step)
