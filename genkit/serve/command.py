@@ -28,7 +28,7 @@ import click
               help="Allow browser pages from ORIGIN to call the API (off by default); repeatable.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
 @click.option("--dtype", default=None, help="fp32, fp16 or bf16.")
-@click.option("--attention", default="auto", show_default=True, help="auto, xformers, sdpa, sliced or math.")
+@click.option("--attention", default="auto", show_default=True, help="auto, sdpa, math, sliced, xformers, flash, flash3 or sage (genkit info: which run here).")
 def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max_images, max_steps, max_size, cors,
           device, dtype, attention):
     """Serve models over HTTP: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1/images, and a gallery at /."""
