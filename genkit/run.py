@@ -61,23 +61,17 @@ class GenerateRequest:
 
 
 def load_for(request, device: str | None = None) -> "object":
-    """Load the request's model (and LoRAs) after the cheap checks have passed."""
+    """Load the request's model (and LoRAs: genkit.load checks them before the slow load) after the cheap checks
+    have passed."""
     import genkit
-    from genkit import lora
 
-    specs = [lora.parse_spec(spec) for spec in request.loras]  # a bad path or scale fails before the slow load
-    for spec in specs:
-        file = lora.weights_file(spec.path, request.allow_pickle)
-        if file.suffix == ".safetensors":
-            lora.check_safetensors(file)
     pipeline = genkit.load(request.model, device=device or request.device, dtype=request.dtype, attention=request.attention,
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
-                           cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", None))
+                           cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", None),
+                           lora=request.loras)
     if getattr(request, "long_prompts", None):
         pipeline.set_long_prompts(request.long_prompts)
-    if request.loras:
-        lora.apply(pipeline, specs, allow_pickle=request.allow_pickle)
     if getattr(request, "compile", False):
         if getattr(request, "progress", False):
             print("genkit: --compile: the first batch compiles the UNet first (about 40 s on 2 CPU cores; once "

@@ -247,6 +247,33 @@ def test_scales_and_several_adapters(sd_lora, tiny_sd, tmp_path):
     assert np.abs(image(both) - full).max() <= 1
 
 
+def test_load_applies_loras_as_the_command_line_does(sd_lora, tiny_sd, tmp_path):
+    """genkit.load(lora=...): a path, a "path:scale" string or a (path, scale) pair, as --lora applies them."""
+    copy = tmp_path / "copy"
+    shutil.copytree(sd_lora.out, copy)
+    half, full = image(with_loras(tiny_sd, f"{sd_lora.out}:0.5")), image(with_loras(tiny_sd, sd_lora.out))
+    assert np.array_equal(image(genkit.load(str(tiny_sd), device="cpu", lora=[f"{sd_lora.out}:0.5"])), half)
+    assert np.array_equal(image(genkit.load(str(tiny_sd), device="cpu", lora=[(sd_lora.out, 0.5)])), half)
+    assert np.array_equal(image(genkit.load(str(tiny_sd), device="cpu", lora=sd_lora.out)), full)  # one Path
+    both = genkit.load(str(tiny_sd), device="cpu", lora=[(str(sd_lora.out), 0.5), f"{copy}:0.5"])
+    assert [(e["name"], e["scale"]) for e in both.loras] == [("sd-lora", 0.5), ("copy", 0.5)]
+    assert np.abs(image(both) - full).max() <= 1
+    assert genkit.load(str(tiny_sd), device="cpu").loras == []
+
+
+@pytest.mark.parametrize("given, message", [
+    (lambda out: [("missing.safetensors", 1.0)], "missing.safetensors: no such file or folder"),
+    (lambda out: [(out, float("nan"))], "scale must be a finite number"),
+    (lambda out: [f"{out}:20"], "scale must be a finite number from -10 to 10, got 20"),
+    (lambda out: [3], "3: a LoRA is a path"),
+], ids=["missing", "nan-scale", "scale-too-large", "not-a-path"])
+def test_load_refuses_a_bad_lora_before_the_model(sd_lora, tmp_path, given, message):
+    """A bad LoRA is refused (param lora) before anything is loaded: here the model does not even exist."""
+    with pytest.raises(GenkitError) as info:
+        genkit.load(str(tmp_path / "no-such-model"), device="cpu", lora=given(sd_lora.out))
+    assert info.value.param == "lora" and message in str(info.value)
+
+
 def kohya_copy(diffusers_dir: Path, path: Path) -> Path:
     """The same adapter in kohya's layout: lora_unet_<path_with_underscores>.lora_down/.lora_up/.alpha."""
     tensors = adapter_tensors(diffusers_dir)
