@@ -626,3 +626,117 @@ def build_tiny_sd(folder: str | Path) -> Path:
 def build_tiny_mini(folder: str | Path) -> Path:
     """The default tiny genkit-mini folder (the real MiniLM encoder from its package, a tiny random UNet)."""
     return build_tiny("genkit-mini", folder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config-only folders of real architectures (no weights), for genkit.memory's plans and their tests
+
+_CLIP_L = dict(  # openai/clip-vit-large-patch14's text tower (SD 1.5, SDXL's first encoder, Flux's CLIP)
+    architectures=["CLIPTextModel"], model_type="clip_text_model", vocab_size=49408, hidden_size=768,
+    intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+    hidden_act="quick_gelu", layer_norm_eps=1e-5, projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1,
+    attention_dropout=0.0, dropout=0.0, initializer_factor=1.0, initializer_range=0.02,
+)
+_CLIP_G = dict(  # LAION's OpenCLIP ViT-bigG/14 text tower with its projection, as SDXL and SD3 ship it
+    _CLIP_L, architectures=["CLIPTextModelWithProjection"], hidden_size=1280, intermediate_size=5120,
+    num_hidden_layers=32, num_attention_heads=20, hidden_act="gelu", projection_dim=1280,
+)
+_T5_XXL = dict(  # google/t5-v1_1-xxl's encoder (SD3's and Flux's)
+    architectures=["T5EncoderModel"], model_type="t5", vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240,
+    num_layers=24, num_decoder_layers=24, num_heads=64, relative_attention_num_buckets=32,
+    relative_attention_max_distance=128, dropout_rate=0.1, layer_norm_epsilon=1e-6, initializer_factor=1.0,
+    feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", is_gated_act=True, tie_word_embeddings=False,
+    is_encoder_decoder=True, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+)
+_VAE_4 = dict(  # Stable Diffusion's KL autoencoder: 4 latent channels, factor 8
+    _class_name="AutoencoderKL", act_fn="silu", block_out_channels=[128, 256, 512, 512],
+    down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, in_channels=3,
+    out_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, sample_size=512,
+    scaling_factor=0.18215,
+)
+_VAE_16 = dict(  # SD3's and Flux's: 16 latent channels, no quant convs
+    _VAE_4, latent_channels=16, sample_size=1024, use_quant_conv=False, use_post_quant_conv=False, force_upcast=True,
+)
+_UNET_SD15 = dict(
+    _class_name="UNet2DConditionModel", act_fn="silu", attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280],
+    center_input_sample=False, cross_attention_dim=768,
+    down_block_types=["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    up_block_types=["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, out_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, sample_size=64,
+)
+_UNET_SDXL = dict(
+    _UNET_SD15, addition_embed_type="text_time", addition_embed_type_num_heads=64, addition_time_embed_dim=256,
+    attention_head_dim=[5, 10, 20], block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
+    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    projection_class_embeddings_input_dim=2816, sample_size=128, transformer_layers_per_block=[1, 2, 10],
+    use_linear_projection=True,
+)
+_MMDIT_SD35_LARGE = dict(
+    _class_name="SD3Transformer2DModel", attention_head_dim=64, caption_projection_dim=2432, in_channels=16,
+    joint_attention_dim=4096, num_attention_heads=38, num_layers=38, out_channels=16, patch_size=2,
+    pooled_projection_dim=2048, pos_embed_max_size=192, qk_norm="rms_norm", sample_size=128, dual_attention_layers=[],
+)
+_FLUX_DEV = dict(
+    _class_name="FluxTransformer2DModel", attention_head_dim=128, axes_dims_rope=[16, 56, 56], guidance_embeds=True,
+    in_channels=64, joint_attention_dim=4096, num_attention_heads=24, num_layers=19, num_single_layers=38,
+    patch_size=1, pooled_projection_dim=768,
+)
+_CLIP_TOKENIZER, _T5_TOKENIZER = ("transformers", "CLIPTokenizer", None), ("transformers", "T5TokenizerFast", None)
+
+# name -> (pipeline class, {component: (library, class, config or None: listed in model_index.json, no file)})
+CONFIG_FOLDERS = {
+    "sd15": ("StableDiffusionPipeline", {  # stable-diffusion-v1-5, without its safety checker
+        "unet": ("diffusers", "UNet2DConditionModel", _UNET_SD15), "vae": ("diffusers", "AutoencoderKL", _VAE_4),
+        "text_encoder": ("transformers", "CLIPTextModel", _CLIP_L), "tokenizer": _CLIP_TOKENIZER,
+        "scheduler": ("diffusers", "PNDMScheduler", None)}),
+    "sdxl": ("StableDiffusionXLPipeline", {  # stable-diffusion-xl-base-1.0
+        "unet": ("diffusers", "UNet2DConditionModel", _UNET_SDXL),
+        "vae": ("diffusers", "AutoencoderKL", dict(_VAE_4, sample_size=1024, scaling_factor=0.13025,
+                                                   force_upcast=True)),
+        "text_encoder": ("transformers", "CLIPTextModel", _CLIP_L),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", _CLIP_G),
+        "tokenizer": _CLIP_TOKENIZER, "tokenizer_2": _CLIP_TOKENIZER,
+        "scheduler": ("diffusers", "EulerDiscreteScheduler", None)}),
+    "sd35-large": ("StableDiffusion3Pipeline", {  # stable-diffusion-3.5-large
+        "transformer": ("diffusers", "SD3Transformer2DModel", _MMDIT_SD35_LARGE),
+        "vae": ("diffusers", "AutoencoderKL", dict(_VAE_16, scaling_factor=1.5305, shift_factor=0.0609)),
+        "text_encoder": ("transformers", "CLIPTextModelWithProjection",
+                         dict(_CLIP_L, architectures=["CLIPTextModelWithProjection"])),
+        "text_encoder_2": ("transformers", "CLIPTextModelWithProjection", _CLIP_G),
+        "text_encoder_3": ("transformers", "T5EncoderModel", _T5_XXL),
+        "tokenizer": _CLIP_TOKENIZER, "tokenizer_2": _CLIP_TOKENIZER, "tokenizer_3": _T5_TOKENIZER,
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", None)}),
+    "flux-dev": ("FluxPipeline", {  # FLUX.1-dev
+        "transformer": ("diffusers", "FluxTransformer2DModel", _FLUX_DEV),
+        "vae": ("diffusers", "AutoencoderKL", dict(_VAE_16, scaling_factor=0.3611, shift_factor=0.1159)),
+        "text_encoder": ("transformers", "CLIPTextModel", _CLIP_L),
+        "text_encoder_2": ("transformers", "T5EncoderModel", _T5_XXL),
+        "tokenizer": _CLIP_TOKENIZER, "tokenizer_2": _T5_TOKENIZER,
+        "scheduler": ("diffusers", "FlowMatchEulerDiscreteScheduler", None)}),
+}
+__all__ += ["CONFIG_FOLDERS", "config_folder"]
+
+
+def config_folder(name: str, folder: str | Path) -> Path:
+    """Write the published architecture `name` (a key of CONFIG_FOLDERS: sd15, sdxl, sd35-large, flux-dev) into
+    `folder` as configs alone: model_index.json and each model's config.json, no weights, tokenizer or scheduler
+    files. genkit.memory plans from such a folder; nothing can generate from it. Returns the folder."""
+    import json
+
+    from genkit.outputs import save_text
+
+    if name not in CONFIG_FOLDERS:
+        raise ValueError(f"unknown architecture {name!r}; one of {', '.join(CONFIG_FOLDERS)}")
+    pipeline, components = CONFIG_FOLDERS[name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    index = {"_class_name": pipeline, "_diffusers_version": "0.42.1"}
+    for component, (library, cls, config) in components.items():
+        index[component] = [library, cls]
+        if config is not None:
+            (folder / component).mkdir(exist_ok=True)
+            save_text(folder / component / "config.json", json.dumps(config, indent=2) + "\n")
+    save_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+    return folder
