@@ -274,12 +274,14 @@ def _reader(source: str, local: bool):
             return json.loads(file.read_text(encoding="utf-8")) if file.is_file() else None
         return read
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     def read_hub(path: str):
         try:
             return json.loads(Path(hf_hub_download(source, path)).read_text(encoding="utf-8"))
-        except EntryNotFoundError:
+        except EntryNotFoundError as exc:
+            if isinstance(exc, LocalEntryNotFoundError):  # offline and not cached: not an answer about the file
+                raise
             return None
     return read_hub
 

@@ -154,3 +154,21 @@ def test_genkit_info_plans_from_a_folder_of_configs(folders):
     assert "UNet2DConditionModel" in text.output and "predicted of 8.0 GiB" in text.output
     refused = CliRunner().invoke(main, ["info", "--memory", "12GiB"])
     assert refused.exit_code == 2 and "--model" in refused.output
+
+
+def test_a_hub_id_is_planned_from_its_cached_configs_alone(folders, tmp_path, monkeypatch):
+    """Only model_index.json and the config.json files are read from the hub (here its cache, offline)."""
+    import shutil
+
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--someone--flux-configs" / "snapshots" / ("0" * 40)
+    shutil.copytree(folders["flux-dev"], snapshot)
+    (tmp_path / "models--someone--flux-configs" / "refs").mkdir()
+    (tmp_path / "models--someone--flux-configs" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    plan = memory.plan("someone/flux-configs", device="cuda", memory="24GiB", width=1024, height=1024)
+    assert plan.family == "flux" and plan.placement == "model-offload"
+    with pytest.raises(GenkitError, match="network or a filled local cache"):
+        memory.plan("someone/not-cached", device="cuda", memory="24GiB")
