@@ -40,7 +40,7 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "attention": "--attention", "lora": "--lora", "processes": "--processes", "compile": "--compile",
          "prompts_file": "--prompts-file", "image": "--image", "mask": "--mask", "outpaint": "--outpaint",
          "negative_prompt": "--negative", "seed": "--seed", "overrides": "--set", "strength": "--strength",
-         "allow_pickle": "--allow-pickle", "width": "--width", "height": "--height", "dtype": "--dtype",
+         "allow_pickle": "--allow-pickle", "width": "--width", "height": "--height", "dtype": "--dtype", "memory": "--memory",
          "batch_size": "--batch-size", "api_key": "--api-key", "overwrite": "--overwrite",
          "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger", "config": "--config",
          "exact": "--exact"}

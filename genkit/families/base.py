@@ -130,9 +130,11 @@ class Family(abc.ABC):
         return 1
 
     def default_size(self, pipe) -> int:
+        """The side the family's pipeline makes when not told: the denoiser's sample size (in latent pixels, also for
+        patchifying transformers) times the VAE's factor."""
         size = self.denoiser(pipe).config.sample_size
         size = size[0] if isinstance(size, (tuple, list)) else size
-        return int(size) * (int(getattr(pipe, "vae_scale_factor", 8)) * self.patch(pipe) if self.latent else 1)
+        return int(size) * (int(getattr(pipe, "vae_scale_factor", 8)) if self.latent else 1)
 
     def defaults(self, pipe) -> dict:
         size = self.default_size(pipe)
