@@ -26,6 +26,7 @@ class Preset:
     source: str  # "package:<path inside genkit>", a local folder, or a hub id
     description: str = ""
     defaults: dict = field(default_factory=dict)
+    base: str | None = None  # a single-file source's base: the preset or folder its configs come from (genkit.single_file)
 
     @property
     def family(self):
@@ -84,4 +85,4 @@ def get(name: str) -> Preset | None:
         raise GenkitError(f"preset {name} is malformed (needs family among {', '.join(families.names())}, source, and "
                           f"[defaults] keys among {sorted(DEFAULT_KEYS)})")
     return Preset(name=raw.get("name", name), family_name=family, source=raw["source"],
-                  description=raw.get("description", ""), defaults=defaults)
+                  description=raw.get("description", ""), defaults=defaults, base=raw.get("base"))

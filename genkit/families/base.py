@@ -70,6 +70,11 @@ def load_diffusers(source: str, dtype, use_safetensors, local: bool):
                                              local_files_only=local)
 
 
+def original_key(keys, name: str) -> bool:
+    """`name` is among a single file's tensor names, bare or under the original models' "model.diffusion_model." prefix."""
+    return name in keys or f"model.diffusion_model.{name}" in keys
+
+
 def cut_prompt(tokenizer, limit: int | None, prompt: str) -> dict | None:
     """What a tokenizer that keeps `limit` tokens drops of `prompt`: {"tokens": limit, "dropped": text}, or None."""
     if tokenizer is None or not limit or not prompt:
@@ -100,6 +105,42 @@ class Family(abc.ABC):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(source, subfolder=self.prompt_tokenizer)
+
+    # -- loading single files (A1111's and ComfyUI's checkpoints; genkit.single_file) -------------
+    def single_file_kind(self, keys) -> str | None:
+        """What a single file whose tensors are named `keys` (a set, read from its header) is to this family:
+        "checkpoint" (every component in the original layouts, as A1111's and ComfyUI's checkpoints hold them),
+        "denoiser" (the denoiser alone: ComfyUI's models/unet and models/diffusion_models), or None (not this family's)."""
+        return None
+
+    def single_file_base(self, keys) -> str | None:
+        """The preset whose folder gives such a file's configs and tokenizers (and, for a denoiser alone, the other
+        components) when no base is named; None: a base must be named."""
+        return None
+
+    def single_file_state(self, file):
+        """The denoiser's weights as a state dict when diffusers' converter cannot read `file` itself; None: it can."""
+        return None
+
+    def load_single_file(self, file, kind: str, base, *, dtype, use_safetensors):
+        """The pipeline of single file `file` (of `kind`, see `single_file_kind`) with configs, tokenizers and scheduler
+        from local diffusers folder `base` (and, for a denoiser alone, the other components' weights too), through
+        diffusers' `from_single_file` with `config=base`, so nothing is downloaded."""
+        import json
+
+        import diffusers
+
+        pipeline = getattr(diffusers, self.pipeline_classes[0])
+        if kind == "checkpoint":
+            return pipeline.from_single_file(str(file), config=str(base), torch_dtype=dtype, local_files_only=True)
+        index = json.loads((base / "model_index.json").read_text(encoding="utf-8"))
+        denoiser_class = getattr(diffusers, index[self.denoiser_name][1])
+        weights = self.single_file_state(file)
+        denoiser = denoiser_class.from_single_file(str(file) if weights is None else weights, config=str(base),
+                                                   subfolder=self.denoiser_name, torch_dtype=dtype,
+                                                   local_files_only=True)
+        return pipeline.from_pretrained(str(base), torch_dtype=dtype, use_safetensors=use_safetensors,
+                                        local_files_only=True, **{self.denoiser_name: denoiser})
 
     # -- inference: the denoiser, sizes and defaults -----------------------------------------
     denoiser_name: str  # the pipeline attribute that holds the denoiser

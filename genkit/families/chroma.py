@@ -10,6 +10,7 @@ have, and fails on every call (tests/test_edit_engine.py shows the refusal).
 
 import torch
 
+from genkit.families.base import original_key
 from genkit.families.flux import Flux
 
 
@@ -23,6 +24,16 @@ class Chroma(Flux):
     num_inference_steps = 35
     edit_tasks = ("img2img",)
     attention_masked = True  # its calls mask T5's padding (flash-attn and sage take no mask: their probes say so)
+
+    def single_file_kind(self, keys) -> str | None:
+        """Flux's layout with the approximator (distilled_guidance_layer) in place of the modulation inputs."""
+        return "denoiser" if original_key(keys, "distilled_guidance_layer.in_proj.bias") else None
+
+    def single_file_base(self, keys) -> str | None:
+        return "chroma"
+
+    def single_file_state(self, file):
+        return None  # diffusers' converter (Chroma1's 3072-wide transformer)
 
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-unipc")  # its pipeline passes sigmas, which flow-heun and DPM-Solver cannot take

@@ -6,7 +6,66 @@ guidance, so Flux takes no negative prompt here. Attention goes through diffuser
 
 import torch
 
-from genkit.families.base import FlowFamily
+from genkit.families.base import FlowFamily, original_key
+
+FLUX1_WIDTH = 3072  # diffusers' convert_flux_transformer_checkpoint_to_diffusers: inner_dim = 3072
+RENAMES = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
+           "time_in.out_layer": "time_text_embed.timestep_embedder.linear_2",
+           "vector_in.in_layer": "time_text_embed.text_embedder.linear_1",
+           "vector_in.out_layer": "time_text_embed.text_embedder.linear_2",
+           "guidance_in.in_layer": "time_text_embed.guidance_embedder.linear_1",
+           "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
+           "txt_in": "context_embedder", "img_in": "x_embedder", "final_layer.linear": "proj_out"}
+DOUBLE = {"img_mod.lin": "norm1.linear", "txt_mod.lin": "norm1_context.linear", "img_mlp.0": "ff.net.0.proj",
+          "img_mlp.2": "ff.net.2", "txt_mlp.0": "ff_context.net.0.proj", "txt_mlp.2": "ff_context.net.2",
+          "img_attn.proj": "attn.to_out.0", "txt_attn.proj": "attn.to_add_out",
+          "img_attn.norm.query_norm.scale": "attn.norm_q.weight", "img_attn.norm.key_norm.scale": "attn.norm_k.weight",
+          "txt_attn.norm.query_norm.scale": "attn.norm_added_q.weight",
+          "txt_attn.norm.key_norm.scale": "attn.norm_added_k.weight"}
+SINGLE = {"modulation.lin": "norm.linear", "linear2": "proj_out", "norm.query_norm.scale": "attn.norm_q.weight",
+          "norm.key_norm.scale": "attn.norm_k.weight"}
+
+
+def flux_to_diffusers(state: dict) -> dict:
+    """A Flux transformer's weights from Black Forest Labs' names to diffusers', at any width: what diffusers'
+    convert_flux_transformer_checkpoint_to_diffusers does at Flux.1's 3072 (qkv split in three; a single block's linear1
+    into q, k, v and the MLP's input; the final modulation's shift and scale swapped)."""
+    state, out = dict(state), {}
+    width = state["img_in.weight"].shape[0]
+
+    def rename(old: str, new: str) -> None:
+        ends = ("",) if old.endswith(".scale") else (".weight", ".bias")
+        for end in ends:
+            if old + end in state:
+                out[new.removesuffix(".weight") + end if end else new] = state.pop(old + end)
+
+    def split(old: str, news: list[str]) -> None:
+        for end in (".weight", ".bias"):
+            tensor = state.pop(old + end)
+            sizes = [width] * (len(news) - 1) + [tensor.shape[0] - width * (len(news) - 1)]
+            out.update({new + end: part for new, part in zip(news, tensor.split(sizes))})
+
+    for old, new in RENAMES.items():
+        rename(old, new)
+    for block in sorted({key.split(".")[1] for key in state if key.startswith("double_blocks.")}):
+        old, new = f"double_blocks.{block}.", f"transformer_blocks.{block}."
+        for a, b in DOUBLE.items():
+            rename(old + a, new + b)
+        split(old + "img_attn.qkv", [f"{new}attn.to_{x}" for x in "qkv"])
+        split(old + "txt_attn.qkv", [f"{new}attn.add_{x}_proj" for x in "qkv"])
+    for block in sorted({key.split(".")[1] for key in state if key.startswith("single_blocks.")}):
+        old, new = f"single_blocks.{block}.", f"single_transformer_blocks.{block}."
+        for a, b in SINGLE.items():
+            rename(old + a, new + b)
+        split(old + "linear1", [f"{new}attn.to_q", f"{new}attn.to_k", f"{new}attn.to_v", f"{new}proj_mlp"])
+    for end in (".weight", ".bias"):  # the original's (shift, scale), diffusers' AdaLayerNormContinuous (scale, shift)
+        shift, scale = state.pop("final_layer.adaLN_modulation.1" + end).chunk(2)
+        out["norm_out.linear" + end] = torch.cat([scale, shift])
+    if state:
+        from genkit.errors import GenkitError
+
+        raise GenkitError(f"tensors a Flux transformer does not have: {', '.join(sorted(state)[:3])}", param="model")
+    return out
 
 
 class Flux(FlowFamily):
@@ -19,6 +78,26 @@ class Flux(FlowFamily):
     dispatcher = True
     guidance_scale = 3.5
     num_inference_steps = 28
+
+    def single_file_kind(self, keys) -> str | None:
+        """Black Forest Labs' layout (double_blocks.N.img_attn.qkv ...), bare or under model.diffusion_model. (with or
+        without a VAE and text encoders beside it: only the transformer is read, the rest comes from the base)."""
+        flux = original_key(keys, "double_blocks.0.img_attn.qkv.weight")
+        return "denoiser" if flux and not original_key(keys, "distilled_guidance_layer.in_proj.bias") else None
+
+    def single_file_base(self, keys) -> str | None:
+        return "flux-dev" if original_key(keys, "guidance_in.in_layer.weight") else "flux-schnell"
+
+    def single_file_state(self, file):
+        """Flux.1's transformers are 3072 wide, which diffusers' converter assumes (it splits a single block's linear1
+        at 3072); another width is converted here by the same names (`flux_to_diffusers`)."""
+        from safetensors.torch import load_file
+
+        if file.suffix not in (".safetensors", ".sft"):
+            return None
+        state = {key.removeprefix("model.diffusion_model."): value for key, value in load_file(str(file)).items()
+                 if not key.startswith(("vae.", "text_encoders.", "first_stage_model.", "cond_stage_model."))}
+        return None if state["img_in.weight"].shape[0] == FLUX1_WIDTH else flux_to_diffusers(state)
 
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-dpm++", "flow-unipc")  # FluxPipeline passes sigmas, which flow-heun cannot take

@@ -11,6 +11,8 @@ import torch
 from genkit.families import clip_chunks
 from genkit.families.base import Kohya, UNetFamily, cut_prompt
 
+UNET = "model.diffusion_model.input_blocks.0.0.weight"  # an LDM UNet's first convolution
+
 
 class StableDiffusion(UNetFamily):
     name = "sd"
@@ -22,6 +24,15 @@ class StableDiffusion(UNetFamily):
     kohya = Kohya("sd_v1", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, v2_width=1024)
     dtypes = ("fp16", "bf16", "fp32")
     gpu_dtypes = ("fp16",)  # its weights are published in fp16 and run in it (A1111, ComfyUI, diffusers' docs)
+
+    def single_file_kind(self, keys) -> str | None:
+        """An LDM checkpoint (CompVis' layout: model.diffusion_model., first_stage_model., cond_stage_model.) with
+        OpenAI's CLIP (1.x) or OpenCLIP (2.x) under cond_stage_model."""
+        text = any(key.startswith("cond_stage_model.") for key in keys)
+        return "checkpoint" if UNET in keys and text and "model.diffusion_model.label_emb.0.0.weight" not in keys else None
+
+    def single_file_base(self, keys) -> str | None:
+        return "sd15" if "cond_stage_model.transformer.text_model.embeddings.position_embedding.weight" in keys else None
 
     # -- reading the prompt: CLIP's 75-token chunks --------------------------------------------
     def chunk_tokenizer(self, pipe):

@@ -7,7 +7,7 @@ no negative for an all-empty batch, so its image is plain diffusers' default ima
 import torch
 
 from genkit.families.base import Kohya
-from genkit.families.sd import StableDiffusion
+from genkit.families.sd import UNET, StableDiffusion
 
 
 class StableDiffusionXL(StableDiffusion):
@@ -19,6 +19,15 @@ class StableDiffusionXL(StableDiffusion):
     empty_negative_is_zeros = True  # diffusers' own default (force_zeros_for_empty_prompt), not ""
     text_encoder_lora = False
     kohya = Kohya("sdxl_base_v1-0", {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"})
+
+    def single_file_kind(self, keys) -> str | None:
+        """Stability's SDXL layout: the UNet with its size embedding (label_emb), CLIP-L and OpenCLIP-G under
+        conditioner.embedders.0 and .1 (the refiner, with OpenCLIP alone, is not this family's)."""
+        text = any(key.startswith("conditioner.embedders.1.model.") for key in keys)
+        return "checkpoint" if UNET in keys and "model.diffusion_model.label_emb.0.0.weight" in keys and text else None
+
+    def single_file_base(self, keys) -> str | None:
+        return "sdxl"
 
     def vae_upcast(self, pipe) -> bool:
         """SDXL's VAE overflows in fp16: its pipelines decode in fp32 unless the VAE says it is fp16-safe (its config's
