@@ -20,6 +20,7 @@ import asyncio
 from dataclasses import dataclass, field, replace
 
 from genkit.errors import GenkitError
+from genkit.memory import OutOfMemory
 from genkit.serve.errors import ApiError, one_line
 from genkit.serve.loras import LoraLibrary, split_tags
 from genkit.serve.queue import Coalescer, QueueFull, ShuttingDown, Ticket
@@ -170,6 +171,8 @@ class Service:
         if exc is not None:
             if isinstance(exc, ShuttingDown):
                 raise ApiError(503, str(exc), code="shutting_down", headers={"Retry-After": "5"})
+            if isinstance(exc, OutOfMemory):  # the batch and its retry ran out: this request, not the server
+                raise ApiError(507, exc.message, code="out_of_memory")
             if isinstance(exc, GenkitError):
                 raise refused(exc, order)
             raise ApiError(500, f"generation failed: {one_line(exc)}", code="generation_failed")
