@@ -91,10 +91,12 @@ def read_keys(path: Path, allow_pickle: bool = False) -> dict[str, tuple]:
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
-        length = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if length < 2 or length > min(MAX_HEADER, size - 8):
-            raise GenkitError(f"{path}: not a safetensors file, or truncated: {size} bytes, its first 8 bytes give a "
-                              f"header of {length} bytes (download it again)", param="model")
+        length = int.from_bytes(head, "little") if len(head) == 8 else None
+        if length is None or length < 2 or length > min(MAX_HEADER, size - 8):
+            said = "not even the 8 bytes of its header's length" if length is None else \
+                f"its first 8 bytes give a header of {length} bytes"
+            raise GenkitError(f"{path}: not a safetensors file, or truncated: {size} bytes, {said} (download or "
+                              "copy it again)", param="model")
         try:
             header = json.loads(f.read(length))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
