@@ -97,9 +97,20 @@ def model_options(f):
     f = click.option("--attention", default="auto", show_default=True,
                      help="auto, sdpa, math, sliced, xformers, flash, flash3 or sage (genkit info: which run "
                           "here).")(f)
+    f = click.option("--models-dir", default=None, metavar="DIR", expose_value=False, callback=_models_dir,
+                     help="A1111's or ComfyUI's folder (which holds models/): --model NAME and --lora NAME are found "
+                          "in its checkpoint and LoRA folders (env GENKIT_MODELS_DIR).")(f)
     f = click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
-                     help="Preset name, diffusers folder or hub id (env GENKIT_MODEL; default genkit-mini).")(f)
+                     help="Preset name, diffusers folder, hub id, or a single .safetensors checkpoint or transformer "
+                          "file (env GENKIT_MODEL; default genkit-mini).")(f)
     return f
+
+
+def _models_dir(ctx, param, value):
+    """--models-dir: the models folder every load in this process reads ($GENKIT_MODELS_DIR; genkit.single_file)."""
+    if value is not None:
+        os.environ["GENKIT_MODELS_DIR"] = value
+    return value
 
 
 @main.command()
@@ -128,9 +139,18 @@ def model_options(f):
                    "(pixels per side; a bare number pads all four).")
 @model_options
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA folder or file; repeatable.")
+@click.option("--quantize", default=None, metavar="KIND|PART=KIND,...",
+              help="Weight-only quantization as the model loads: int8 or fp8 (torchao, any device), nf4 (bitsandbytes, "
+                   "CUDA); one kind quantizes the denoiser, or name parts: denoiser=int8,text_encoders=fp8.")
+@click.option("--base", default=None, metavar="FOLDER",
+              help="With --model FILE.gguf (a quantized denoiser alone) or FILE.safetensors (a checkpoint or a "
+                   "transformer alone): the pipeline folder, preset or hub id its configs and other components come "
+                   "from (a checkpoint's default: its family's preset, if on this machine).")
 @click.option("--vae-slicing", is_flag=True, help="Decode one image at a time (SD-family models).")
 @click.option("--vae-tiling", is_flag=True, help="Decode in tiles, for large sizes (SD-family models).")
-@click.option("--cpu-offload", is_flag=True, help="Keep models on the CPU until used (CUDA only).")
+@click.option("--cpu-offload", is_flag=True, help="Keep models on the CPU until used (CUDA only; overrides the plan).")
+@click.option("--memory", default=None, metavar="AMOUNT", callback=lambda ctx, param, value: _memory_amount(ctx, param, value),
+              help="CUDA: plan the placement for this much GPU memory, like 12GiB (default: what is free now).")
 @click.option("--compile", is_flag=True, help="torch.compile the UNet: slow first batch, faster after (long runs).")
 @click.option("--exact/--fast", default=None,
               help="--exact: an image's pixels never depend on its batch-mates or the batch size (the default on a "
@@ -260,14 +280,23 @@ def _cpu_flags() -> str:
 
 
 @main.command()
-def models():
-    """List the pipeline presets."""
-    from genkit import presets
+@click.option("--models-dir", default=None, metavar="DIR", envvar="GENKIT_MODELS_DIR",
+              help="Also list the checkpoints and LoRAs in A1111's or ComfyUI's folder, with their detected family.")
+@click.option("--allow-pickle", is_flag=True, help="Also read .ckpt pickle files' names (they can run code).")
+def models(models_dir, allow_pickle):
+    """List the pipeline presets (and the files of --models-dir)."""
+    from genkit import presets, single_file
 
     click.echo(f"{'preset':<14} {'family':<13} source  description")
     for name in presets.names():
         preset = presets.get(name)
         click.echo(f"{name:<14} {preset.family_name:<13} {preset.source}  {preset.description}")
+    root = single_file.models_dir(models_dir)
+    if root is not None:
+        click.echo(f"\n{'name':<30} {'family':<13} {'kind':<10} path")
+        for row in single_file.listing(root, allow_pickle):
+            family = row.get("family") or ("-" if row["kind"] == "lora" else "unknown")
+            click.echo(f"{row['name']:<30} {family:<13} {row['kind']:<10} {row['path']}")
 
 
 @main.group()

@@ -43,7 +43,8 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "allow_pickle": "--allow-pickle", "width": "--width", "height": "--height", "dtype": "--dtype", "memory": "--memory",
          "batch_size": "--batch-size", "api_key": "--api-key", "overwrite": "--overwrite",
          "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger", "config": "--config",
-         "exact": "--exact"}
+         "exact": "--exact", "quantize": "--quantize", "base": "--base",
+         "models_dir": "--models-dir"}
 _COMMAND_LINE: ContextVar[bool] = ContextVar("genkit_command_line", default=False)
 
 

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import secrets
+import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from genkit import checks, edit, schedulers
+from genkit import checks, edit, memory, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
@@ -135,6 +137,8 @@ class Pipeline:
         self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
         self.attention = None
         self.set_attention(attention)
+        self.memory_step = memory.Step()  # placement, VAE mode, batch cap (genkit.load applies a plan on CUDA)
+        self.memory_model = self.memory_budget = None  # the planner's meta model and budget: an OOM's estimate
 
     @property
     def kind(self) -> str:
@@ -355,7 +359,7 @@ class Pipeline:
         # batch's (batch size never changes pixels in exact mode; see genkit.invariance)
         first = 1 if len(jobs) > LONG_RUN * config.batch_size else config.batch_size
         for number, batch in enumerate(_batches(jobs, config.batch_size, first, self.batch_key)):
-            result = self._run_batch(batch, number, callback, encoded)
+            result = self._fitting(batch, number, callback, encoded)
             bar.update(len(batch))
             yield result
         bar.close()
@@ -366,6 +370,44 @@ class Pipeline:
         for result in self.iter_generate(prompts, config, **settings):
             total.extend(result)
         return total
+
+    def _fitting(self, batch: list[Job], number: int, callback, encoded: dict) -> GenerationResult:
+        """`_run_batch` at most `memory_step.batch` images a call. A batch that runs out of memory is retried once with
+        the next step (genkit.memory.next_step: VAE slicing or tiling, more offload, half the batch), which later
+        batches keep, said on stderr; out of memory again, or no step left: one line (genkit.memory.ran_out)."""
+        step = self.memory_step
+        where = self._batch_in_pieces(batch, number, callback, encoded, step)
+        if isinstance(where, GenerationResult):
+            return where
+        retry = memory.next_step(step, where, min(len(batch), step.batch or len(batch)), self.pipe, batch[0].width,
+                                 batch[0].height, self.device.startswith("cuda") and self.memory_model is not None)
+        if retry is None:
+            raise memory.ran_out(self, step, batch, self.memory_model, self.memory_budget)
+        print(f"genkit: out of memory in the {where} of {len(batch)} image(s) with {step.label()}; retrying with "
+              f"{retry.label()}", file=sys.stderr)
+        if (retry.placement, retry.vae) != (step.placement, step.vae):
+            memory.apply(self.pipe, retry, self.device)
+        self.memory_step = retry
+        result = self._batch_in_pieces(batch, number, callback, encoded, retry)
+        if not isinstance(result, GenerationResult):
+            raise memory.ran_out(self, retry, batch, self.memory_model, self.memory_budget)
+        return result
+
+    def _batch_in_pieces(self, batch: list[Job], number: int, callback, encoded: dict, step) -> "GenerationResult | str":
+        """The batch's images, `step.batch` at a time; or where it ran out of memory, with what it held freed."""
+        import torch
+
+        result, size = GenerationResult(), step.batch or len(batch)
+        try:
+            for start in range(0, len(batch), size):
+                result.extend(self._run_batch(batch[start:start + size], number, callback, encoded))
+            return result
+        except memory.RanOut as ran_out:
+            where = ran_out.where
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return where
 
     def _run_batch(self, batch: list[Job], number: int, callback, encoded: dict | None = None) -> GenerationResult:
         import torch
@@ -381,7 +423,7 @@ class Pipeline:
         last = {}  # the last step's latents (a reference), decoded again in fp32 if the VAE made NaN
 
         def on_step(pipe, step, timestep, tensors):
-            last["latents"] = tensors.get("latents")
+            last["latents"], last["step"] = tensors.get("latents"), step + 1
             if callback is not None:
                 callback({"batch": number, "step": step + 1, "steps": steps,
                           "images": [job.index for job in batch]})
@@ -401,7 +443,10 @@ class Pipeline:
                 if first.task == "inpaint":
                     args["mask_image"] = [mask for _, mask in inputs]
                 args = _accepted(pipe, args)
-            output = pipe(**args)
+            try:
+                output = pipe(**args)
+            except torch.OutOfMemoryError:  # every step had run: the decode ran out; else the denoising
+                raise memory.RanOut("decode" if last.get("step") == steps else "denoising") from None
             images, upcast = _finite(self, pipe, batch, output.images, last.get("latents"))
         images = _pil(images)
         if first.task == "inpaint":  # the known region is the input's pixels (latent models only come close)
@@ -430,10 +475,11 @@ class Pipeline:
             "family": self.family.name,
             "lora": list(self.loras), "attention": self.attention.value, "dtype": str(self.dtype).removeprefix("torch."),
             "device": self.device, "exact": self.exact, "threads": _threads(),
-            "versions": versions(), **({"compiled": True} if self.compiled else {}), **_settings_record(job, of_edit=True),
+            "versions": versions(), "memory_plan": self.memory_step.label(), **({"compiled": True} if self.compiled else {}), **_settings_record(job, of_edit=True),
             **({"prompt_truncated": cut} if (cut := self.prompt_cut(job.prompt)) else {}),
             **({"prompt_unknown_words": words} if (words := self.family.prompt_notice(self.pipe, job.prompt)) else {}),
             **({"prompt_chunks": chunks} if (chunks := self.chunks_of(job)) > 1 else {}),
+            **({"quantization": quantized} if (quantized := getattr(self, "quantization", None)) else {}),
         }
 
     def prompt_cut(self, prompt: str) -> dict | None:

@@ -160,10 +160,14 @@ def load_errors(source: str, local: bool):
         raise GenkitError(f"could not load hub id {source}: {first_line(exc)} ({hint})") from None
 
 
-def _locate(name: str, allow_pickle: bool = False):
-    """(source, family or None, preset defaults, preset or None) of a preset name, local folder or hub id."""
-    from genkit import families
+def _locate(name: str, allow_pickle: bool = False, base: str | None = None, models_dir=None):
+    """(source, family or None, preset defaults, preset or None) of a preset name, local folder or hub id, or of a single
+    file (genkit.single_file: a path, a preset whose source is one, a name in the models folder; `base`: its configs)."""
+    from genkit import families, single_file
 
+    found = single_file.locate(name, base=base, allow_pickle=allow_pickle, models_dir_given=models_dir)
+    if found is not None:
+        return found
     preset = presets.get(name)
     if preset is not None:
         source, family, defaults = preset.location(), preset.family, preset.defaults
@@ -197,7 +201,7 @@ def load_tokenizer(name_or_path: str | None = None):
 
             with open(hf_hub_download(source, "model_index.json")) as f:
                 family = families.detect(json.load(f).get("_class_name"), source)
-        tokenizer = family.tokenizer(source)
+        tokenizer = family.tokenizer(getattr(source, "base", source))  # a single file's tokenizers are its base's
     limit = family.max_sequence_length or tokenizer.model_max_length
     return tokenizer, (limit if limit and limit < 100_000 else None)
 
@@ -237,15 +241,26 @@ def load(
     vae_slicing: bool = False,
     vae_tiling: bool = False,
     cpu_offload: bool = False,
+    memory=None,
     keep_freed_memory: bool = True,
     exact: bool | None = None,
     threads: int | str | None = None,
     lora=(),
+    quantize=None,
+    base: str | None = None,
+    models_dir: str | None = None,
 ):
     """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`.
 
     `lora`: LoRAs to apply, as `--lora` does: each a path (a LoRA folder or file), a "path:scale" string or a
     (path, scale) pair; a bad path, scale or file is refused before the model loads.
+
+    `quantize`: weight-only quantization as the model loads, "int8" (the denoiser) or "denoiser=int8,text_encoders=fp8"
+    (genkit.quantize); a `.gguf` file as `name_or_path` is a denoiser, its other components from the folder `base`.
+
+    A single file (`name_or_path` a .safetensors checkpoint or transformer, or a name in the models folder `models_dir`
+    or $GENKIT_MODELS_DIR) takes its configs from `base` (a diffusers folder or preset; unset: $GENKIT_BASE, a preset's
+    base or the family's default preset): genkit.single_file.
 
     `exact` makes an image's pixels independent of its batch (genkit.invariance); False (`--fast`) skips
     that guard. Unset: exact on the CPU, where it holds bitwise and costs 0.79-0.9x on genkit-mini; fast on
@@ -255,13 +270,23 @@ def load(
     sampling; the process keeps its peak memory until it exits). `threads` (or $GENKIT_THREADS): CPU threads, a
     number or "auto" (the cores free now); unset, --fast takes the free cores and --exact keeps torch's count and
     says on stderr when cores are busy (genkit.cpu.choose_threads).
+
+    On CUDA a diffusers model is placed as its memory plan says (genkit.memory: the fastest placement that fits what
+    is free on the device, or `memory`, like "12GiB", to plan for another card), said in one stderr line and recorded
+    as `memory_plan`; `cpu_offload`, `vae_slicing` and `vae_tiling` override the plan. Elsewhere nothing is planned.
     """
-    from genkit import families
+    from genkit import families, single_file
     from genkit.generate import Pipeline
 
-    loras = lora_specs(lora, allow_pickle)  # before the slow load
+    base = base if base is not None else os.environ.get("GENKIT_BASE") or None  # what --base sets
+    loras = lora_specs(lora, allow_pickle, models_dir)  # before the slow load
+    from genkit import quantize as quantized
+
+    single = single_file.wanted(name_or_path, models_dir)  # a single-file checkpoint reads `base` itself
+    name_or_path, gguf = quantized.gguf_source(name_or_path, None if single else base)  # a .gguf denoiser: the model is its base folder
+    budget = None if memory is None else memory if isinstance(memory, int) else _parse_memory(memory)
     name = name_or_path or presets.DEFAULT_MODEL
-    source, family, defaults, preset = _locate(name, allow_pickle)
+    source, family, defaults, preset = _locate(name, allow_pickle, base if single else None, models_dir)
     local = Path(source).exists()
     backend_device = pick_device(device)
     exact = default_exact(backend_device) if exact is None else exact
@@ -276,7 +301,13 @@ def load(
             print(f"genkit: {advice}", file=sys.stderr)
     use_safetensors = None if allow_pickle else True
     with load_errors(source, local):
-        if family is not None:
+        quantization = quantized.plan(quantize, family, source, local, backend_device, gguf)  # before the slow load
+        if quantization:
+            pipe = quantized.load(family, source, quantization, dtype=torch_dtype, use_safetensors=use_safetensors,
+                                  local=local)
+        elif isinstance(source, single_file.SingleFile):
+            pipe = single_file.load(source, dtype=torch_dtype, use_safetensors=use_safetensors)
+        elif family is not None:
             pipe = family.load(source, dtype=torch_dtype, use_safetensors=use_safetensors, local=local)
         else:  # a hub id: the family is known once loaded
             from genkit.families.base import load_diffusers
@@ -287,12 +318,10 @@ def load(
         if dtype is not None:
             check_dtype(family, str(torch_dtype).removeprefix("torch."), dtype)
     pipe.set_progress_bar_config(disable=True)
-    if cpu_offload:
-        if not backend_device.startswith("cuda"):
-            raise GenkitError("moves models between CPU and GPU and needs CUDA (drop it on CPU)", param="cpu_offload")
-        pipe.enable_model_cpu_offload()
-    else:
-        pipe.to(backend_device)
+    if cpu_offload and not backend_device.startswith("cuda"):
+        raise GenkitError("moves models between CPU and GPU and needs CUDA (drop it on CPU)", param="cpu_offload")
+    step, meta = _place(pipe, name, family, backend_device, torch_dtype, budget, cpu_offload, vae_slicing, vae_tiling,
+                        allow_pickle)
     if keep_freed_memory and backend_device == "cpu":
         from genkit import cpu
 
@@ -306,6 +335,8 @@ def load(
         vae.enable_tiling()
     pipeline = Pipeline(pipe, name=name if preset is not None else source, family=family, defaults=defaults,
                         device=backend_device, attention=backend, exact=exact)
+    pipeline.quantization = quantized.describe(pipe) if quantization else {}
+    pipeline.memory_step, pipeline.memory_model, pipeline.memory_budget = step, meta, budget
     if loras:
         from genkit import lora as adapters
 
@@ -313,7 +344,48 @@ def load(
     return pipeline
 
 
-def lora_specs(given, allow_pickle: bool = False) -> list:
+def _parse_memory(memory) -> int:
+    from genkit.memory import parse_bytes
+
+    return parse_bytes(memory)
+
+
+def _place(pipe, name: str, family, device: str, torch_dtype, budget, cpu_offload, vae_slicing, vae_tiling,
+           allow_pickle):
+    """Place the loaded pipe: on CUDA as its memory plan says (genkit.memory.apply), the flags overriding the plan's
+    placement (`cpu_offload`) and VAE mode (slicing, tiling: applied after, as before); elsewhere on `device`.
+    Returns (the step that runs, the planner's meta model or None)."""
+    from genkit import memory
+
+    if not device.startswith("cuda") or family.file_format != "diffusers":
+        if cpu_offload:
+            pipe.enable_model_cpu_offload(device=device)
+        else:
+            pipe.to(device)
+        return memory.Step("model-offload" if cpu_offload else "device", by="flags" if cpu_offload else "plan"), None
+    try:
+        meta = memory.meta_model(name, allow_pickle=allow_pickle)
+        plan = memory.plan(meta, device=device, memory=budget, dtype=SHORT[str(torch_dtype).removeprefix("torch.")])
+    except GenkitError as exc:
+        if budget is not None:
+            raise
+        print(f"genkit: no memory plan ({exc.naming(exc.param)}); everything on {device}", file=sys.stderr)
+        pipe.to(device)
+        return memory.Step("gpu"), None
+    step = memory.step_of(plan)
+    flags = cpu_offload or vae_slicing or vae_tiling
+    if flags:
+        step = memory.Step("model-offload" if cpu_offload else step.placement,
+                           "tiled" if vae_tiling else "sliced" if vae_slicing else "whole", by="flags")
+    memory.apply(pipe, step if not flags else memory.Step(step.placement), device)
+    verdict = "fits" if plan.fits else "does not fit even so"
+    print(f"genkit: memory plan: {memory.step_of(plan).label()}, {memory.gib(plan.predicted_peak_bytes)} predicted of "
+          f"{memory.gib(plan.budget_bytes)} ({plan.budget_from}): {verdict}"
+          + (f"; running {step.label()}" if flags else ""), file=sys.stderr)
+    return step, meta
+
+
+def lora_specs(given, allow_pickle: bool = False, models_dir=None) -> list:
     """`genkit.load`'s `lora` as genkit.lora.LoraSpec's, each file found and its header read: one path, "path:scale"
     string, (path, scale) pair or LoraSpec, or a list of them."""
     from genkit import lora
@@ -333,6 +405,9 @@ def lora_specs(given, allow_pickle: bool = False) -> list:
         else:
             raise GenkitError(f"{entry!r:.60}: a LoRA is a path, a \"path:scale\" string or a (path, scale) pair",
                               param="lora")
+        from genkit.single_file import named_lora
+
+        spec = lora.LoraSpec(named_lora(spec.path, models_dir), spec.scale)  # or a name in the models folder's LoRAs
         file = lora.weights_file(spec.path, allow_pickle)
         if file.suffix == ".safetensors":
             lora.check_safetensors(file)

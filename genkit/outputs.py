@@ -130,6 +130,8 @@ RECORD = (
     RecordKey("attention", "environment", label="attention backend"),
     RecordKey("versions", "environment", label="library versions"),
     RecordKey("vae_upcast", "environment", label="VAE decoded in fp32"),  # its half-precision pixels were NaN
+    RecordKey("quantization", "environment", label="quantized weights"),  # {component: kind} (genkit.quantize)
+    RecordKey("memory_plan", "environment", label="memory plan"),  # placement, VAE mode, batch cap (genkit.memory)
     RecordKey("prompt_truncated", "run"),  # what the text encoder dropped (a CLIP family's cut)
     RecordKey("prompt_chunks", "run"),  # the pieces a long prompt was read in
     RecordKey("prompt_unknown_words", "run"),  # words the model was never taught (genkit-mini)

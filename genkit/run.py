@@ -42,9 +42,12 @@ class GenerateRequest:
     dtype: str | None = None
     allow_pickle: bool = False
     loras: tuple = field(default_factory=tuple)
+    quantize: object = None  # weight-only quantization as the model loads (genkit.quantize); a record's dict too
+    base: str | None = None  # the pipeline folder a .gguf model file (a denoiser alone) comes with
     vae_slicing: bool = False
     vae_tiling: bool = False
     cpu_offload: bool = False
+    memory: int | str | None = None  # the GPU memory to plan for (genkit.memory); None: what is free on it
     compile: bool = False
     exact: bool | None = None  # pixels independent of the batch (genkit.invariance); None: on the CPU only
     long_prompts: str | None = None  # "chunk" or "truncate" past CLIP's 75 tokens; None: the family's way
@@ -69,7 +72,9 @@ def load_for(request, device: str | None = None) -> "object":
                            allow_pickle=request.allow_pickle, vae_slicing=getattr(request, "vae_slicing", False),
                            vae_tiling=getattr(request, "vae_tiling", False),
                            cpu_offload=getattr(request, "cpu_offload", False), exact=getattr(request, "exact", None),
-                           lora=request.loras)
+                           memory=getattr(request, "memory", None),
+                           lora=request.loras, quantize=getattr(request, "quantize", None),
+                           base=getattr(request, "base", None))
     if getattr(request, "long_prompts", None):
         pipeline.set_long_prompts(request.long_prompts)
     if getattr(request, "compile", False):
@@ -249,7 +254,7 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     request = GenerateRequest(prompts=[record["prompt"]], model=model or record["model"], device=device,
                               attention="auto", loras=tuple(f"{lo['path']}:{lo['scale']}" for lo in record["lora"]),
                               dtype=record.get("dtype"), exact=record.get("exact", True) and _exact_offered(device),
-                              long_prompts=_long_prompts(record))
+                              long_prompts=_long_prompts(record), quantize=record.get("quantization"))
     from genkit import cpu
 
     if isinstance(record.get("threads"), int) and 1 <= record["threads"] <= cpu.usable_cores():  # pixels depend on it

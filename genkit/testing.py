@@ -740,3 +740,104 @@ def config_folder(name: str, folder: str | Path) -> Path:
             save_text(folder / component / "config.json", json.dumps(config, indent=2) + "\n")
     save_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
     return folder
+
+# ---------------------------------------------------------------------------------------------
+# GGUF files of a tiny transformer, in the layout ComfyUI-GGUF and city96's conversions publish (genkit.quantize)
+
+__all__ += ["flux_original_keys", "write_gguf", "build_tiny_gguf"]
+
+
+def flux_original_keys(state: dict) -> dict:
+    """A diffusers FluxTransformer2DModel's state dict under the original model's (Black Forest Labs') key names, as
+    single-file Flux checkpoints and their GGUF conversions hold it: the inverse of diffusers'
+    `convert_flux_transformer_checkpoint_to_diffusers` (q, k, v joined into qkv, a single block's q, k, v and MLP input
+    into linear1, the final modulation's scale and shift swapped back)."""
+    state, out = dict(state), {}
+    renames = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+               "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
+    double = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0",
+              "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+              "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+    single = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
+    norms = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+             "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
+    single_norms = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
+
+    def move(old: str, new: str) -> None:
+        for end in ("weight", "bias"):
+            if f"{old}.{end}" in state:
+                out[f"{new}.{end}"] = state.pop(f"{old}.{end}")
+
+    def join(parts: list[str], new: str) -> None:
+        for end in ("weight", "bias"):
+            out[f"{new}.{end}"] = torch.cat([state.pop(f"{part}.{end}") for part in parts])
+
+    for old, new in renames.items():
+        move(old, new)
+    for key in [k for k in state if k.startswith("transformer_blocks.") and k.endswith(".attn.to_q.weight")]:
+        i = key.split(".")[1]
+        block, to = f"transformer_blocks.{i}", f"double_blocks.{i}"
+        for old, new in double.items():
+            move(f"{block}.{old}", f"{to}.{new}")
+        join([f"{block}.attn.to_{x}" for x in "qkv"], f"{to}.img_attn.qkv")
+        join([f"{block}.attn.add_{x}_proj" for x in "qkv"], f"{to}.txt_attn.qkv")
+        for old, new in norms.items():
+            out[f"{to}.{new}.scale"] = state.pop(f"{block}.{old}.weight")
+    for key in [k for k in state if k.startswith("single_transformer_blocks.") and k.endswith(".attn.to_q.weight")]:
+        i = key.split(".")[1]
+        block, to = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
+        for old, new in single.items():
+            move(f"{block}.{old}", f"{to}.{new}")
+        join([f"{block}.attn.to_q", f"{block}.attn.to_k", f"{block}.attn.to_v", f"{block}.proj_mlp"], f"{to}.linear1")
+        for old, new in single_norms.items():
+            out[f"{to}.{new}.scale"] = state.pop(f"{block}.{old}.weight")
+    for end in ("weight", "bias"):  # diffusers' AdaLayerNormContinuous is (scale, shift); the original (shift, scale)
+        scale, shift = state.pop(f"norm_out.linear.{end}").chunk(2, dim=0)
+        out[f"final_layer.adaLN_modulation.1.{end}"] = torch.cat([shift, scale])
+    if state:
+        raise ValueError(f"keys with no original name: {sorted(state)[:5]}")
+    return out
+
+
+def write_gguf(state: dict, path: str | Path, quant_type: str = "Q8_0", arch: str = "flux") -> Path:
+    """Write `state` (name -> tensor) as a GGUF file as ComfyUI-GGUF's converter does: the weight matrices whose rows
+    split into whole blocks of `quant_type` (gguf.GGMLQuantizationType's name: Q8_0, Q4_0, Q4_K, ...) quantized with
+    `gguf.quants.quantize`, vectors and the rest in F32; `general.architecture` says `arch`."""
+    import gguf
+    import numpy as np
+
+    qtype = gguf.GGMLQuantizationType[quant_type]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), arch=arch)
+    for name, tensor in state.items():
+        data = tensor.detach().to(torch.float32).contiguous().numpy()
+        if data.ndim == 2 and data.shape[-1] % block == 0:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(data), raw_dtype=gguf.GGMLQuantizationType.F32)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def build_tiny_gguf(folder: str | Path, path: str | Path, quant_type: str = "Q8_0", layout: str = "original") -> Path:
+    """The transformer of a tiny Flux pipeline `folder` (build_tiny("flux", ...)) as a transformer-only GGUF file
+    `path`, quantized to `quant_type`: what `--model FILE.gguf --base FOLDER` loads. `layout` "original": the original
+    model's key names, as ComfyUI-GGUF's files of Flux are (diffusers converts them on loading, assuming Flux's
+    published width of 3072: a tiny model's single blocks do not split so); "diffusers": diffusers' own names, which
+    diffusers loads as they are."""
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(Path(folder), subfolder="transformer")
+    state = transformer.state_dict()
+    return write_gguf(flux_original_keys(state) if layout == "original" else state, path, quant_type)
+

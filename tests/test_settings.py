@@ -83,13 +83,14 @@ def test_the_record_schema_keeps_every_key_earlier_records_hold():
     requires are what they were."""
     assert outputs.RECORD_ONLY == {"index", "file", "skipped", "model", "family", "lora", "attention", "dtype",
                                    "device", "exact", "threads", "versions", "compiled", "prompt_truncated",
-                                   "prompt_chunks", "prompt_unknown_words", "vae_upcast"}
+                                   "prompt_chunks", "prompt_unknown_words", "vae_upcast", "memory_plan",
+                                   "quantization"}
     required = {key.name: key.required for key in outputs.RECORD if key.required}
     assert list(required) == ["index", "prompt", "negative_prompt", "seed", "num_inference_steps", "guidance_scale",
                               "width", "height", "scheduler", "model", "lora"]
     assert outputs.RECORD_SETTINGS == settings.names(recorded=True)
     assert set(outputs.ENVIRONMENT) == {"threads", "device", "dtype", "compiled", "exact", "attention", "versions",
-                                        "vae_upcast"}
+                                        "vae_upcast", "memory_plan", "quantization"}
     names = [key.name for key in outputs.RECORD]
     assert len(set(names)) == len(names)
 
@@ -107,7 +108,8 @@ def test_what_the_engine_records_is_the_schema(mini, tmp_path):
     assert set(plain) <= schema
     assert [key for key in plain if key in outputs.RECORD_SETTINGS] == list(settings.names(recorded=True, edit=False))
     assert {key for key in plain if key not in outputs.RECORD_SETTINGS} == \
-        {"index", "model", "family", "lora", "attention", "dtype", "device", "exact", "threads", "versions"}
+        {"index", "model", "family", "lora", "attention", "dtype", "device", "exact", "threads", "versions",
+         "memory_plan"}
 
     source = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
     mask = Image.new("L", (16, 16), 0)
