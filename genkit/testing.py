@@ -750,55 +750,41 @@ __all__ += ["flux_original_keys", "write_gguf", "build_tiny_gguf"]
 def flux_original_keys(state: dict) -> dict:
     """A diffusers FluxTransformer2DModel's state dict under the original model's (Black Forest Labs') key names, as
     single-file Flux checkpoints and their GGUF conversions hold it: the inverse of diffusers'
-    `convert_flux_transformer_checkpoint_to_diffusers` (q, k, v joined into qkv, a single block's q, k, v and MLP input
-    into linear1, the final modulation's scale and shift swapped back)."""
+    `convert_flux_transformer_checkpoint_to_diffusers` and of `genkit.families.flux.flux_to_diffusers`, read off the
+    latter's tables (q, k, v joined into qkv, a single block's q, k, v and MLP input into linear1, the final
+    modulation's scale and shift swapped back)."""
+    from genkit.families.flux import DOUBLE, RENAMES, SINGLE
+
     state, out = dict(state), {}
-    renames = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
-               "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
-               "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
-               "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
-               "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
-               "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
-               "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear"}
-    double = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin", "ff.net.0.proj": "img_mlp.0",
-              "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
-              "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
-    single = {"norm.linear": "modulation.lin", "proj_out": "linear2"}
-    norms = {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
-             "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm"}
-    single_norms = {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}
 
-    def move(old: str, new: str) -> None:
-        for end in ("weight", "bias"):
-            if f"{old}.{end}" in state:
-                out[f"{new}.{end}"] = state.pop(f"{old}.{end}")
+    def move(new: str, old: str) -> None:  # diffusers' name `new` back to the original `old`
+        if old.endswith(".scale"):
+            out[old] = state.pop(new)
+            return
+        for end in (".weight", ".bias"):
+            if new + end in state:
+                out[old + end] = state.pop(new + end)
 
-    def join(parts: list[str], new: str) -> None:
-        for end in ("weight", "bias"):
-            out[f"{new}.{end}"] = torch.cat([state.pop(f"{part}.{end}") for part in parts])
+    def join(parts: list[str], old: str) -> None:
+        for end in (".weight", ".bias"):
+            out[old + end] = torch.cat([state.pop(part + end) for part in parts])
 
-    for old, new in renames.items():
-        move(old, new)
-    for key in [k for k in state if k.startswith("transformer_blocks.") and k.endswith(".attn.to_q.weight")]:
-        i = key.split(".")[1]
-        block, to = f"transformer_blocks.{i}", f"double_blocks.{i}"
-        for old, new in double.items():
-            move(f"{block}.{old}", f"{to}.{new}")
-        join([f"{block}.attn.to_{x}" for x in "qkv"], f"{to}.img_attn.qkv")
-        join([f"{block}.attn.add_{x}_proj" for x in "qkv"], f"{to}.txt_attn.qkv")
-        for old, new in norms.items():
-            out[f"{to}.{new}.scale"] = state.pop(f"{block}.{old}.weight")
-    for key in [k for k in state if k.startswith("single_transformer_blocks.") and k.endswith(".attn.to_q.weight")]:
-        i = key.split(".")[1]
-        block, to = f"single_transformer_blocks.{i}", f"single_blocks.{i}"
-        for old, new in single.items():
-            move(f"{block}.{old}", f"{to}.{new}")
-        join([f"{block}.attn.to_q", f"{block}.attn.to_k", f"{block}.attn.to_v", f"{block}.proj_mlp"], f"{to}.linear1")
-        for old, new in single_norms.items():
-            out[f"{to}.{new}.scale"] = state.pop(f"{block}.{old}.weight")
-    for end in ("weight", "bias"):  # diffusers' AdaLayerNormContinuous is (scale, shift); the original (shift, scale)
-        scale, shift = state.pop(f"norm_out.linear.{end}").chunk(2, dim=0)
-        out[f"final_layer.adaLN_modulation.1.{end}"] = torch.cat([shift, scale])
+    for old, new in RENAMES.items():
+        move(new, old)
+    for stream, table, prefix in (("transformer_blocks", DOUBLE, "double_blocks"),
+                                  ("single_transformer_blocks", SINGLE, "single_blocks")):
+        for block in sorted({key.split(".")[1] for key in state if key.startswith(stream + ".")}):
+            new, old = f"{stream}.{block}.", f"{prefix}.{block}."
+            for a, b in table.items():
+                move(new + b, old + a)
+            if prefix == "double_blocks":
+                join([f"{new}attn.to_{x}" for x in "qkv"], old + "img_attn.qkv")
+                join([f"{new}attn.add_{x}_proj" for x in "qkv"], old + "txt_attn.qkv")
+            else:
+                join([f"{new}attn.to_q", f"{new}attn.to_k", f"{new}attn.to_v", f"{new}proj_mlp"], old + "linear1")
+    for end in (".weight", ".bias"):  # diffusers' AdaLayerNormContinuous is (scale, shift); the original (shift, scale)
+        scale, shift = state.pop("norm_out.linear" + end).chunk(2, dim=0)
+        out["final_layer.adaLN_modulation.1" + end] = torch.cat([shift, scale])
     if state:
         raise ValueError(f"keys with no original name: {sorted(state)[:5]}")
     return out
