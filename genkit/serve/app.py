@@ -35,8 +35,9 @@ class Server:
 def create_app(models=None, *, out: str | Path | None = None, api_key: str | None = None, lora_dirs=(),
                limits: Limits | None = None, max_batch: int | None = None, max_queue: int | None = None,
                cors=(), gather: float = 0.01, lora_cache: int = 2, device: str | None = None,
-               dtype: str | None = None, attention: str = "auto"):
-    """An app serving `models` (loaded Pipelines or names; default genkit-mini), the first one current."""
+               dtype: str | None = None, attention: str = "auto", memory=None):
+    """An app serving `models` (loaded Pipelines or names; default genkit-mini), the first one current; `memory`: the
+    GPU memory each is planned for (genkit.load)."""
     from fastapi import FastAPI
     from starlette.middleware.cors import CORSMiddleware
 
@@ -51,7 +52,7 @@ def create_app(models=None, *, out: str | Path | None = None, api_key: str | Non
     limits = limits or Limits()
     limits = replace(limits, **{k: v for k, v in (("max_batch", max_batch), ("max_queue", max_queue)) if v})
     library = LoraLibrary(lora_dirs)
-    pool = ModelPool(_load_all(models, device, dtype, attention), lora_cache=lora_cache)
+    pool = ModelPool(_load_all(models, device, dtype, attention, memory), lora_cache=lora_cache)
     store = ImageStore(out)
     queue = Coalescer(None, max_batch=limits.max_batch, max_queue=limits.max_queue, gather=gather)
     service = Service(pool, library, store, limits, queue)
@@ -78,7 +79,7 @@ def create_app(models=None, *, out: str | Path | None = None, api_key: str | Non
     return app
 
 
-def _load_all(models, device, dtype, attention) -> list:
+def _load_all(models, device, dtype, attention, memory=None) -> list:
     import genkit
     from genkit import presets
 
@@ -91,5 +92,5 @@ def _load_all(models, device, dtype, attention) -> list:
         else:
             log.info("loading %s", model or presets.DEFAULT_MODEL)
             loaded.append(genkit.load(None if model is None else str(model), device=device, dtype=dtype,
-                                      attention=attention))
+                                      attention=attention, memory=memory))
     return loaded

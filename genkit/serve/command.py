@@ -29,8 +29,10 @@ import click
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
 @click.option("--dtype", default=None, help="fp32, fp16 or bf16.")
 @click.option("--attention", default="auto", show_default=True, help="auto, sdpa, math, sliced, xformers, flash, flash3 or sage (genkit info: which run here).")
+@click.option("--memory", default=None, metavar="AMOUNT",
+              help="CUDA: plan the placement for this much GPU memory, like 12GiB (default: what is free now).")
 def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max_images, max_steps, max_size, cors,
-          device, dtype, attention):
+          device, dtype, attention, memory):
     """Serve models over HTTP: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1/images, and a gallery at /."""
     from genkit.errors import GenkitError
     from genkit.serve.security import check_bind
@@ -58,7 +60,7 @@ def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max
     limits = Limits(max_batch=max_batch, max_queue=max(max_queue, max_images), max_images=max_images,
                     max_steps=max_steps, max_side=max_size)
     app = create_app(list(models) or None, out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors,
-                     device=device, dtype=dtype, attention=attention)
+                     device=device, dtype=dtype, attention=attention, memory=memory)
     where = f"[{host}]" if ":" in host else host
     click.echo(f"genkit serve: http://{where}:{port} (gallery at /, A1111 at /sdapi/v1, OpenAI at /v1)", err=True)
     from genkit.errors import command_line

@@ -70,6 +70,7 @@ def _load_with_loras(base, loras: LoraKey):
     settings = base.settings()  # how the served model was loaded: device, dtype, attention
     exact = {"exact": settings["exact"]} if "exact" in settings else {}  # engines that record --exact/--fast
     pipeline = genkit.load(base.name, device=settings["device"], dtype=settings.get("dtype"),
-                           attention=settings.get("attention", "auto"), **exact)
+                           attention=settings.get("attention", "auto"), memory=getattr(base, "memory_budget", None),
+                           **exact)
     lora.apply(pipeline, [lora.LoraSpec(Path(path), float(scale)) for path, scale in loras])
     return pipeline
