@@ -212,7 +212,7 @@ CASES = [
     # models
     Case("model-unknown", lambda c: c.gen("a", model="no-such-model"), ("no-such-model", "preset")),
     Case("model-folder-missing", lambda c: c.gen("a", model="./missing/folder"), ("./missing/folder",)),
-    Case("model-is-a-file", lambda c: c.gen("a", model=c.file("model.safetensors", b"x")), ("is a file",)),
+    Case("model-is-a-file", lambda c: c.gen("a", model=c.file("model.safetensors", b"x")), ("truncated",)),
     Case("model-no-index", lambda c: c.gen("a", model=c.file("empty/.keep", "").parent),
          ("model_index.json", "save_pretrained")),
     Case("model-index-not-json", lambda c: c.gen("a", model=c.model_copy("m", lambda f: (f / "model_index.json").write_text("{"))),
