@@ -827,3 +827,135 @@ def build_tiny_gguf(folder: str | Path, path: str | Path, quant_type: str = "Q8_
     state = transformer.state_dict()
     return write_gguf(flux_original_keys(state) if layout == "original" else state, path, quant_type)
 
+
+# ---------------------------------------------------------------------------------------------
+# Single files of a tiny pipeline, in the original layouts A1111 and ComfyUI keep (genkit.single_file): the inverse of
+# diffusers' single_file_utils conversions (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint, the CLIP and
+# OpenCLIP conversions), as its scripts/convert_diffusers_to_original_stable_diffusion.py does for SD's full sizes
+
+__all__ += ["ldm_checkpoint", "write_single_file"]
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "norm2": "out_layers.0",
+           "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+
+
+def _ldm_unet(state: dict, config) -> dict:
+    """A UNet2DConditionModel's state dict under LDM's names (input_blocks, middle_block, output_blocks)."""
+    from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+    per, levels = config.layers_per_block, len(config.block_out_channels)
+    prefixes = {"mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+                "mid_block.resnets.1.": "middle_block.2."}
+    for i in range(levels):
+        for j in range(per):
+            prefixes[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{1 + i * (per + 1) + j}.0."
+            prefixes[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{1 + i * (per + 1) + j}.1."
+        prefixes[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * (per + 1)}.0.op."
+        for j in range(per + 1):
+            prefixes[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{i * (per + 1) + j}.0."
+            prefixes[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{i * (per + 1) + j}.1."
+        attention = any(key.startswith(f"up_blocks.{i}.attentions.") for key in state)
+        prefixes[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{i * (per + 1) + per}.{2 if attention else 1}.conv."
+    exact = {**{d: o for d, o in DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"].items()},
+             **DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"]}
+    out = {}
+    for key, value in state.items():
+        if key in exact:
+            out[exact[key]] = value
+            continue
+        prefix = next(p for p in prefixes if key.startswith(p))
+        rest = key[len(prefix):]
+        if ".resnets." in prefix or prefix.startswith("mid_block.resnets"):
+            name, _, end = rest.partition(".")
+            rest = f"{_RESNET[name]}.{end}"
+        out[prefixes[prefix] + rest] = value
+    return out
+
+
+def _ldm_vae(state: dict, config) -> dict:
+    """An AutoencoderKL's state dict under LDM's names (encoder.down.N.block.M, mid.attn_1's 1x1 convolutions ...)."""
+    levels, out = len(config.block_out_channels), {}
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    for key, value in state.items():
+        new = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        parts = new.split(".")
+        if parts[1] in ("down_blocks", "up_blocks"):
+            level = int(parts[2]) if parts[1] == "down_blocks" else levels - 1 - int(parts[2])
+            where = "down" if parts[1] == "down_blocks" else "up"
+            if parts[3] == "resnets":
+                new = ".".join([parts[0], where, str(level), "block", *parts[4:]])
+            else:  # downsamplers.0.conv / upsamplers.0.conv
+                new = ".".join([parts[0], where, str(level), "downsample" if where == "down" else "upsample", *parts[5:]])
+        elif parts[1] == "mid_block" and parts[2] == "resnets":
+            new = ".".join([parts[0], "mid", f"block_{int(parts[3]) + 1}", *parts[4:]])
+        elif parts[1] == "mid_block":  # attentions.0: linear layers become LDM's 1x1 convolutions
+            name = ".".join(parts[4:-1])
+            new = ".".join([parts[0], "mid", "attn_1", attention[name], parts[-1]])
+            value = value[:, :, None, None] if value.dim() == 2 else value
+        out[new] = value
+    return out
+
+
+def _text_model(state: dict) -> dict:
+    """A CLIP text model's keys under "text_model." (transformers 5 flattens CLIPTextModel; the files do not)."""
+    return {key if key.startswith(("text_model.", "text_projection")) else f"text_model.{key}": value
+            for key, value in state.items()}
+
+
+def _open_clip(state: dict) -> dict:
+    """A CLIPTextModelWithProjection's state dict under OpenCLIP's names (resblocks, in_proj, c_fc ...)."""
+    state, out = _text_model(state), {}
+    renames = {"text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+               "text_model.embeddings.position_embedding.weight": "positional_embedding",
+               "text_model.final_layer_norm.weight": "ln_final.weight", "text_model.final_layer_norm.bias": "ln_final.bias"}
+    layers = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+              "self_attn.out_proj": "attn.out_proj"}
+    for key, value in state.items():
+        if key in renames:
+            out[renames[key]] = value
+        elif key == "text_projection.weight":
+            out["text_projection"] = value.T.contiguous()
+        elif key.startswith("text_model.encoder.layers."):
+            n, rest = key.removeprefix("text_model.encoder.layers.").split(".", 1)
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                continue  # joined below
+            name, _, end = rest.rpartition(".")
+            out[f"transformer.resblocks.{n}.{layers[name]}.{end}"] = value
+    for n in {key.split(".")[3] for key in state if key.startswith("text_model.encoder.layers.")}:
+        for end in ("weight", "bias"):
+            out[f"transformer.resblocks.{n}.attn.in_proj_{end}"] = torch.cat(
+                [state[f"text_model.encoder.layers.{n}.self_attn.{x}_proj.{end}"] for x in "qkv"])
+    return out
+
+
+def ldm_checkpoint(folder: str | Path) -> dict:
+    """The tiny SD 1.x or SDXL pipeline in `folder` as one state dict in the original single-file layout: the UNet under
+    model.diffusion_model., the VAE under first_stage_model., the text encoders under cond_stage_model.transformer.
+    (SD 1.x) or conditioner.embedders.0.transformer. and .1.model. (SDXL)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(Path(folder))
+    state = {f"model.diffusion_model.{k}": v for k, v in _ldm_unet(pipe.unet.state_dict(), pipe.unet.config).items()}
+    state.update({f"first_stage_model.{k}": v for k, v in _ldm_vae(pipe.vae.state_dict(), pipe.vae.config).items()})
+    clip = {k: v for k, v in _text_model(pipe.text_encoder.state_dict()).items() if not k.endswith("position_ids")}
+    if getattr(pipe, "text_encoder_2", None) is None:
+        state.update({f"cond_stage_model.transformer.{k}": v for k, v in clip.items()})
+    else:
+        state.update({f"conditioner.embedders.0.transformer.{k}": v for k, v in clip.items()})
+        state.update({f"conditioner.embedders.1.model.{k}": v
+                      for k, v in _open_clip(pipe.text_encoder_2.state_dict()).items()})
+    return state
+
+
+def write_single_file(state: dict, path: str | Path) -> Path:
+    """Write `state` as a .safetensors file (or, for a .ckpt path, a pickle under "state_dict", as LDM's trainer saved)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in state.items()}
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(path))
+    return path
