@@ -9,9 +9,27 @@ embedded default (genkit-mini) that runs offline on a CPU.
 Importing genkit is cheap: torch and diffusers load on first use.
 """
 
+import logging as _logging
+
 from genkit.errors import GenkitError
 
 __version__ = "0.1.0"
+
+
+class _ImportNoise(_logging.Filter):
+    """Drops what torchao logs when it is imported (diffusers imports it whenever it is installed): a line per CUDA
+    extension it cannot load on this machine, and torch's deprecation note on its enums. Nothing else is dropped,
+    so a one-line error stays one line."""
+
+    NOISE = ("Failed to load ", "is an Enum subclass and is now natively supported by torch.compile")
+
+    def filter(self, record) -> bool:
+        message = record.getMessage()
+        return not (message.startswith(self.NOISE[0]) and ".so" in message) and self.NOISE[1] not in message
+
+
+for _name in ("torchao", "torch.utils._pytree"):
+    _logging.getLogger(_name).addFilter(_ImportNoise())
 __all__ = ["GenkitError", "GenerationConfig", "GenerationResult", "Pipeline", "PromptSpec", "load", "train_lora",
            "__version__"]
 
