@@ -75,7 +75,7 @@ class ImageStore:
             return index
 
     def save(self, image, record: dict) -> Entry:
-        """Write one image and its manifest line (the worker thread calls this)."""
+        """Write one image and its manifest line (the queue's delivery thread calls this, one image at a time)."""
         path = self.writer.write(image, record)
         entry = Entry(path.name, record, time.time())
         with self._lock:
