@@ -8,6 +8,9 @@ shared/PROBES.md), and no latent-space model wants it either.
 
 from __future__ import annotations
 
+import copy
+import functools
+import json
 from enum import Enum
 
 from genkit.errors import GenkitError
@@ -77,6 +80,7 @@ def a1111_name(name: str | Sampler) -> str:
     return _TABLE[parse(name)][2]
 
 
+@functools.lru_cache(maxsize=None)  # one class: fresh() keys its prototypes by class
 def _euler_ancestral_float64():
     """Euler a with sigmas in float64.
 
@@ -103,10 +107,27 @@ def build(name: str | Sampler, base_config):
     class_name, overrides, _ = _TABLE[sampler]
     cls = _euler_ancestral_float64() if sampler is Sampler.EULER_A else getattr(diffusers, class_name)
     if sampler in FLOW:
-        return cls.from_config(_flow_config(sampler, dict(base_config), overrides))
+        return fresh(cls, _flow_config(sampler, dict(base_config), overrides))
     config = {k: v for k, v in dict(base_config).items() if not k.startswith("_")}
     config.update(timestep_spacing="trailing", **overrides)  # trailing: https://arxiv.org/abs/2305.08891
-    return cls.from_config(config)
+    return fresh(cls, config)
+
+
+_PROTOTYPES: dict = {}  # (class, config as JSON) -> a scheduler never used: its copies are fresh ones
+_MAX_PROTOTYPES = 64
+
+
+def fresh(cls, config) -> object:
+    """A new scheduler of class `cls` from `config`, as `cls.from_config(config)` makes it (every batch needs its own:
+    schedulers keep per-call state), copied from one made once: diffusers' from_config checks the config against
+    __init__'s signature every time (0.6-1.3 ms on a 2-core CPU), a copy takes 0.1-0.25 ms."""
+    key = (cls, json.dumps(dict(config), sort_keys=True, default=repr))
+    prototype = _PROTOTYPES.get(key)
+    if prototype is None:
+        if len(_PROTOTYPES) >= _MAX_PROTOTYPES:
+            _PROTOTYPES.clear()
+        prototype = _PROTOTYPES[key] = cls.from_config(config)
+    return copy.deepcopy(prototype)
 
 
 def _flow_config(sampler: Sampler, base: dict, overrides: dict) -> dict:
