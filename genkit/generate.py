@@ -465,7 +465,7 @@ class Pipeline:
 
     def _scheduler(self, name: str):
         if name == "default":
-            return self.base_scheduler_class.from_config(self.base_scheduler_config)
+            return schedulers.fresh(self.base_scheduler_class, self.base_scheduler_config)
         return schedulers.build(schedulers.parse(name, flow=self.family.flow), self.base_scheduler_config)
 
     def record(self, job: Job) -> dict:

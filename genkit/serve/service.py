@@ -194,7 +194,7 @@ class Service:
 
     def deliver(self, ticket, job, output):
         image, record = output
-        for name, data in ticket.files.items():  # once per request, with its first image (worker thread only)
+        for name, data in ticket.files.items():  # once per request, with its first image (the delivery thread only)
             self.store.keep_input(name, data)
         ticket.files = {}
         return self.store.save(image, record)
