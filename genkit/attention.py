@@ -18,6 +18,9 @@ How a backend reaches a model is its family's business (`Family.apply_attention`
 `swap_processors` below), and the choice belongs to that pipeline alone: nothing here changes process-wide state
 (diffusers' dispatcher is told each processor's backend, never given a global one that the next model loaded in the
 process would change).
+
+(Over 500 lines on purpose: the rules, the probes, the decision and the two ways a backend reaches a model are one
+invariant, "never run what has not answered a tiny real call on this model's shapes", read together.)
 """
 
 from __future__ import annotations

@@ -20,6 +20,9 @@ pipeline from its class name. Nothing outside `genkit/families/` names a family
 A new family subclasses `UNetFamily`, `TransformerFamily` or `FlowFamily` (or `Family` itself),
 implements the abstract members and overrides what differs. Stable Diffusion 1.x (families/sd.py)
 is one implementation beside the others.
+
+(Over 500 lines on purpose: this is the whole seam, each member documented where it is declared, so a newcomer reads
+one file to learn what a family must answer.)
 """
 
 from __future__ import annotations
