@@ -461,6 +461,83 @@ def _random_chroma(rng: random.Random) -> dict:
 FAMILIES["chroma"] = TinyModel(_saved(_build_chroma), _ARCH_CHROMA, _random_chroma)
 
 
+# -- z-image
+
+__all__ += ["qwen_tokenizer"]
+
+QWEN_CHAT_TEMPLATE = (  # Qwen3's for plain messages; ZImagePipeline applies it with enable_thinking=True
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def qwen_tokenizer(max_length: int = 131072):
+    """A Qwen2Tokenizer (byte-level BPE, as Qwen3's): "Ġword" and "word" for each word of WORDS, bytes for the rest,
+    Qwen's chat markers and chat template."""
+    from transformers import Qwen2Tokenizer
+
+    symbols = list(_bytes_to_unicode().values())
+    space = _bytes_to_unicode()[ord(" ")]
+    merges = _word_merges([[space, *w] for w in WORDS] + [list(w) for w in WORDS])
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(symbols + ["".join(m) for m in merges]))}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+_ARCH_Z_IMAGE = dict(
+    dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, qk_norm=True, axes_dims=(8, 4, 4), qwen_hidden=16,
+    qwen_layers=2, qwen_heads=2, qwen_kv_heads=1, qwen_head_dim=8, latent_channels=16,  # as Z-Image (Flux's VAE)
+    vae_block_out_channels=(8, 8), vae_norm_num_groups=4, vae_layers_per_block=1,
+)
+
+
+def _build_z_image(arch: dict):
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=arch["qwen_hidden"], intermediate_size=2 * arch["qwen_hidden"],
+        num_hidden_layers=arch["qwen_layers"], num_attention_heads=arch["qwen_heads"],
+        num_key_value_heads=arch["qwen_kv_heads"], head_dim=arch["qwen_head_dim"], max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    ))
+    transformer = ZImageTransformer2DModel(  # head size = sum(axes_dims), rotary dims per axis (caption, row, column)
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=arch["latent_channels"], dim=arch["dim"],
+        n_layers=arch["n_layers"], n_refiner_layers=arch["n_refiner_layers"], n_heads=arch["n_heads"],
+        n_kv_heads=arch["n_heads"], qk_norm=arch["qk_norm"], cap_feat_dim=arch["qwen_hidden"],
+        axes_dims=list(arch["axes_dims"]), axes_lens=[1024, 512, 512],
+    )
+    with torch.no_grad():  # its pad tokens are made with torch.empty: random like every other weight
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    vae = _vae(arch, arch["latent_channels"], use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.1159,
+               scaling_factor=0.3611)
+    return ZImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae, text_encoder=text_encoder,
+                          tokenizer=tokenizer, transformer=transformer)
+
+
+def _random_z_image(rng: random.Random) -> dict:
+    head_dim = rng.choice((8, 12, 16))
+    first = 2 * rng.randint(1, head_dim // 2 - 2)  # rotary dims per axis: even, sum head_dim (as Flux's)
+    second = 2 * rng.randint(1, (head_dim - first) // 2 - 1)
+    heads = rng.choice((1, 2, 4))
+    qwen_heads = rng.choice((1, 2, 4))
+    return dict(
+        dim=heads * head_dim, n_layers=rng.randint(1, 2), n_refiner_layers=rng.randint(1, 2), n_heads=heads,
+        qk_norm=rng.random() < 0.5, axes_dims=(first, second, head_dim - first - second),
+        qwen_hidden=rng.choice((8, 16, 32)), qwen_layers=rng.randint(1, 3), qwen_heads=qwen_heads,
+        qwen_kv_heads=rng.choice([k for k in (1, 2, 4) if qwen_heads % k == 0]), qwen_head_dim=rng.choice((4, 8, 16)),
+        latent_channels=rng.choice((4, 8, 16)), **_random_vae(rng),
+    )
+
+
+FAMILIES["z-image"] = TinyModel(_saved(_build_z_image), _ARCH_Z_IMAGE, _random_z_image)
+
+
 # -- pixart-sigma
 
 _ARCH_PIXART_SIGMA = dict(
@@ -740,6 +817,7 @@ def config_folder(name: str, folder: str | Path) -> Path:
             save_text(folder / component / "config.json", json.dumps(config, indent=2) + "\n")
     save_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
     return folder
+
 
 # ---------------------------------------------------------------------------------------------
 # GGUF files of a tiny transformer, in the layout ComfyUI-GGUF and city96's conversions publish (genkit.quantize)
