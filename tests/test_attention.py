@@ -318,7 +318,6 @@ def test_the_probe_asks_in_the_models_dtype_and_head_sizes(tiny_flux, tiny_sd):
 def test_each_family_says_which_backends_it_cannot_take():
     from genkit import families
 
-    assert {family.name for family in families.all_families() if family.dispatcher} == {"flux", "chroma"}
     for family in families.all_families():
         expected = set() if family.dispatcher else {"flash", "flash3", "sage"}  # diffusers' dispatcher's alone
         if family.denoiser_name == "transformer":
@@ -329,6 +328,24 @@ def test_each_family_says_which_backends_it_cannot_take():
     unet = next(family for family in families.all_families() if not family.dispatcher)
     with pytest.raises(GenkitError, match="flash runs through diffusers' attention dispatcher"):
         attention.check("flash", "cuda", torch.bfloat16, unet)  # before any load, whatever the device
+
+
+def test_a_family_uses_the_dispatcher_exactly_when_its_model_calls_it(tmp_path):
+    """`Family.dispatcher` is what the family's real (tiny) model does: its attention processors call diffusers'
+    dispatch_attention_fn, or not."""
+    import inspect
+
+    from genkit import families, testing
+
+    for name in testing.FAMILIES:
+        family = families.get(name)
+        if family.file_format != "diffusers":
+            assert not family.dispatcher, name
+            continue
+        pipe = genkit.load(str(testing.build_tiny(name, tmp_path / name)), device="cpu")
+        calls = {"dispatch_attention_fn" in inspect.getsource(type(m.processor))
+                 for m in family.denoiser(pipe.pipe).modules() if hasattr(m, "processor")}
+        assert calls == {family.dispatcher}, (name, calls)
 
 
 def processors(model) -> set[str]:
