@@ -173,7 +173,7 @@ def denoiser_call(module, batch: int, width: int, height: int, tokens: int, dtyp
 def trace(models: dict, args) -> str:
     import torch
 
-    from genkit.memory import _quiet_diffusers
+    from genkit.memory.sizes import _quiet_diffusers
 
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
     rows = ["| model | what | estimate | traced on the meta device |", "|---|---|---|---|"]
