@@ -23,6 +23,7 @@ from genkit.cli import main
 from genkit.errors import GenkitError
 
 GiB = memory.GiB
+MiB = 2**20
 BUDGETS = (8, 12, 16, 24, 80)  # GiB
 PUBLISHED = {  # (architecture, component): published parameter count
     ("sd15", "unet"): 860e6, ("sd15", "text_encoder"): 123e6,
@@ -67,6 +68,9 @@ def test_counts_on_the_meta_device_are_the_loaded_models_counts(tmp_path):
         loaded = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
                   if isinstance(module, torch.nn.Module)}
         assert {c.name: c.parameters for c in memory.meta_model(str(folder)).components} == loaded, family
+        for budget in (1 * MiB, 64 * MiB, GiB):  # every family plans at every budget, within what it predicts
+            plan = memory.plan(str(folder), device="cuda", memory=budget, width=64, height=64)
+            assert not plan.fits or plan.predicted_peak_bytes <= budget, (family, budget)
 
 
 @pytest.mark.parametrize("name", list(testing.CONFIG_FOLDERS))

@@ -88,7 +88,7 @@ def plan(name_or_path: str | MetaModel | None = None, *, device: str | None = No
     `device` "cuda" plans for a GPU whether or not this machine has one (for a GPU not here, one that computes in
     bf16 natively); elsewhere everything stays in the one memory. `dtype`: the family's default on `device` unless
     given (genkit.loader.pick_dtype). `quantize`: plan weight-only quantized weights (`QUANTIZATIONS`): one name for
-    the denoiser and text encoders, or {component: name}; genkit cannot quantize yet, so this is planning only.
+    the denoiser and text encoders, or {component: name}; genkit.quantize loads them (--quantize).
     `step`: price that placement, VAE mode and batch (`Step`) instead of choosing (what a step that ran out of memory
     was predicted to need)."""
     from genkit import loader

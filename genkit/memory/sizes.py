@@ -194,7 +194,7 @@ def step_activations(denoiser, positions: int, text_tokens: int, passes: int, si
     """
     config = denoiser.config
     if not (hasattr(denoiser, "down_blocks") and hasattr(denoiser, "up_blocks")):
-        width = config.num_attention_heads * config.attention_head_dim
+        width = transformer_width(config)
         return passes * (positions + text_tokens) * TOKEN_COPIES * width * size
     channels = list(config.block_out_channels)
     layers = config.layers_per_block
@@ -208,6 +208,13 @@ def step_activations(denoiser, positions: int, text_tokens: int, passes: int, si
     working = max(at[i] * max(3 * (channels[min(i + 1, levels - 1)] + channels[i]) + 2 * channels[i],
                               UNET_ATTENTION_COPIES * channels[i] if attention[i] else 0) for i in range(levels))
     return passes * (skips + working) * size
+
+
+def transformer_width(config) -> int:
+    """A transformer's hidden width from its config: heads x head size (DiT, MMDiT, Flux), or `dim` (Z-Image)."""
+    if getattr(config, "dim", None):
+        return int(config.dim)
+    return int(config.num_attention_heads * config.attention_head_dim)
 
 
 def decode_activations(vae, width: int, height: int, images: int, size: int, tile: int | None = None) -> int:
