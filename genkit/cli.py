@@ -107,9 +107,19 @@ def model_options(f):
 
 
 def _models_dir(ctx, param, value):
-    """--models-dir: the models folder every load in this process reads ($GENKIT_MODELS_DIR; genkit.single_file)."""
+    """--models-dir: the models folder every load of this command reads ($GENKIT_MODELS_DIR; genkit.single_file), set
+    for the command alone (a program that runs several commands, as the tests do, gets its own setting back)."""
     if value is not None:
+        before = os.environ.get("GENKIT_MODELS_DIR")
         os.environ["GENKIT_MODELS_DIR"] = value
+
+        def restore():
+            if before is None:
+                os.environ.pop("GENKIT_MODELS_DIR", None)
+            else:
+                os.environ["GENKIT_MODELS_DIR"] = before
+
+        ctx.call_on_close(restore)
     return value
 
 

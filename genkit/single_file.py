@@ -57,6 +57,7 @@ def find(name: str, names: tuple[str, ...], root: Path | None, suffixes: tuple[s
     """The file `name` (a relative path, with or without its suffix) in `root`'s subfolders `names`, or None."""
     if root is None or not name:
         return None
+    name = str(name)
     for folder in subfolders(root, names):
         for candidate in (folder / name, *(folder / (name + suffix) for suffix in suffixes)):
             if candidate.is_file() and candidate.suffix in suffixes:

@@ -1030,10 +1030,12 @@ def write_single_file(state: dict, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in state.items()}
-    if path.suffix == ".ckpt":
-        torch.save({"state_dict": state}, path)
-    else:
-        from safetensors.torch import save_file
+    from safetensors.torch import save_file
 
-        save_file(state, str(path))
+    from genkit.outputs import atomic_write
+
+    if path.suffix == ".ckpt":
+        atomic_write(path, lambda tmp: torch.save({"state_dict": state}, tmp))
+    else:
+        atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     return path

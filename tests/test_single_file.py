@@ -105,8 +105,11 @@ def test_models_folders_find_files_by_name(tiny, tmp_path):
     assert single_file.find("mine", single_file.CHECKPOINTS, a1111).name == "mine.safetensors"
     assert single_file.find("flux-t.safetensors", single_file.CHECKPOINTS, comfy).parent.name == "unet"
     expected = generate(tmp_path, "--model", str(tiny["sd"][0]))
+    before = os.environ.get("GENKIT_MODELS_DIR")
     assert np.array_equal(generate(tmp_path, "--model", "mine", "--base", str(tiny["sd"][0]), "--models-dir",
                                    str(a1111)), expected)
+    assert os.environ.get("GENKIT_MODELS_DIR") == before  # the command's setting, not the process's from then on
+    assert genkit.load(Path(tiny["sd"][0]), device="cpu", models_dir=a1111).family.name == "sd"  # a Path too
     listed = CliRunner().invoke(main, ["models", "--models-dir", str(comfy)])
     assert listed.exit_code == 0, listed.output
     rows = {line.split()[0]: line.split()[1:3] for line in listed.output.splitlines()[-2:]}
