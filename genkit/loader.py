@@ -320,8 +320,9 @@ def load(
     pipe.set_progress_bar_config(disable=True)
     if cpu_offload and not backend_device.startswith("cuda"):
         raise GenkitError("moves models between CPU and GPU and needs CUDA (drop it on CPU)", param="cpu_offload")
+    described = quantized.describe(pipe) if quantization else {}
     step, meta = _place(pipe, name, family, backend_device, torch_dtype, budget, cpu_offload, vae_slicing, vae_tiling,
-                        allow_pickle)
+                        allow_pickle, _planned_formats(described))
     if keep_freed_memory and backend_device == "cpu":
         from genkit import cpu
 
@@ -335,7 +336,7 @@ def load(
         vae.enable_tiling()
     pipeline = Pipeline(pipe, name=name if preset is not None else source, family=family, defaults=defaults,
                         device=backend_device, attention=backend, exact=exact)
-    pipeline.quantization = quantized.describe(pipe) if quantization else {}
+    pipeline.quantization = described
     pipeline.memory_step, pipeline.memory_model, pipeline.memory_budget = step, meta, budget
     if loras:
         from genkit import lora as adapters
@@ -350,8 +351,21 @@ def _parse_memory(memory) -> int:
     return parse_bytes(memory)
 
 
+def _planned_formats(described: dict) -> dict:
+    """{component: genkit.memory format} of what genkit.quantize loaded (a GGUF denoiser by its first block type:
+    Q8_0 is 8.5 bits a weight, Q4_0 and Q4_K 4.5), for the memory plan."""
+    formats = {}
+    for component, kind in described.items():
+        if isinstance(kind, dict):
+            types = [t.lower() for t in kind.get("types", ())]
+            kind = "q8_0" if "q8_0" in types else "q4_k" if any(t.startswith("q4") for t in types) else None
+        if kind:
+            formats[component] = kind
+    return formats
+
+
 def _place(pipe, name: str, family, device: str, torch_dtype, budget, cpu_offload, vae_slicing, vae_tiling,
-           allow_pickle):
+           allow_pickle, formats=None):
     """Place the loaded pipe: on CUDA as its memory plan says (genkit.memory.apply), the flags overriding the plan's
     placement (`cpu_offload`) and VAE mode (slicing, tiling: applied after, as before); elsewhere on `device`.
     Returns (the step that runs, the planner's meta model or None)."""
@@ -365,7 +379,8 @@ def _place(pipe, name: str, family, device: str, torch_dtype, budget, cpu_offloa
         return memory.Step("model-offload" if cpu_offload else "device", by="flags" if cpu_offload else "plan"), None
     try:
         meta = memory.meta_model(name, allow_pickle=allow_pickle)
-        plan = memory.plan(meta, device=device, memory=budget, dtype=SHORT[str(torch_dtype).removeprefix("torch.")])
+        plan = memory.plan(meta, device=device, memory=budget, dtype=SHORT[str(torch_dtype).removeprefix("torch.")],
+                           quantize=formats or None)
     except GenkitError as exc:
         if budget is not None:
             raise

@@ -220,3 +220,21 @@ def test_parse_accepts_the_documented_forms():
     assert quantize.parse("denoiser=int8, text_encoders=fp8") == {"denoiser": "int8", "text_encoders": "fp8"}
     assert quantize.parse({"text_encoder_2": "fp8"}) == {"text_encoder_2": "fp8"}
     assert quantize.parse(None) == {} and quantize.parse("") == {}
+
+
+def test_the_memory_plan_prices_the_weights_as_loaded(models, tiny_flux, tmp_path):
+    """What genkit.quantize loaded (torchao kinds, a GGUF file's block type) is what the plan on CUDA counts."""
+    from genkit import memory
+    from genkit.loader import _planned_formats
+
+    int8 = genkit.load(str(models["flux"]), device="cpu", quantize="denoiser=int8,text_encoders=fp8")
+    formats = _planned_formats(int8.quantization)
+    assert formats == {"transformer": "int8", "text_encoder": "fp8", "text_encoder_2": "fp8"}
+    gguf = build_tiny_gguf(tiny_flux, tmp_path / "q4.gguf", "Q4_0", layout="diffusers")
+    assert _planned_formats(genkit.load(str(gguf), base=str(tiny_flux), device="cpu").quantization) == \
+        {"transformer": "q4_k"}  # Q4_0: 18 bytes for 32 weights, 4.5 bits a weight as Q4_K
+    sizes = {}
+    for quantize in (None, formats):
+        plan = memory.plan(str(models["flux"]), device="cuda", memory="1GiB", width=32, height=32, quantize=quantize)
+        sizes[bool(quantize)] = {c.name: c.bytes for c in plan.components}
+    assert sizes[True]["transformer"] < sizes[False]["transformer"] and sizes[True]["vae"] == sizes[False]["vae"]
