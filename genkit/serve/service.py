@@ -178,19 +178,16 @@ class Service:
             raise ApiError(500, f"generation failed: {one_line(exc)}", code="generation_failed")
         return Delivery(entries=ticket.outputs_done(), interrupted=ticket.interrupted, model=ticket.key[0])
 
-    def run_batch(self, key, jobs, check):
-        """The worker thread's side: make one batch on the right pipeline, return (image, record) pairs."""
-        from genkit.generate import GenerationConfig
+    def numbered(self, jobs: list) -> list:
+        """The jobs with the store's next file indices (any worker's batch, before it runs)."""
+        return [replace(job, index=self.store.next_index()) for job in jobs]
 
-        model, loras, _ = key
-        pipeline = self.pool.pipeline_for(model, loras)
-        jobs = [replace(job, index=self.store.next_index()) for job in jobs]
-        outputs = []
-        # the engine's callback counts the steps the batch runs (an edit: the last int(steps * strength))
-        for result in pipeline.iter_generate([job.prompt for job in jobs], GenerationConfig(batch_size=len(jobs)),
-                                             jobs=jobs, callback=lambda info: check(info["step"], info["steps"])):
-            outputs += zip(result.images, result.metadata)
-        return outputs
+    def run_batch(self, key, jobs, check):
+        """Worker 0's side (the server's process): make one batch on the right pipeline, return (image, record)
+        pairs."""
+        from genkit.serve.workers import make_batch
+
+        return make_batch(self.pool, key, self.numbered(jobs), check)
 
     def deliver(self, ticket, job, output):
         image, record = output
