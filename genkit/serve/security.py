@@ -3,7 +3,9 @@
 - `check_bind`: any address other than loopback needs an API key, else the server refuses to
   start (one line, before a model is loaded).
 - `Guard`: an ASGI middleware that, when a key is set, wants `Authorization: Bearer KEY` on every
-  route but the static gallery page (which holds no data and asks the browser for the key);
+  route but the static gallery page (which holds no data and asks the browser for the key) and the
+  probes `/healthz` and `/readyz` (which say only "ok" or which workers are loading, and which
+  orchestrators call without credentials); `/metrics` keeps the key (Prometheus can send it);
   HTTP Basic with the key as password is accepted too, for A1111 clients that only know
   `--api-auth`. Bodies over the limit get 413, from Content-Length or while being read.
 """
@@ -17,7 +19,7 @@ import ipaddress
 from genkit.errors import GenkitError, term
 from genkit.serve.errors import ApiError, response_for
 
-PUBLIC_PATHS = frozenset({"/", "/favicon.ico"})
+PUBLIC_PATHS = frozenset({"/", "/favicon.ico", "/healthz", "/readyz"})
 
 
 def is_loopback(host: str) -> bool:
