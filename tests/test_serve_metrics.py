@@ -213,11 +213,14 @@ def test_one_json_access_line_a_request_without_body_or_key(keyed_server, caplog
     forged = 'x", "status": 200, "a": "'
     injected = client.get("/healthz", headers={"X-Request-ID": forged})  # not a short token: a new id
     assert injected.status_code == 200 and injected.headers["x-request-id"] != forged
+    unauthorized = client.get("/metrics")  # the key check turns it away: still logged (the log is outermost)
+    assert unauthorized.status_code == 401
 
     records = [r for r in caplog.records if r.name == "genkit.serve.access"]
     lines = [json.loads(r.getMessage()) for r in records]
-    assert len(lines) == 3 and all(r.levelno == logging.INFO for r in records)
-    first, second, third = lines
+    assert len(lines) == 4 and all(r.levelno == logging.INFO for r in records)
+    first, second, third, fourth = lines
+    assert fourth["status"] == 401 and fourth["path"] == "/metrics"
     assert set(first) == {"method", "path", "status", "seconds", "client", "bytes_sent", "request_id"}
     assert first["method"] == "POST" and first["path"] == "/sdapi/v1/txt2img" and first["status"] == 422
     assert first["request_id"] == "trace-42" and first["client"] == "127.0.0.1"

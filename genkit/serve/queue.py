@@ -265,13 +265,18 @@ class Coalescer:
             seen = len(self.pending)
 
     def _take(self) -> list:
-        """The oldest waiting job's key, and up to max_batch waiting jobs with that key, in order."""
+        """The oldest waiting job's key, and up to max_batch waiting jobs with that key, in order; with other workers
+        free too, this one's share of them (8 waiting, 2 free workers: 4 each), so no worker idles while another
+        runs a batch it could have split."""
         if not self.pending:
             return []
         key = self.pending[0][0].key
+        free = sum(1 for w in self.workers if w.name not in self.batches and w.ready())
+        same = sum(1 for item in self.pending if item[0].key == key)
+        limit = min(self.max_batch, math.ceil(same / max(1, free)))
         batch, rest = [], deque()
         for item in self.pending:
-            if len(batch) < self.max_batch and item[0].key == key:
+            if len(batch) < limit and item[0].key == key:
                 batch.append(item)
             else:
                 rest.append(item)

@@ -33,7 +33,8 @@ def bind(host: str, port: int) -> socket.socket:
 def _server(app, log_level: str):
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5)
+    # uvicorn's own access line (on stdout) would repeat genkit.serve.access's JSON line (genkit.serve.metrics)
+    config = uvicorn.Config(app, log_level=log_level, lifespan="on", timeout_graceful_shutdown=5, access_log=False)
     return uvicorn.Server(config)
 
 

@@ -205,16 +205,20 @@ def _main(conn, spec: WorkerSpec, name: str) -> None:
         os.environ["GENKIT_THREADS"] = str(spec.threads)
         os.environ.setdefault("OMP_NUM_THREADS", str(spec.threads))
     logging.basicConfig(level=logging.WARNING)
+    import warnings
+
+    warnings.filterwarnings("ignore")  # the server's process already said what loading warns about, once
+    for key in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(key, "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         import torch
 
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        from genkit.cli import _quiet_libraries
         from genkit.serve.app import _load_all
         from genkit.serve.models import ModelPool
 
-        _quiet_libraries()
         pool = ModelPool(_load_all(list(spec.models), spec.device, spec.dtype, spec.attention, spec.memory,
                                    **spec.settings), lora_cache=spec.lora_cache)
     except BaseException as exc:  # noqa: BLE001 - the parent reports it; this process ends
