@@ -120,9 +120,15 @@ async def txt2img(request: Request):
 
 @router.post("/img2img")
 async def img2img(request: Request):
+    body = await read_model(request, Img2Img)
+    return await _generate(request, body, img2img_order(request, body))
+
+
+def img2img_order(request: Request, body: Img2Img) -> Order:
+    """An img2img body's order: its settings, the decoded input image and mask, the strength (genkit.serve.jobs
+    too)."""
     from genkit.serve import inputs
 
-    body = await read_model(request, Img2Img)
     order = _order(request, body, edit="mask" if body.mask else "edit")
     if len(body.init_images) != 1:
         raise ApiError(422, f"init_images: genkit serves one input image per request, got {len(body.init_images)} "
@@ -134,7 +140,7 @@ async def img2img(request: Request):
                                        invert=body.inpainting_mask_invert == 1)
         inputs.check_mask(order.mask, order.image, "mask", 422)
     order.strength = body.denoising_strength
-    return await _generate(request, body, order)
+    return order
 
 
 def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
