@@ -280,6 +280,17 @@ def test_an_interrupt_ends_a_running_job_cancelled_and_interrupted(server, clien
     assert done["state"] == "cancelled" and done["interrupted"] and "interrupted" in done["error"]
 
 
+def test_a_crash_inside_its_batch_fails_the_job_with_a_one_line_error(server, client, mini, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("the denoiser fell over")
+
+    monkeypatch.setitem(mini.pipe.unet.__dict__, "forward", boom)
+    job = finished(client, submit(client, {"prompt": "a red circle", "steps": STEPS})["id"])
+    assert job["state"] == "failed" and job["error"] == "generation failed: RuntimeError: the denoiser fell over"
+    assert job["finished"] is not None and job_files(server.out)[job["id"]]["state"] == "failed"
+    assert client.delete(job["url"]).status_code == 409
+
+
 # -- restarts -------------------------------------------------------------------------------------------
 
 def test_jobs_survive_a_restart_queued_ones_and_one_a_killed_server_left_running(mini, tmp_path, monkeypatch):

@@ -41,6 +41,7 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 
 from genkit.serve.errors import ApiError, one_line
+from genkit.serve.queue import QueueFull, ShuttingDown, Ticket
 
 log = logging.getLogger("genkit.serve")
 router = APIRouter(prefix="/genkit/v1/jobs")
@@ -74,6 +75,7 @@ class Job:
     ticket: object = None
     positions: list = field(default_factory=list)
     order: object = None
+    dirty: bool = False  # changed since its file was last written
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def to_json(self) -> dict:
@@ -148,11 +150,9 @@ class Jobs:
         self.persist(job)  # first the file: a server killed right after queueing still has the job
         try:
             self.queue.submit(ticket)
-        except Exception as exc:
+        except QueueFull as exc:
             (self.folder / f"{job.id}.json").unlink(missing_ok=True)
-            if hasattr(exc, "retry_after"):  # QueueFull
-                raise full(self.queue.max_queue, exc.retry_after) from None
-            raise
+            raise full(self.queue.max_queue, exc.retry_after) from None
         self._watch(job)
         return job
 
@@ -216,10 +216,13 @@ class Jobs:
 
     # -- the files ----------------------------------------------------------------------------------
     def persist(self, job: Job) -> None:
+        """Write the job's file (`dirty` until it is written: the watcher tries again after a failed write)."""
         from genkit.outputs import save_text
 
+        job.dirty = True
         self.folder.mkdir(parents=True, exist_ok=True)
         save_text(self.folder / f"{job.id}.json", json.dumps(job.to_json(), ensure_ascii=False))
+        job.dirty = False
 
     @staticmethod
     def _read(path: Path) -> Job | None:
@@ -270,8 +273,6 @@ class Jobs:
             job.error = f"could not be resumed: {exc.message if isinstance(exc, ApiError) else one_line(exc)}"
             self.persist(job)
             return
-        from genkit.serve.queue import Ticket
-
         job.positions = [p for p in range(len(job.seeds)) if p not in job.images]
         if not job.positions:
             job.state, job.finished = "done", time.time()
@@ -284,8 +285,6 @@ class Jobs:
         self._submit_backlog()
 
     def _submit_backlog(self) -> None:
-        from genkit.serve.queue import QueueFull
-
         while True:
             with self._lock:
                 if not self.backlog:
@@ -346,29 +345,35 @@ class Jobs:
         """Look at one active job: images delivered, started, finished; write its file when anything changed."""
         with job.lock:
             ticket = job.ticket
-            if job.state not in ACTIVE or ticket is None:
+            if ticket is None or (job.state not in ACTIVE and not job.dirty):
                 self._forget(job)
                 return
-            changed = False
-            for index, output in enumerate(ticket.outputs):
-                position = job.positions[index]
-                if hasattr(output, "file") and position not in job.images:
-                    job.images[position] = {"file": output.file, "seed": output.record.get("seed"),
-                                            "record": output.record}
-                    changed = True
-            if job.state == "queued" and (job.images.keys() & set(job.positions)
-                                          or self.queue.ticket_progress(ticket)["running"]):
-                job.state, job.started, changed = "running", time.time(), True
-            if ticket.future.done():
-                changed = self._finish(job, ticket) or changed
+            changed = job.dirty
+            if job.state in ACTIVE:
+                changed = self._look(job, ticket) or changed
             if changed:
                 self.persist(job)
             if job.state not in ACTIVE:
                 self._forget(job)
 
+    def _look(self, job: Job, ticket) -> bool:
+        """The images delivered since the last look, the start, the end; whether anything changed."""
+        changed = False
+        for index, output in enumerate(ticket.outputs):
+            position = job.positions[index]
+            if hasattr(output, "file") and position not in job.images:  # an Entry (a cancelled one's stay raw)
+                job.images[position] = {"file": output.file, "seed": output.record.get("seed"),
+                                        "record": output.record}
+                changed = True
+        if job.state == "queued" and (job.images.keys() & set(job.positions)
+                                      or self.queue.ticket_progress(ticket)["running"]):
+            job.state, job.started, changed = "running", time.time(), True
+        if ticket.future.done():
+            changed = self._finish(job, ticket) or changed
+        return changed
+
     def _finish(self, job: Job, ticket) -> bool:
         from genkit.errors import GenkitError
-        from genkit.serve.queue import ShuttingDown
 
         if ticket.future.cancelled():
             job.state = "cancelled"
