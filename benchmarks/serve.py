@@ -14,6 +14,9 @@ The server is the real command (`genkit serve`, a subprocess); clients are async
    images, masks and strengths...), clients that hang up, interrupts. Counts 5xx on valid input
    (must be 0), valid requests answered, invalid ones refused with 4xx, the queue empty at the end,
    and the server's RSS after the soak against after warm-up.
+5. workers (`--only workers`): the same `--clients` one-image requests at once against `--workers 2` (two
+   processes of one thread each) and `--workers 1` at two threads: images/s, p50/p95, and the two-worker
+   images against `genkit generate` at one thread, pixel for pixel.
 4. edits: `--edits` img2img and inpainting requests (each its own input image) at once, then one at
    a time, and the served images against `genkit generate --prompts-file edits.jsonl` (the same
    inputs, masks, strengths and seeds), pixel for pixel. `--only edits` runs this part alone.
@@ -54,13 +57,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(out: Path, args) -> tuple[subprocess.Popen, str]:
+def start_server(out: Path, args, flags=(), threads: int | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    if threads or args.threads:
+        env["OMP_NUM_THREADS"] = str(threads or args.threads)
     command = [sys.executable, "-m", "genkit", "serve", "--port", str(port), "--out", str(out), "--max-batch",
-               str(args.max_batch), "--max-queue", "256"]
+               str(args.max_batch), "--max-queue", "256", *flags]
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=open(out.parent / "server.log", "w"))
     url = f"http://127.0.0.1:{port}"
     import httpx
@@ -70,7 +73,8 @@ def start_server(out: Path, args) -> tuple[subprocess.Popen, str]:
         if process.poll() is not None:
             raise SystemExit(f"the server exited with {process.returncode}: {(out.parent / 'server.log').read_text()}")
         try:
-            if httpx.get(url + "/sdapi/v1/sd-models", timeout=2).status_code == 200:
+            answer = httpx.get(url + "/genkit/v1/status", timeout=2)
+            if answer.status_code == 200 and all(w["ready"] for w in answer.json()["queue"].get("workers", [])):
                 return process, url
         except httpx.HTTPError:
             time.sleep(0.5)
@@ -109,6 +113,57 @@ async def throughput(url: str, requests: list[dict], path: str = "/sdapi/v1/txt2
         assert response.status_code == 200, response.text
     return {"together": (together_s, [s for s, _ in together], [r.json() for _, r in together]),
             "alone": (alone_s, [s for s, _ in alone], [r.json() for _, r in alone])}
+
+
+async def together(url: str, requests: list[dict], path: str = "/sdapi/v1/txt2img") -> tuple:
+    """All `requests` at once: (wall seconds, latencies, answers)."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=len(requests) + 8)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        start = time.perf_counter()
+        answers = await asyncio.gather(*(timed_post(client, path, body) for body in requests))
+        seconds = time.perf_counter() - start
+    for _, response in answers:
+        assert response.status_code == 200, response.text
+    return seconds, [s for s, _ in answers], [r.json() for _, r in answers]
+
+
+def compare_workers(args, requests: list[dict]) -> bool:
+    """--workers 2 (one thread each) against --workers 1 at two threads, the same requests at once."""
+    import base64
+
+    import httpx
+    import numpy as np
+
+    rows, served = [], None
+    for label, flags, threads in (("1 worker x 2 threads", ["--workers", "1"], 2),
+                                  ("2 workers x 1 thread", ["--workers", "2"], None)):
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            (tmp / "out").mkdir()
+            server, url = start_server(tmp / "out", args, flags, threads)
+            try:
+                asyncio.run(together(url, requests[:4]))  # warm-up
+                seconds, latencies, answers = asyncio.run(together(url, requests))
+                workers = httpx.get(url + "/genkit/v1/status").json()["queue"]["workers"]
+            finally:
+                server.terminate()
+                server.wait(60)
+        rows.append((label, len(requests) / seconds, statistics.median(latencies), percentile(latencies, 0.95),
+                     seconds, " ".join(f"w{w['name']}:{w['images']}" for w in workers)))
+        served = [pixels(base64.b64decode(a["images"][0])) for a in answers]
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = cli_images(requests[:8], args.steps, Path(tmp), 1)
+    print(f"\nworkers: {len(requests)} one-image requests at once, genkit-mini, {args.steps} steps, "
+          f"--max-batch {args.max_batch}, {os.cpu_count()} cores")
+    print(f"{'':<24}{'images/s':>10}{'p50 s':>9}{'p95 s':>9}{'wall s':>9}  images per worker")
+    for label, rate, p50, p95, seconds, per in rows:
+        print(f"{label:<24}{rate:>10.2f}{p50:>9.2f}{p95:>9.2f}{seconds:>9.1f}  {per}")
+    print(f"2 workers against 1: {rows[1][1] / rows[0][1]:.2f}x")
+    same = sum(np.array_equal(a, b) for a, b in zip(served, cli))
+    print(f"2 workers' images == genkit generate at one thread: {same}/{len(cli)}")
+    return same == len(cli)
 
 
 def cli_images(requests: list[dict], steps: int, out: Path, threads: int | None) -> list:
@@ -322,13 +377,17 @@ def main() -> None:
     parser.add_argument("--soak-steps", type=int, default=4, help="steps of the soak's valid requests")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the server and the CLI")
     parser.add_argument("--edits", type=int, default=8, help="img2img/inpainting requests of the edit part")
-    parser.add_argument("--only", choices=("all", "edits", "soak"), default="all")
+    parser.add_argument("--only", choices=("all", "edits", "soak", "workers"), default="all")
     args = parser.parse_args()
     import numpy as np
     import httpx
 
     print(f"machine: {os.cpu_count()} CPU cores, load average {os.getloadavg()[0]:.2f} at start")
     edits = edit_requests(args.edits, args.steps)
+    rng = random.Random(1)
+    requests = [{"prompt": prompt(rng), "seed": 1000 + i, "steps": args.steps} for i in range(args.clients)]
+    if args.only == "workers":
+        raise SystemExit(0 if compare_workers(args, requests) else 1)
     if args.only != "all":  # one part alone, on a server of its own
         with tempfile.TemporaryDirectory() as tmp:
             tmp = Path(tmp)
@@ -350,8 +409,6 @@ def main() -> None:
             else:
                 ok = report_soak(args, soaked, after, alive, warm_rss, soak_rss)
         raise SystemExit(0 if ok else 1)
-    rng = random.Random(1)
-    requests = [{"prompt": prompt(rng), "seed": 1000 + i, "steps": args.steps} for i in range(args.clients)]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "out").mkdir()

@@ -237,14 +237,19 @@ def test_edits_coalesce_only_with_their_own_kind_and_equal_their_images_made_alo
 
 def test_progress_of_an_edit_counts_the_steps_it_runs(server, client, monkeypatch):
     """strength 0.5 of 4 steps runs 2: progress reaches 2 of 2 (1.0), and A1111's job says img2img."""
-    queue, seen, original = server.state.queue, [], server.state.queue._check
+    queue, seen, original = server.state.queue, [], server.state.queue._checker
 
-    def watched(step, steps):
-        original(step, steps)
-        if step == steps:  # the last step, seen from the client while the batch runs
-            seen.append((step, steps, httpx.get(server.url + "/sdapi/v1/progress", timeout=30).json()))
+    def checker(name):
+        check = original(name)
 
-    monkeypatch.setattr(queue, "_check", watched)
+        def watched(step, steps):
+            check(step, steps)
+            if step == steps:  # the last step, seen from the client while the batch runs
+                seen.append((step, steps, httpx.get(server.url + "/sdapi/v1/progress", timeout=30).json()))
+
+        return watched
+
+    monkeypatch.setattr(queue, "_checker", checker)
     img2img(client, prompt="x", init_images=[b64(noise(9))], denoising_strength=0.5, seed=1)
     [(step, steps, progress)] = seen
     assert (step, steps) == (2, 2) and progress["progress"] == 1.0 and progress["state"]["job"] == "img2img"

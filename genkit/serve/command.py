@@ -27,19 +27,29 @@ import click
 @click.option("--cors", "cors", multiple=True, metavar="ORIGIN",
               help="Allow browser pages from ORIGIN to call the API (off by default); repeatable.")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available).")
+@click.option("--devices", default=None, metavar="LIST",
+              help="A worker per device: cuda:0,cuda:1 or all (each holds the served models; batches go to a free one).")
+@click.option("--workers", default=1, show_default=True, type=int,
+              help="Workers per device; on a CPU, processes that divide the cores among them.")
 @click.option("--dtype", default=None, help="fp32, fp16 or bf16.")
 @click.option("--attention", default="auto", show_default=True, help="auto, sdpa, math, sliced, xformers, flash, flash3 or sage (genkit info: which run here).")
 @click.option("--memory", default=None, metavar="AMOUNT",
               help="CUDA: plan the placement for this much GPU memory, like 12GiB (default: what is free now).")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Serve as Ray Serve replicas, Ray's HTTP proxy on --host/--port (pip install \"genkit[ray]\").")
+@click.option("--replicas", default=None, type=click.IntRange(min=1),
+              help="With --ray: replicas (default one per GPU of the cluster, else one; CPUs divided among them).")
+@click.option("--ray-address", default=None, metavar="ADDRESS",
+              help="With --ray: the cluster to join, like auto or HEAD:6379 (default: start one here).")
 def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max_images, max_steps, max_size, cors,
-          device, dtype, attention, memory):
+          device, dtype, attention, memory, devices, workers, use_ray, replicas, ray_address):
     """Serve models over HTTP: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1/images, and a gallery at /."""
     from genkit.errors import GenkitError
     from genkit.serve.security import check_bind
 
     check_bind(host, api_key)
     for name, value in (("--max-batch", max_batch), ("--max-queue", max_queue), ("--max-images", max_images),
-                        ("--max-steps", max_steps), ("--max-size", max_size)):
+                        ("--max-steps", max_steps), ("--max-size", max_size), ("--workers", workers)):
         if value < 1:
             raise GenkitError(f"{name} must be at least 1, got {value}")
     try:
@@ -56,11 +66,29 @@ def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max
     if out is not None:
         check_out_dir(out)
     bind(host, port).close()  # a port in use is one line, before the slow model load
+    from genkit.serve.workers import devices as device_list
+
+    places = device_list(devices)
+    if places and device:
+        raise GenkitError("--device and --devices both given: pass one (--devices cuda:0,cuda:1 or --device cuda:1)")
     _quiet_libraries()
     limits = Limits(max_batch=max_batch, max_queue=max(max_queue, max_images), max_images=max_images,
                     max_steps=max_steps, max_side=max_size)
+    if use_ray:  # the replicas load the models; this process deploys them and waits
+        from genkit.serve import ray as on_ray
+
+        if places or workers > 1:
+            raise GenkitError("--ray places the replicas itself: pass --replicas N, not --devices or --workers")
+        return on_ray.run(list(models) or None, host=host, port=port, replicas=replicas, address=ray_address,
+                          out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors, device=device,
+                          dtype=dtype, attention=attention, memory=memory)
+    if replicas or ray_address:
+        raise GenkitError("--replicas and --ray-address go with --ray")
     app = create_app(list(models) or None, out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors,
-                     device=device, dtype=dtype, attention=attention, memory=memory)
+                     device=device, dtype=dtype, attention=attention, memory=memory, devices=places, workers=workers)
+    from genkit.serve.metrics import log_access_to_stderr
+
+    log_access_to_stderr()  # one JSON line per request
     where = f"[{host}]" if ":" in host else host
     click.echo(f"genkit serve: http://{where}:{port} (gallery at /, A1111 at /sdapi/v1, OpenAI at /v1)", err=True)
     from genkit.errors import command_line
