@@ -56,26 +56,32 @@ def require() -> None:
 
 
 def deployment(models=None, *, num_replicas: int | None = None, ray_actor_options: dict | None = None,
-               max_ongoing_requests: int | None = None, name: str = APP_NAME, **create_app_kwargs):
+               max_ongoing_requests: int | None = None, name: str = APP_NAME, access_log: bool = False,
+               **create_app_kwargs):
     """A Ray Serve application (a bound deployment) whose replicas each serve `create_app(models,
     **create_app_kwargs)`. `models`: names, folders or hub ids (each replica loads its own). Default: one replica
     per GPU of the cluster with `{"num_gpus": 1}`, else one replica with the cluster's CPUs; with `num_replicas`
-    on CPUs, each replica gets the cluster's CPUs divided among them (`ray.init` first, else one CPU each).
-    `max_ongoing_requests` (default the queue's bound + 32) must let a replica hold enough requests to batch."""
+    on CPUs, each replica gets the cluster's CPUs divided among them and as many torch threads (`ray.init` first,
+    else one CPU each). `max_ongoing_requests` (default the queue's bound + 32) must let a replica hold enough
+    requests to batch. `access_log`: each replica writes genkit's JSON access lines to its stderr."""
     require()
     from ray import serve
 
     from genkit.serve.limits import Limits
 
     num_replicas, ray_actor_options = placement(num_replicas, ray_actor_options)
-    if create_app_kwargs.get("out") is not None:  # replicas' working folders differ from this one's
+    # the replicas' working folders are not this process's: folders travel as absolute paths
+    if create_app_kwargs.get("out") is not None:
         create_app_kwargs["out"] = str(Path(create_app_kwargs["out"]).resolve())
+    if create_app_kwargs.get("lora_dirs"):
+        create_app_kwargs["lora_dirs"] = [str(Path(folder).resolve()) for folder in create_app_kwargs["lora_dirs"]]
     limits = create_app_kwargs.get("limits") or Limits()
     queue = create_app_kwargs.get("max_queue") or limits.max_queue
     replica = serve.deployment(serve.ingress()(Replica), name=name, num_replicas=num_replicas,
                                ray_actor_options=ray_actor_options,
-                               max_ongoing_requests=max_ongoing_requests or queue + 32)
-    return replica.bind(_names(models), create_app_kwargs)
+                               max_ongoing_requests=max_ongoing_requests or queue + 32,
+                               logging_config={"enable_access_log": not access_log})  # genkit's lines, not both
+    return replica.bind(_names(models), create_app_kwargs, access_log)
 
 
 def build(args: dict):
@@ -97,25 +103,33 @@ def run(models=None, *, host: str = "127.0.0.1", port: int = 7860, replicas: int
     started here stopped)."""
     import signal
     import sys
-    import threading
+    import time
 
     require()
     import ray
     from ray import serve
 
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)  # as Ctrl-C: also while the replicas load
     ray.init(address=address, logging_level="WARNING")  # the replicas' logs print here, as uvicorn's would
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": host, "port": port})
         count, _ = placement(replicas)
-        serve.run(deployment(models, num_replicas=count, **create_app_kwargs), name=APP_NAME, route_prefix="/")
+        app = deployment(models, num_replicas=count, access_log=True, **create_app_kwargs)
+        try:
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:  # a replica failed to start: its traceback is above, from its log
+            raise GenkitError(f"the replicas did not start: {str(exc).splitlines()[0]} (their error is above)") \
+                from None
         where = f"[{host}]" if ":" in host else host
         print(f"genkit serve: http://{where}:{port} through Ray Serve, {count} replica{'s' * (count > 1)} "
               f"(gallery at /, A1111 at /sdapi/v1, OpenAI at /v1; Ctrl-C stops)", file=sys.stderr)
-        while not stop.wait(1):
-            pass
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
     finally:
         if serve.status().applications.get(APP_NAME) is not None:
             serve.delete(APP_NAME)
@@ -132,8 +146,11 @@ def placement(num_replicas: int | None = None, ray_actor_options: dict | None = 
         num_replicas = gpus or 1
     if num_replicas < 1:
         raise GenkitError(f"num_replicas must be at least 1, got {num_replicas}", param="num_replicas")
-    if ray_actor_options is None:
-        ray_actor_options = {"num_gpus": 1} if gpus else {"num_cpus": max(1, cpus // num_replicas)}
+    if ray_actor_options is None and gpus:
+        ray_actor_options = {"num_gpus": 1}
+    elif ray_actor_options is None:  # torch's threads: the replica's cores, whatever this process's OMP_NUM_THREADS
+        share = max(1, cpus // num_replicas)
+        ray_actor_options = {"num_cpus": share, "runtime_env": {"env_vars": {"OMP_NUM_THREADS": str(share)}}}
     return num_replicas, ray_actor_options
 
 
@@ -156,7 +173,7 @@ def _names(models) -> list[str] | None:
         if hasattr(model, "plan"):
             raise GenkitError("deployment takes model names, folders or hub ids (each replica loads its own), got a "
                               "loaded Pipeline", param="models")
-    return [str(model) for model in models]
+    return [str(Path(model).resolve()) if Path(model).exists() else str(model) for model in models]
 
 
 def number_from(store, first: int) -> None:
@@ -171,8 +188,8 @@ def number_from(store, first: int) -> None:
 class Replica:
     """One replica: the app, built when Ray starts the replica; `forwarded` answers other replicas' requests."""
 
-    def __init__(self, models, create_app_kwargs: dict):
-        self.models, self.kwargs = models, create_app_kwargs
+    def __init__(self, models, create_app_kwargs: dict, access_log: bool = False):
+        self.models, self.kwargs, self.access_log = models, create_app_kwargs, access_log
         self.rank, self.genkit_app, self.handle = None, None, None  # not `app`: Ray's wrapper has one
 
     async def __serve_build_asgi_app__(self):
@@ -187,8 +204,13 @@ class Replica:
         kwargs = dict(self.kwargs)
         if kwargs.get("out") is not None:
             kwargs["out"] = str(Path(kwargs["out"]) / f"replica-{self.rank}")
-        self.genkit_app = await asyncio.to_thread(create_app, self.models, **kwargs)  # loading: the event loop stays free
-        number_from(self.genkit_app.state.genkit.store, self.rank * INDEX_SPAN)
+        if self.access_log:
+            from genkit.serve.metrics import log_access_to_stderr
+
+            log_access_to_stderr()
+        self.genkit_app = await asyncio.to_thread(create_app, self.models, **kwargs)  # the loop stays free to answer Ray
+        if self.rank:
+            number_from(self.genkit_app.state.genkit.store, self.rank * INDEX_SPAN)
         self.genkit_app.add_middleware(Spread, replica=self)
         return self.genkit_app
 
