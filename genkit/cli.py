@@ -147,6 +147,19 @@ def _models_dir(ctx, param, value):
 @click.option("--outpaint", default=None, metavar="SIDES",
               help="Extend --image's canvas and paint the new border, e.g. right=16 or left=16,top=8 "
                    "(pixels per side; a bare number pads all four).")
+@click.option("--prompt-syntax", "prompt_syntax", type=click.Choice(["a1111", "plain"]), default=None,
+              help="a1111 (the default): A1111's prompt weights, (word:1.3), (word), [word], \\( and BREAK, on "
+                   "SD 1.x/2.x and SDXL (compel); plain: brackets are text.")
+@click.option("--hires", "hires_scale", type=float, default=None, metavar="SCALE",
+              help="A1111's hires fix: make the image, upscale it SCALE times (sides rounded to the model's multiple), "
+                   "and redraw it with image-to-image.")
+@click.option("--hires-strength", "hires_strength", type=float, default=None,
+              help="How much the hires pass redraws, in (0, 1] (A1111's denoising strength; default 0.7).")
+@click.option("--hires-steps", "hires_steps", type=int, default=None,
+              help="The hires pass's steps (default 0: as many as --steps; it runs steps x strength of them).")
+@click.option("--hires-upscaler", "hires_upscaler", default=None, metavar="latent|lanczos|FILE",
+              help="latent (the default: the latents resized), lanczos (the pixels), or an upscaling model file "
+                   "(ESRGAN & co., read by spandrel: pip install 'genkit[upscale]').")
 @model_options
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA folder or file; repeatable.")
 @click.option("--quantize", default=None, metavar="KIND|PART=KIND,...",

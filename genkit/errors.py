@@ -44,7 +44,8 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "batch_size": "--batch-size", "api_key": "--api-key", "overwrite": "--overwrite",
          "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger", "config": "--config",
          "exact": "--exact", "quantize": "--quantize", "base": "--base",
-         "models_dir": "--models-dir"}
+         "models_dir": "--models-dir", "prompt_syntax": "--prompt-syntax", "hires_scale": "--hires",
+         "hires_strength": "--hires-strength", "hires_steps": "--hires-steps", "hires_upscaler": "--hires-upscaler"}
 _COMMAND_LINE: ContextVar[bool] = ContextVar("genkit_command_line", default=False)
 
 

@@ -23,7 +23,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from genkit import checks, edit, memory, schedulers
+from genkit import checks, edit, hires, memory, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
@@ -44,6 +44,12 @@ class GenerationConfig:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None  # a short name from genkit.schedulers.NAMES, or "default" (the model's own)
+    prompt_syntax: str | None = None  # "a1111" (the default: (word:1.3) weights, BREAK) or "plain" (genkit.prompt_syntax)
+    # the hires fix (genkit.hires): a second, image-to-image pass at hires_scale times the size; None: none
+    hires_scale: float | None = None
+    hires_strength: float | None = None  # how much the second pass redraws; default 0.7 (A1111's)
+    hires_steps: int | None = None  # the second pass's steps; 0 or None: the first pass's
+    hires_upscaler: str | None = None  # "latent" (the default), "lanczos" or an upscaling model's file (spandrel)
     # editing (genkit.edit): an input image for every prompt (path, PIL image or array), a mask (white repaints),
     # the strength (0-1], or outpaint sides ("left=16,right=16"); a PromptSpec's own values win
     image: object = None
@@ -66,6 +72,11 @@ class Job:
     width: int
     height: int
     scheduler: str
+    prompt_syntax: str | None = None  # how A1111's weight syntax in the prompt was read; None: it holds none
+    hires_scale: float | None = None  # the hires fix (genkit.hires); None: none
+    hires_strength: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
     image: edit.Picture | None = None  # the input of an edit
     mask: edit.Picture | None = None  # white repaints (inpainting)
     strength: float | None = None
@@ -81,7 +92,8 @@ class Job:
     def batch_key(self) -> tuple:
         """What jobs of one batch share, whatever the model (`Pipeline.batch_key` adds what the model needs)."""
         return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler, self.task,
-                self.strength)
+                self.strength, self.prompt_syntax, self.hires_scale, self.hires_strength, self.hires_steps,
+                self.hires_upscaler)
 
 
 @dataclass
@@ -131,7 +143,7 @@ class Pipeline:
         self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
         self.compiled = False
         self._cut: dict[str, dict | None] = {}  # prompt -> what its text encoder drops of it (prompt_cut)
-        self._chunks: dict[str, int] = {}  # prompt -> the pieces it is read in (chunks_of)
+        self._chunks: dict[tuple, int] = {}  # (prompt, weighted) -> the pieces it is read in (chunks_of)
         # a prompt past the text encoder's length: the family's first way ("chunk": CLIP's 75-token chunks, as A1111)
         self.long_prompts = family.long_prompts[0]
         self.exact = exact  # fixed-shape blocks for every shape-sensitive op (genkit.invariance); False: --fast
@@ -158,10 +170,12 @@ class Pipeline:
         """How many pieces the job's prompt and negative are read in (1: as the pipeline reads them)."""
         if self.long_prompts != "chunk":
             return 1
+        weighted = job.prompt_syntax == "a1111"  # read with A1111's weights: its pieces counted without the syntax
         for text in (job.prompt, job.negative_prompt):
-            if text not in self._chunks:
-                self._chunks[text] = self.family.chunks(self.pipe, text)
-        return max(self._chunks[job.prompt], self._chunks[job.negative_prompt])
+            if (text, weighted) not in self._chunks:
+                self._chunks[text, weighted] = self.family.weighted_chunks(self.pipe, text) if weighted else \
+                    self.family.chunks(self.pipe, text)
+        return max(self._chunks[job.prompt, weighted], self._chunks[job.negative_prompt, weighted])
 
     def batch_key(self, job: Job) -> tuple:
         """What the jobs of one batch must share: settings, text pieces, and (where the family passes an empty negative
@@ -244,24 +258,79 @@ class Pipeline:
             width, height = (self._check_side(key, getattr(spec, key) or base[key]) for key in ("width", "height"))
             scheduler = self._sampler(spec.scheduler) if spec.scheduler else base["scheduler"]
             edits = self._edit(spec, config, steps, read)
+            negative = spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"]
+            edits.update(self._prompt_syntax(spec, config, negative),
+                         **self._hires(spec, config, steps, width, height, bool(edits)))
             first = spec.seed if spec.seed is not None else seed + len(jobs)
             checks.check_seed(first)
             checks.check_seed(first + n - 1)  # the prompt's seeds run from first to first + n - 1
             for k in range(n):
                 image_seed = first + k
                 jobs.append(Job(
-                    index=len(jobs), prompt=spec.prompt,
-                    negative_prompt=spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"],
-                    seed=image_seed, num_inference_steps=steps, guidance_scale=float(guidance),
+                    index=len(jobs), prompt=spec.prompt, negative_prompt=negative, seed=image_seed, num_inference_steps=steps, guidance_scale=float(guidance),
                     scheduler=scheduler, **{"width": width, "height": height, **edits},
                 ))
                 self.family.check_job(jobs[-1])
         sizes = {}
         for job in jobs:
             sizes[(job.width, job.height)] = sizes.get((job.width, job.height), 0) + 1
+        for job in jobs:
+            if job.hires_scale is not None:  # a hires image is made at its output size too
+                size = hires.size(job.width, job.height, job.hires_scale, self.size_factor)
+                sizes[size] = sizes.get(size, 0) + 1
         for (width, height), count in sizes.items():  # sides and a batch's memory, before anything is allocated
             _check_size(self, width, height, min(config.batch_size, count))
         return jobs
+
+    def _prompt_syntax(self, spec: PromptSpec, config: GenerationConfig, negative: str) -> dict:
+        """The job's prompt_syntax: None when neither text holds A1111's syntax (read as plain text either way), else
+        how it is read; a weighted prompt the family cannot read is refused in one line."""
+        from genkit import prompt_syntax
+
+        syntax = prompt_syntax.check_syntax(spec.prompt_syntax if spec.prompt_syntax is not None
+                                            else config.prompt_syntax)
+        texts = [text for text in (spec.prompt, negative) if prompt_syntax.has_syntax(text)]
+        if not texts:
+            return {}
+        if syntax == "a1111":
+            if not self.family.prompt_weights:
+                raise GenkitError(f"{texts[0]!r} uses A1111's weight syntax ((word:1.3), [word], BREAK), which "
+                                  f"{self.family.title} models cannot read: their text encoder takes no weights; drop "
+                                  f"the weights or pass {term('prompt_syntax')} plain to read brackets as text",
+                                  param="prompt")
+            self.family.check_weights()
+        return {"prompt_syntax": syntax}
+
+    def _hires(self, spec: PromptSpec, config: GenerationConfig, steps: int, width: int, height: int,
+               edits: bool) -> dict:
+        """The job's hires-fix fields (genkit.hires), checked before any work; {} without one."""
+        def own(key):
+            value = getattr(spec, key, None)
+            return value if value is not None else getattr(config, key)
+
+        scale, strength, hires_steps, upscaler = (own(key) for key in ("hires_scale", "hires_strength", "hires_steps",
+                                                                      "hires_upscaler"))
+        if scale is None:
+            for key, value in (("hires_strength", strength), ("hires_steps", hires_steps), ("hires_upscaler", upscaler)):
+                if value is not None:
+                    raise GenkitError(f"{value} applies only to the hires fix (pass {term('hires_scale')} SCALE, or "
+                                      f"drop {term(key)})", param=key)
+            return {}
+        scale = hires.check_scale(scale)
+        if edits:
+            raise GenkitError(f"{scale:g}: the hires fix makes an image from text; it does not edit an input image "
+                              f"(drop {term('hires_scale')} or {term('image')})", param="hires_scale")
+        if "img2img" not in self.family.edit_tasks:
+            raise GenkitError(f"{scale:g}: the hires fix's second pass is image-to-image, and {self.family.title} "
+                              f"models have no img2img pipeline in diffusers (drop {term('hires_scale')})",
+                              param="hires_scale")
+        strength = hires.check_strength(hires.STRENGTH if strength is None else strength)
+        hires_steps = hires.check_steps(0 if hires_steps is None else hires_steps)
+        hires.check_steps_kept(hires_steps or steps, strength)
+        upscaler = hires.check_upscaler(upscaler)
+        for key, side in zip(("width", "height"), hires.size(width, height, scale, self.size_factor)):
+            checks.check_side(side, key, f"{term('hires_scale')} {scale:g} makes a {key} of {side}, but the {key}")
+        return {"hires_scale": scale, "hires_strength": strength, "hires_steps": hires_steps, "hires_upscaler": upscaler}
 
     def _edit(self, spec: PromptSpec, config: GenerationConfig, steps: int, read: dict) -> dict:
         """The job fields of a prompt's edit (input, mask, strength, outpaint, and the size they give), checked
@@ -419,41 +488,81 @@ class Pipeline:
 
         steps = first.num_inference_steps if first.task is None else \
             edit.kept_steps(first.num_inference_steps, first.strength)  # an edit runs the last steps only
+        if first.hires_scale is not None:  # and the hires fix's second pass runs after it
+            steps += edit.kept_steps(hires.second_steps(first), first.hires_strength)
 
-        last = {}  # the last step's latents (a reference), decoded again in fp32 if the VAE made NaN
+        last = {"step": 0}  # the last step's latents (a reference), decoded again in fp32 if the VAE made NaN
 
         def on_step(pipe, step, timestep, tensors):
-            last["latents"], last["step"] = tensors.get("latents"), step + 1
+            last["latents"], last["step"] = tensors.get("latents"), last["step"] + 1
             if callback is not None:
-                callback({"batch": number, "step": step + 1, "steps": steps,
+                callback({"batch": number, "step": last["step"], "steps": steps,
                           "images": [job.index for job in batch]})
             return tensors
 
+        made, inputs = batch, None  # the jobs as the last pass made them (the hires fix: at the output size)
         with (BatchInvariant() if self.exact else contextlib.nullcontext()), \
                 rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
                 self.family.attention_context(self.attention):
-            args = {**self.family.call_args(batch, generators, on_step), "output_type": "np"}  # floats, checked for
-            # NaN before they become the pixels "pil" would have made (the same numpy_to_pil)
-            if (chunks := self.chunks_of(first)) > 1:  # a batch shares its chunk count (batch_key)
-                args = self.family.chunked_args(self.pipe, batch, chunks, args)
+            extra = {}
             if first.task is not None:
                 inputs = [edit.inputs_for(job.image, job.mask, job.outpaint, job.width, job.height, self.size_factor)
                           for job in batch]
-                args.update(image=[image for image, _ in inputs], strength=first.strength)
+                extra.update(image=[image for image, _ in inputs], strength=first.strength)
                 if first.task == "inpaint":
-                    args["mask_image"] = [mask for _, mask in inputs]
-                args = _accepted(pipe, args)
-            try:
-                output = pipe(**args)
-            except torch.OutOfMemoryError:  # every step had run: the decode ran out; else the denoising
-                raise memory.RanOut("decode" if last.get("step") == steps else "denoising") from None
-            images, upcast = _finite(self, pipe, batch, output.images, last.get("latents"))
+                    extra["mask_image"] = [mask for _, mask in inputs]
+            if first.hires_scale is None:
+                output = self._call(pipe, batch, generators, on_step, extra, last, steps)
+            else:
+                pipe, made, output = self._hires_fix(batch, generators, on_step, last, steps)
+            images, upcast = _finite(self, pipe, made, output, last.get("latents"))
         images = _pil(images)
         if first.task == "inpaint":  # the known region is the input's pixels (latent models only come close)
             images = [_keep_known(out, image, mask) for out, (image, mask) in zip(images, inputs)]
         return GenerationResult(images=images, seeds=[job.seed for job in batch],
                                 metadata=[{**self.record(job), **({"vae_upcast": True} if up else {})}
                                           for job, up in zip(batch, upcast)])
+
+    def _call(self, pipe, batch: list[Job], generators, on_step, extra: dict, last: dict, steps: int,
+              output_type: str = "np"):
+        """One pipeline call for the batch (its text as the family reads it, `extra` an edit's inputs): its images."""
+        import torch
+
+        first = batch[0]
+        args = {**self.family.call_args(batch, generators, on_step), "output_type": output_type}  # "np": floats,
+        # checked for NaN before they become the pixels "pil" would have made (the same numpy_to_pil)
+        chunks = self.chunks_of(first)  # a batch shares its chunk count and prompt syntax (batch_key)
+        if first.prompt_syntax == "a1111":  # A1111's weights (genkit.prompt_syntax), in as many chunks
+            args = self.family.weighted_args(self.pipe, batch, chunks, args)
+        elif chunks > 1:
+            args = self.family.chunked_args(self.pipe, batch, chunks, args)
+        if extra:
+            args = _accepted(pipe, {**args, **extra})
+        try:
+            return pipe(**args).images
+        except torch.OutOfMemoryError:  # every step had run: the decode ran out; else the denoising
+            raise memory.RanOut("decode" if last.get("step") == steps else "denoising") from None
+
+    def _hires_fix(self, batch: list[Job], generators, on_step, last: dict, steps: int):
+        """(img2img pipeline, the jobs at the output size, its output): A1111's hires fix (genkit.hires). The first pass
+        at the jobs' size, the upscale, then image-to-image at the output size with each image's generator going on
+        from where the first pass left it."""
+        first = batch[0]
+        width, height = hires.size(first.width, first.height, first.hires_scale, self.size_factor)
+        if first.hires_upscaler == "latent":
+            output = self._call(self.pipe, batch, generators, on_step, {}, last, steps, self.family.hires_output)
+            image = self.family.hires_latents(self.pipe, output, first.width, first.height, width, height)
+        else:
+            output = self._call(self.pipe, batch, generators, on_step, {}, last, steps)
+            pixels, _ = _finite(self, self.pipe, batch, output, last.get("latents"))
+            image = hires.upscale(_pil(pixels), first.hires_upscaler, width, height, self.device)
+        made = [replace(job, width=width, height=height, num_inference_steps=hires.second_steps(job)) for job in batch]
+        pipe = self._pipe_for("img2img")
+        pipe.scheduler = self._scheduler(first.scheduler)
+        last.pop("latents", None)
+        output = self._call(pipe, made, generators, on_step, {"image": image, "strength": first.hires_strength}, last,
+                            steps)
+        return pipe, made, output
 
     def _pipe_for(self, task: str | None):
         """The pipeline that runs `task`: this one for text-to-image, else the family's editing pipeline."""
@@ -509,7 +618,7 @@ def _settings_record(job: Job, of_edit: bool) -> dict:
         if not setting.recorded or setting.edit != of_edit:
             continue
         value = getattr(job, setting.name)
-        if setting.edit and value is None:
+        if (setting.edit or setting.optional) and value is None:
             continue
         if setting.digest:
             out.update({setting.name: value.source, digest_key(setting.name): value.sha256})

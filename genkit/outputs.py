@@ -64,6 +64,13 @@ def infotext(record: dict) -> str:
         "Size": f"{record['width']}x{record['height']}",
         "Model": record["model"],
     }
+    if record.get("hires_scale") is not None:  # the hires fix (genkit.hires), as A1111's txt2img writes it
+        upscaler = record.get("hires_upscaler", "latent")
+        fields["Denoising strength"] = record.get("hires_strength")
+        fields["Hires upscale"] = f"{record['hires_scale']:g}"
+        if record.get("hires_steps"):
+            fields["Hires steps"] = record["hires_steps"]
+        fields["Hires upscaler"] = {"latent": "Latent", "lanczos": "Lanczos"}.get(upscaler, Path(upscaler).stem)
     if record.get("image") is not None:  # an edit, as A1111's img2img tab writes it
         fields["Denoising strength"] = record["strength"]
         if record.get("mask") is not None or record.get("outpaint"):
@@ -106,7 +113,7 @@ def _settings_keys() -> tuple[RecordKey, ...]:
     keys = []
     for setting in settings.SETTINGS:
         if setting.recorded:
-            keys.append(RecordKey(setting.name, "setting", None if setting.edit else setting.json))
+            keys.append(RecordKey(setting.name, "setting", None if setting.edit or setting.optional else setting.json))
         if setting.digest:
             keys.append(RecordKey(settings.digest_key(setting.name), "digest"))
     return tuple(keys)

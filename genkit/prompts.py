@@ -52,6 +52,11 @@ class PromptSpec:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    prompt_syntax: str | None = None  # "a1111" (weights read) or "plain" (genkit.prompt_syntax)
+    hires_scale: float | None = None  # the hires fix (genkit.hires): its scale, strength, steps and upscaler
+    hires_strength: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
     image: object = None  # an input to edit (path, PIL image or array; genkit.edit), with its mask and strength
     mask: object = None
     strength: float | None = None

@@ -33,6 +33,11 @@ class GenerateRequest:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    prompt_syntax: str | None = None  # "a1111" (the default: weights read) or "plain" (genkit.prompt_syntax)
+    hires_scale: float | None = None  # the hires fix (genkit.hires): scale, strength, steps, upscaler
+    hires_strength: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
     image: object = None  # editing (genkit.edit): the input image, its mask, strength, outpaint sides
     mask: object = None
     strength: float | None = None
@@ -150,6 +155,22 @@ def _check_numbers(request: GenerateRequest) -> None:
     for side in ("width", "height"):
         if getattr(request, side) is not None:
             checks.check_side(getattr(request, side), side)
+    _check_reading(request)
+
+
+def _check_reading(request: GenerateRequest) -> None:
+    """The prompt syntax and the hires fix's values (the plan checks them again, with the model)."""
+    from genkit import hires, prompt_syntax
+
+    prompt_syntax.check_syntax(request.prompt_syntax)
+    if request.hires_scale is not None:
+        hires.check_scale(request.hires_scale)
+    if request.hires_strength is not None:
+        hires.check_strength(request.hires_strength)
+    if request.hires_steps is not None:
+        hires.check_steps(request.hires_steps)
+    if request.hires_upscaler is not None:
+        hires.check_upscaler(request.hires_upscaler)
 
 
 def _check_edit_inputs(request: GenerateRequest) -> None:

@@ -28,6 +28,7 @@ class Setting:
     recorded: bool = True  # an image depends on it: its Job holds it and its record says it
     edit: bool = False  # only an edit (an input image) has it: a text-to-image record does not say it
     digest: bool = False  # an input read from a file: its record (and a .jsonl line) may hold `<name>_sha256`
+    optional: bool = False  # a record says it only where it applies (None: not said; a record without it is read so)
     alias: str | None = None  # the short word of a .jsonl line (and the command line's flag)
 
     @property
@@ -48,6 +49,13 @@ SETTINGS = (
     Setting("width", (int,)),
     Setting("height", (int,)),
     Setting("scheduler", (str,)),
+    # how the prompt's A1111 weight syntax is read (genkit.prompt_syntax): said only by a record whose prompt has some
+    Setting("prompt_syntax", (str,), optional=True),
+    # the hires fix (genkit.hires): a second, image-to-image pass at hires_scale times the size
+    Setting("hires_scale", (int, float), optional=True),
+    Setting("hires_strength", (int, float), optional=True),
+    Setting("hires_steps", (int,), optional=True),
+    Setting("hires_upscaler", (str,), optional=True),  # "latent", "lanczos" or an upscaling model's file
     Setting("image", (str,), edit=True, digest=True),  # a path (in Python also a PIL image or an array)
     Setting("strength", (int, float), edit=True),
     Setting("mask", (str,), edit=True, digest=True),

@@ -1039,3 +1039,28 @@ def write_single_file(state: dict, path: str | Path) -> Path:
     else:
         atomic_write(path, lambda tmp: save_file(state, str(tmp)))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny upscaling model (genkit.hires' FILE upscaler): Real-ESRGAN's compact network (SRVGGNetCompact) in the layout
+# spandrel detects ("RealESRGAN Compact": body.0 and body.1 present): body.0 a 3x3 convolution 3 -> features, then
+# PReLU and (convolution, PReLU) x convs, the last convolution to 3 x scale^2 channels, a pixel shuffle by scale.
+
+
+def upscaler_state(scale: int = 2, features: int = 4, convs: int = 1, seed: int = 0) -> dict:
+    """A random-weight compact upscaler's state dict (`body.N.weight`/`.bias`), scale x."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = [torch.nn.Conv2d(3, features, 3, 1, 1), torch.nn.PReLU(features)]
+    for _ in range(convs):
+        layers += [torch.nn.Conv2d(features, features, 3, 1, 1), torch.nn.PReLU(features)]
+    layers.append(torch.nn.Conv2d(features, 3 * scale * scale, 3, 1, 1))
+    body = torch.nn.ModuleList(layers)
+    with torch.no_grad():
+        for parameter in body.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return {f"body.{key}": value for key, value in body.state_dict().items()}
+
+
+def build_tiny_upscaler(path: str | Path, scale: int = 2, seed: int = 0) -> Path:
+    """The tiny upscaler as a .safetensors file, as A1111's models/ESRGAN and ComfyUI's models/upscale_models hold them."""
+    return write_single_file(upscaler_state(scale, seed=seed), path)

@@ -41,7 +41,8 @@ def test_each_name_is_declared_once_and_aliases_are_not_names():
 
 def test_a_jsonl_lines_keys_come_from_the_table():
     assert list(prompts.JSONL_KEYS) == ["prompt", "negative_prompt", "seed", "n", "steps", "guidance", "width", "height",
-                                        "scheduler", "image", "strength", "mask", "outpaint", "image_sha256",
+                                        "scheduler", "prompt_syntax", "hires_scale", "hires_strength", "hires_steps",
+                                        "hires_upscaler", "image", "strength", "mask", "outpaint", "image_sha256",
                                         "mask_sha256"]
     assert prompts.JSONL_KEYS["guidance"] == (int, float) and prompts.JSONL_KEYS["outpaint"] == (str, dict)
 
@@ -106,7 +107,8 @@ def test_what_the_engine_records_is_the_schema(mini, tmp_path):
     schema = {key.name for key in outputs.RECORD}
     plain = mini.record(mini.plan(["a red circle"], GenerationConfig(seed=1, num_inference_steps=2))[0])
     assert set(plain) <= schema
-    assert [key for key in plain if key in outputs.RECORD_SETTINGS] == list(settings.names(recorded=True, edit=False))
+    assert [key for key in plain if key in outputs.RECORD_SETTINGS] == list(settings.names(recorded=True, edit=False,
+                                                                                           optional=False))
     assert {key for key in plain if key not in outputs.RECORD_SETTINGS} == \
         {"index", "model", "family", "lora", "attention", "dtype", "device", "exact", "threads", "versions",
          "memory_plan"}

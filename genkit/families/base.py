@@ -264,6 +264,31 @@ class Family(abc.ABC):
         """`args` with the text given as embeddings of `chunks` pieces (families with a "chunk" mode)."""
         raise NotImplementedError(f"{self.title} reads no prompt in chunks")
 
+    # -- inference: prompt weights (genkit.prompt_syntax) ---------------------------------------
+    prompt_weights = False  # its text encoder takes A1111's (word:1.3) weights (CLIP families, via compel)
+
+    def check_weights(self) -> None:
+        """Refuse in one line, before any work, when what reading weights needs is not installed."""
+
+    def weighted_chunks(self, pipe, text: str) -> int:
+        """Pieces a prompt with A1111's weight syntax is read in (families with `prompt_weights`)."""
+        raise NotImplementedError(f"{self.title} reads no weighted prompts")
+
+    def weighted_args(self, pipe, batch, chunks: int, args: dict) -> dict:
+        """`args` with the text given as weighted embeddings of `chunks` pieces (families with `prompt_weights`)."""
+        raise NotImplementedError(f"{self.title} reads no weighted prompts")
+
+    # -- inference: the hires fix (genkit.hires) -------------------------------------------------
+    hires_output = "latent"  # the first pass's output_type when its latents are upscaled (A1111's "Latent")
+
+    def hires_latents(self, pipe, output, width: int, height: int, new_width: int, new_height: int) -> torch.Tensor:
+        """The first pass's `output` (its images with output_type `hires_output`, width x height) upscaled to
+        new_width x new_height in the form the family's img2img pipeline takes as `image`: A1111's "Latent" upscaler
+        (bilinear, no antialiasing) on (batch, channels, h, w) latents."""
+        factor = int(getattr(pipe, "vae_scale_factor", 8))
+        return torch.nn.functional.interpolate(output, size=(new_height // factor, new_width // factor),
+                                               mode="bilinear", antialias=False)
+
     # -- inference: editing --------------------------------------------------------------------
     edit_tasks: tuple[str, ...] = ("img2img", "inpaint")  # diffusers has these pipelines for the family
 

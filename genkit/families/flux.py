@@ -112,6 +112,11 @@ class Flux(FlowFamily):
         """Its latents come packed in 2x2 patches, (batch, tokens, 4 * channels): unpacked first."""
         return super().decode(pipe, pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor), width, height)
 
+    def hires_latents(self, pipe, output, width, height, new_width, new_height) -> torch.Tensor:
+        """Its pipeline returns packed latents (batch, tokens, 64): unpacked, then upscaled as the others'."""
+        latents = pipe._unpack_latents(output, height, width, pipe.vae_scale_factor)
+        return super().hires_latents(pipe, latents, width, height, new_width, new_height)
+
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}

@@ -60,6 +60,30 @@ class StableDiffusion(UNetFamily):
         return {"prompt_embeds": encode([job.prompt for job in batch]),
                 "negative_prompt_embeds": encode([job.negative_prompt for job in batch])}
 
+    # -- reading the prompt: A1111's weights (genkit.families.clip_weights) ---------------------
+    prompt_weights = True
+
+    def check_weights(self) -> None:
+        from genkit.families import clip_weights
+
+        clip_weights.require_compel()
+
+    def weighted_chunks(self, pipe, text: str) -> int:
+        from genkit.families import clip_weights
+
+        return clip_weights.count(self.chunk_tokenizer(pipe), text)
+
+    def weighted_args(self, pipe, batch, chunks: int, args: dict) -> dict:
+        from genkit.families import clip_weights
+
+        args = {k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")}
+
+        def encode(texts):
+            return clip_weights.encode(pipe.text_encoder, pipe.tokenizer, texts, chunks)
+
+        return {**args, "prompt_embeds": encode([job.prompt for job in batch]),
+                "negative_prompt_embeds": encode([job.negative_prompt for job in batch])}
+
     # -- training ------------------------------------------------------------------------------
     def encode_captions(self, pipe, captions, device) -> dict[str, torch.Tensor]:
         hidden, _ = pipe.encode_prompt(captions, device, 1, False)

@@ -60,6 +60,28 @@ class StableDiffusionXL(StableDiffusion):
             args.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
         return args
 
+    def weighted_args(self, pipe, batch, chunks: int, args: dict) -> dict:
+        """Both CLIPs' weighted penultimate states side by side; pooled text from the second's first chunk, unweighted;
+        an all-empty negative left to diffusers' zeros, as for an unweighted prompt."""
+        from genkit.families import clip_weights
+
+        args = {k: v for k, v in args.items() if k not in ("prompt", "negative_prompt")}
+        pairs = [(e, t) for e, t in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2))
+                 if e is not None]
+
+        def encode(texts):
+            states = [clip_weights.encode(e, t, texts, chunks, penultimate=True) for e, t in pairs]
+            dtype = pipe.text_encoder_2.dtype
+            return (torch.cat(states, dim=-1).to(dtype),
+                    clip_weights.pooled(pipe.text_encoder_2, pipe.tokenizer_2, texts).to(dtype))
+
+        embeds, pooled = encode([job.prompt for job in batch])
+        args.update(prompt_embeds=embeds, pooled_prompt_embeds=pooled)
+        if any(job.negative_prompt for job in batch):
+            negative, negative_pooled = encode([job.negative_prompt for job in batch])
+            args.update(negative_prompt_embeds=negative, negative_pooled_prompt_embeds=negative_pooled)
+        return args
+
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, _, pooled, _ = pipe.encode_prompt(captions, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)

@@ -9,8 +9,10 @@ LoRAs: `<lora:name:weight>` in the prompt, or `"loras": [{"name", "weight"}]`, f
 `img2img` takes one base64 `init_images` entry (a data: URL prefix allowed), an optional `mask`
 (white repaints; `inpainting_mask_invert` 1 flips it) and `denoising_strength` (A1111's default
 0.75), answering as txt2img. Without width/height the output has the input's size (rounded down
-to the model's multiple). A1111 options genkit does not do (mask blur, "only masked", other
-fills and resize modes, hires fix, face restoration, tiling, variation seeds) are refused with
+to the model's multiple). txt2img's hires fix (`enable_hr`, `hr_scale` or `hr_resize_x/y`, `hr_upscaler` "Latent"
+or "Lanczos", `hr_second_pass_steps`, `denoising_strength`, A1111's 0.75 when absent) is genkit.hires'.
+A1111 options genkit does not do (mask blur, "only masked", other
+fills and resize modes, face restoration, tiling, variation seeds) are refused with
 422 naming them when their value would change the image; absent, or genkit's own value, they pass
 (so with a mask, mask_blur must be absent or 0: A1111 blurs by 4 when it is absent, genkit never).
 """
@@ -36,7 +38,10 @@ router = APIRouter(prefix="/sdapi/v1")
 # A1111's words for the library's (genkit.settings), where they differ: errors name the client's field by it
 FIELDS = {"num_images_per_prompt": "batch_size", "num_inference_steps": "steps", "guidance_scale": "cfg_scale",
           "scheduler": "sampler_name", "image": "init_images", "strength": "denoising_strength", "lora": "loras",
-          "model": "override_settings.sd_model_checkpoint"}
+          "model": "override_settings.sd_model_checkpoint", "hires_scale": "hr_scale",
+          "hires_strength": "denoising_strength", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler"}
+HIRES_STRENGTH = 0.75  # A1111's API's denoising_strength for txt2img's hires fix (its UI's slider says 0.7)
+HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}  # A1111's names (any case) -> genkit.hires'
 SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
              "Align Your Steps", "Simple", "Normal", "DDIM", "Beta")  # A1111's noise schedules; genkit has one
 
@@ -56,7 +61,13 @@ class Txt2Img(Body):
     n_iter: int = 1
     override_settings: dict = {}
     loras: list[LoraRef] = []  # genkit's extension
-    enable_hr: bool = False
+    enable_hr: bool = False  # the hires fix (genkit.hires) with the hr_ fields and denoising_strength
+    hr_scale: float = 2.0
+    hr_resize_x: int = 0  # a target width instead of hr_scale (0: hr_scale)
+    hr_resize_y: int = 0
+    hr_upscaler: str | None = None  # "Latent" (the default) or "Lanczos"
+    hr_second_pass_steps: int = 0  # 0: as many as steps
+    denoising_strength: float | None = None  # the hires pass's (None: A1111's 0.75)
     restore_faces: bool = False
     tiling: bool = False
     subseed_strength: float = 0.0
@@ -87,7 +98,7 @@ class Img2Img(Txt2Img):
 # would change the image is refused with 422 naming every such field; defaults and genkit's own value
 # pass. "mask" rows apply only with a mask (without one A1111 ignores them too).
 UNSUPPORTED = (
-    ("enable_hr", "all", lambda v: not v, "the hires fix is not offered by genkit serve (send enable_hr false)"),
+    ("enable_hr", "edit", lambda v: not v, "the hires fix is txt2img's, not img2img's (send enable_hr false)"),
     ("restore_faces", "all", lambda v: not v, "face restoration is not offered (send restore_faces false)"),
     ("tiling", "all", lambda v: not v, "tiling is not offered (send tiling false)"),
     ("subseed_strength", "all", lambda v: v == 0, "variation seeds are not offered (send subseed_strength 0)"),
@@ -162,7 +173,40 @@ def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
                  num_images_per_prompt=body.batch_size * body.n_iter, seed=None if body.seed == -1 else body.seed,
                  num_inference_steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
                  scheduler=_sampler(body), model=model, lora=[(ref.name, ref.value) for ref in body.loras],
-                 fields=FIELDS)
+                 fields=FIELDS, **_hires(body, edit))
+
+
+def _hires(body: Txt2Img, edit: str | None) -> dict:
+    """txt2img's enable_hr as the library's hires settings (genkit.hires checks their values); {} without it."""
+    if edit is not None or not body.enable_hr:
+        return {}
+    upscaler = (body.hr_upscaler or "Latent").strip()
+    if upscaler.lower() not in HIRES_UPSCALERS:
+        raise ApiError(422, f"hr_upscaler: {upscaler!r} is not offered (valid: Latent, Lanczos; genkit serve loads no "
+                            "upscaling models)", param="hr_upscaler")
+    scale = body.hr_scale
+    if body.hr_resize_x or body.hr_resize_y:
+        scale = _resize_scale(body)
+    return {"hires_scale": scale, "hires_steps": body.hr_second_pass_steps,
+            "hires_strength": HIRES_STRENGTH if body.denoising_strength is None else body.denoising_strength,
+            "hires_upscaler": HIRES_UPSCALERS[upscaler.lower()]}
+
+
+def _resize_scale(body: Txt2Img) -> float:
+    """hr_resize_x/y as one scale: genkit scales both sides by one factor (sides rounded to the model's multiple)."""
+    scales = {}
+    for name, target, side in (("hr_resize_x", body.hr_resize_x, body.width), ("hr_resize_y", body.hr_resize_y,
+                                                                                 body.height)):
+        if target:
+            if side is None:
+                raise ApiError(422, f"{name} needs {'width' if name.endswith('x') else 'height'} too (the hires size is "
+                                    "a scale of it), or send hr_scale", param=name)
+            scales[name] = target / side
+    if len(set(round(s, 3) for s in scales.values())) > 1:
+        raise ApiError(422, f"hr_resize_x and hr_resize_y scale width and height by {scales['hr_resize_x']:.3g} and "
+                            f"{scales['hr_resize_y']:.3g}; genkit scales both by one factor (send one of them, or "
+                            "hr_scale)", param="hr_resize_x")
+    return next(iter(scales.values()))
 
 
 def _sampler(body: Txt2Img) -> str | None:
@@ -228,7 +272,8 @@ def _info(body: Txt2Img, records: list, delivery) -> dict:
         "cfg_scale": first.get("guidance_scale", body.cfg_scale), "steps": first.get("num_inference_steps", body.steps),
         "batch_size": body.batch_size, "restore_faces": False, "face_restoration_model": None,
         "sd_model_name": delivery.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
-        "seed_resize_from_w": -1, "seed_resize_from_h": -1, "denoising_strength": first.get("strength"),
+        "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": first.get("strength", first.get("hires_strength")),
         "extra_generation_params": {"Lora": ", ".join(f"{lo['name']}: {lo['scale']}" for lo in first["lora"])}
         if first.get("lora") else {},
         "index_of_first_image": 0, "infotexts": [infotext(r) for r in records], "styles": [],
@@ -307,7 +352,12 @@ def sd_vae():
 
 @router.get("/upscalers")
 def upscalers():
-    return []
+    return [{"name": "Lanczos", "model_name": None, "model_path": None, "model_url": None, "scale": 4}]
+
+
+@router.get("/latent-upscale-modes")
+def latent_upscale_modes():
+    return [{"name": "Latent"}]
 
 
 @router.get("/progress")

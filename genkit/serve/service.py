@@ -42,6 +42,11 @@ class Order:
     width: int | None = None
     height: int | None = None
     scheduler: str | None = None
+    prompt_syntax: str | None = None  # "a1111" or "plain" (genkit.prompt_syntax)
+    hires_scale: float | None = None  # the hires fix (genkit.hires)
+    hires_strength: float | None = None
+    hires_steps: int | None = None
+    hires_upscaler: str | None = None
     image: object = None  # image editing: the input (a PIL image), a mask (white repaints), strength, outpaint
     mask: object = None
     strength: float | None = None

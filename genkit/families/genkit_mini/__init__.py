@@ -56,6 +56,14 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     def edit_pipe(self, pipe, task: str):
         return pipe  # GenkitMiniPipeline edits natively (image=, mask_image=, strength=; genkit.edit)
 
+    hires_output = "np"  # pixel space: the first pass's "latents" are its pixels
+
+    def hires_latents(self, pipe, output, width, height, new_width, new_height) -> torch.Tensor:
+        """The first pass's pixels, [0, 1] (batch, h, w, 3), upscaled as A1111's "Latent" upscaler does latents
+        (bilinear, no antialiasing), as the [-1, 1] (batch, 3, h, w) tensor its pipeline edits."""
+        sample = torch.from_numpy(output).permute(0, 3, 1, 2) * 2 - 1
+        return torch.nn.functional.interpolate(sample, size=(new_height, new_width), mode="bilinear", antialias=False)
+
     def text_encoders(self, pipe):
         return [pipe.text_encoder]
 
