@@ -244,11 +244,13 @@ def test_a1111_enable_hr(server, sd):
     ({"hr_scale": 0.5}, "hr_scale", "hr_scale must be a factor from 1 to 8"),
     ({"hr_resize_x": 128, "hr_resize_y": 96}, "hr_resize_x", "genkit scales both by one factor"),
     ({"denoising_strength": 2}, "denoising_strength", "denoising_strength must be a number in (0, 1]"),
+    ({"hr_scale": 8}, "hr_scale", "at most 256 pixels wide and high (--max-size)"),
 ])
 def test_a1111_hires_mistakes_name_the_field(server, body, field, words):
     answer = server.post("/sdapi/v1/txt2img", json={"prompt": "a red circle", "steps": 2, "width": 64, "height": 64,
                                                     "enable_hr": True, **body})
     assert answer.status_code == 422 and words in answer.text, answer.text
+    assert answer.json()["field"] == field
 
 
 def test_a1111_img2img_refuses_enable_hr(server):

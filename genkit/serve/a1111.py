@@ -173,11 +173,12 @@ def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
                  num_images_per_prompt=body.batch_size * body.n_iter, seed=None if body.seed == -1 else body.seed,
                  num_inference_steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
                  scheduler=_sampler(body), model=model, lora=[(ref.name, ref.value) for ref in body.loras],
-                 fields=FIELDS, **_hires(body, edit))
+                 fields=FIELDS, **_hires(body, edit, server(request).limits.max_side))
 
 
-def _hires(body: Txt2Img, edit: str | None) -> dict:
-    """txt2img's enable_hr as the library's hires settings (genkit.hires checks their values); {} without it."""
+def _hires(body: Txt2Img, edit: str | None, max_side: int) -> dict:
+    """txt2img's enable_hr as the library's hires settings (genkit.hires checks their values); {} without it. The
+    output, scale times width and height, is bounded like them (--max-size)."""
     if edit is not None or not body.enable_hr:
         return {}
     upscaler = (body.hr_upscaler or "Latent").strip()
@@ -187,6 +188,11 @@ def _hires(body: Txt2Img, edit: str | None) -> dict:
     scale = body.hr_scale
     if body.hr_resize_x or body.hr_resize_y:
         scale = _resize_scale(body)
+    for side in (body.width, body.height):
+        if side is not None and isinstance(scale, (int, float)) and side * scale > max_side:
+            raise ApiError(422, f"hr_scale {scale:g} makes the image {side * scale:g} pixels on a side; this server makes "
+                                f"images at most {max_side} pixels wide and high (--max-size)", param="hr_scale",
+                           code="limit")
     return {"hires_scale": scale, "hires_steps": body.hr_second_pass_steps,
             "hires_strength": HIRES_STRENGTH if body.denoising_strength is None else body.denoising_strength,
             "hires_upscaler": HIRES_UPSCALERS[upscaler.lower()]}
