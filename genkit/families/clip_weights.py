@@ -22,7 +22,6 @@ from genkit.errors import GenkitError, term
 from genkit.families.clip_chunks import BACKTRACK, CHUNK, MAX_CHUNKS
 from genkit.prompt_syntax import BREAK, parse
 
-EXTRA = "prompt-weights"  # pyproject's extra that installs compel
 
 
 def require_compel() -> None:
@@ -30,7 +29,7 @@ def require_compel() -> None:
     try:
         import compel  # noqa: F401
     except ImportError:
-        raise GenkitError(f"uses A1111's weight syntax, which needs compel: pip install 'genkit[{EXTRA}]' (or pass "
+        raise GenkitError(f"uses A1111's weight syntax, which needs compel: pip install compel (or pass "
                           f"{term('prompt_syntax')} plain to read brackets as text)", param="prompt") from None
 
 
