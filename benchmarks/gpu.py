@@ -56,7 +56,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SECTIONS = ("throughput", "serve", "pixels", "memory", "overhead", "lora", "families", "placements", "compile")
+SECTIONS = ("throughput", "serve", "pixels", "memory", "overhead", "lora", "families", "placements", "workers",
+            "compile")
 WORDS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
 THINGS = ("cat", "dog", "house", "tree", "car", "bird", "flower", "mountain")
 
@@ -624,6 +625,61 @@ def section_serve(ctx: Context) -> None:
     print(f"    served coalesced vs served alone: {difference(grouped, answered)}")
 
 
+def section_workers(ctx: Context) -> None:
+    """genkit serve with a worker per GPU (and, on one GPU, two workers sharing it) against one worker: the same
+    one-image requests at once, images/s and how many images each worker made."""
+    import asyncio
+
+    import httpx
+
+    from genkit.serve import create_app
+    from genkit.serve.runner import Background
+    from genkit.serve.workers import devices as device_list
+    from overhead import a1111_body
+
+    built = ctx.model("sd15")
+    settings = built.settings()
+    count = ctx.args.requests
+    bodies = [a1111_body(text, 7000 + k, settings) for k, text in enumerate(prompts(count, start=7000))]
+    gpus = device_list("all") if ctx.device.startswith("cuda") else ["cpu"]
+    layouts = [("1 worker", [gpus[0]], 1)]
+    layouts.append((f"{len(gpus)} workers, one per GPU", gpus, 1) if len(gpus) > 1 else
+                   ("2 workers on one device", gpus, 2))
+    print(f"  sd15, {settings.width}x{settings.height}, {settings.steps} steps, {count} one-image A1111 requests at "
+          f"once, --max-batch 8; {len(gpus)} {'GPU' if ctx.device.startswith('cuda') else 'CPU device'}(s) here")
+
+    async def together(url, items):
+        limits = httpx.Limits(max_connections=len(items) + 4)
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            answers = await asyncio.gather(*(client.post("/sdapi/v1/txt2img", json=body) for body in items))
+        for answer in answers:
+            answer.raise_for_status()
+
+    rates = []
+    for label, places, per in layouts:
+        app = create_app([str(built.folder)], out=ctx.work / f"workers-{len(rates)}", max_batch=8, max_queue=4 * count,
+                         devices=places, workers=per, dtype=built.dtype)
+        background = Background(app)
+        url = background.start()
+        try:
+            deadline = time.monotonic() + 300
+            while not app.state.genkit.queue.ready():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the workers did not load in 300 s")
+                time.sleep(0.2)
+            asyncio.run(together(url, bodies[:8]))  # warm-up
+            start = time.perf_counter()
+            asyncio.run(together(url, bodies))
+            seconds = time.perf_counter() - start
+            made = " ".join(f"w{w['name']}:{w['images']}" for w in app.state.genkit.queue.status()["workers"])
+        finally:
+            background.stop()
+            free(ctx.device)
+        rates.append(count / seconds)
+        print(f"    {label:<32} {count / seconds:7.2f} images/s ({made})")
+    print(f"    {layouts[1][0]} against 1 worker: {rates[1] / rates[0]:.2f}x")
+
+
 # -- pixels -----------------------------------------------------------------------------------------
 
 def pixels(data: bytes):
@@ -852,7 +908,7 @@ def section_placements(ctx: Context) -> None:
 
 # -- the run ----------------------------------------------------------------------------------------
 
-RUNNERS = {"throughput": section_throughput, "serve": section_serve, "pixels": section_pixels,
+RUNNERS = {"throughput": section_throughput, "serve": section_serve, "pixels": section_pixels, "workers": section_workers,
            "memory": section_memory, "overhead": section_overhead, "lora": section_lora, "families": section_families,
            "placements": section_placements, "compile": section_compile}
 
