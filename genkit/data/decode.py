@@ -5,8 +5,9 @@ is over Pillow's decompression-bomb limit (or a caller's side limit), then decod
 orientation), in its own pixel mode, refused if genkit cannot convert that mode (`Unusable`, a GenkitError
 that says why). `inspect_image` is its cheap form for training's pre-flight scan (JPEGs decoded at
 reduced scale); `to_rgb` makes 8-bit RGB of any supported mode (16-bit greyscale scaled, not clipped;
-transparency composited on white); `open_rgb` is a file as training sees it, `load_image` the square
-training crop and `to_tensor` the [-1, 1] tensor the models take. `ALPHA_MODES` / `has_alpha` say
+transparency composited on white); `open_rgb` is a file as training sees it, `load_image` the training
+crop (a square, or an aspect-ratio bucket's size), `load_training_pair` the crop with its loss mask, and
+`to_tensor` the [-1, 1] tensor the models take. `ALPHA_MODES` / `has_alpha` say
 whether an image has transparency, for every reader and mask rule.
 """
 
@@ -164,29 +165,49 @@ def open_rgb(path: str | Path, *, draft_size: int | None = None) -> Image.Image:
 
 def load_image(
     path: str | Path,
-    resolution: int,
+    resolution: int | tuple[int, int],
     *,
     random_crop: bool = False,
     rng: random.Random | None = None,
 ) -> Image.Image:
-    """The square training image: shorter side resized to resolution (LANCZOS), then cropped.
+    """The training image: resized (LANCZOS) to cover `resolution` (a side, for a square, or (width, height) of an
+    aspect-ratio bucket), then cropped to it.
 
     The crop is centred unless random_crop, which draws it from rng (default random.Random(0)). Mirroring
     is the LoRA trainer's (genkit.train.sampling: a seeded choice per item and epoch), not the loader's.
     """
+    return load_training_pair(path, resolution, random_crop=random_crop, rng=rng)[0]
+
+
+def load_training_pair(
+    path: str | Path,
+    resolution: int | tuple[int, int],
+    *,
+    mask: str | Path | None = None,
+    random_crop: bool = False,
+    rng: random.Random | None = None,
+) -> tuple[Image.Image, Image.Image | None]:
+    """The training image (as `load_image`) and its loss mask ("L", 255 where the loss counts), resized to the
+    same size and cropped by the same box; None without a mask file. A mask of another size than its image is
+    scaled onto it (the pre-flight scan refuses one of another shape)."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     rng = rng or random.Random(0)
-    image = open_rgb(path, draft_size=resolution)
-    width, height = image.size
-    scale = resolution / min(width, height)
-    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    image = open_rgb(path, draft_size=max(width, height))
+    scale = max(width / image.width, height / image.height)  # covers the target (the shorter side, for a square)
+    size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
     if size != image.size:
         image = image.resize(size, Image.Resampling.LANCZOS)
     if random_crop:
-        left, top = rng.randint(0, size[0] - resolution), rng.randint(0, size[1] - resolution)
+        left, top = rng.randint(0, size[0] - width), rng.randint(0, size[1] - height)
     else:
-        left, top = (size[0] - resolution) // 2, (size[1] - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
-    return image
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    box = (left, top, left + width, top + height)
+    if mask is None:
+        return image.crop(box), None
+    weights = to_rgb(open_image(mask)).convert("L")
+    if weights.size != size:
+        weights = weights.resize(size, Image.Resampling.BILINEAR)
+    return image.crop(box), weights.crop(box)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

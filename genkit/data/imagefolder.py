@@ -33,9 +33,16 @@ mode), or missing (named in metadata but not on disk: skipped, not an error, so 
 photo does not block a big dataset). What training cannot start with raises `GenkitError`:
 a missing DATA_DIR, malformed metadata, no usable images, images without captions.
 
-`genkit.data.decode.load_image` turns an item into the upright square training image; `fingerprint`
-names the dataset's content for recording beside the weights; `check_dataset` and
-`format_report` show what training would see (`genkit data check DATA_DIR`).
+An image may have a loss mask beside it: `photo.mask.png` for `photo.jpg` (any image extension), greyscale or
+RGB, white where the loss counts, black where it is ignored, grey in between; it must have its image's shape (any
+size: it is scaled onto the image). The trainer crops it with the image and applies it to the loss in latent
+space (genkit.train.lora). A mask file is never an image of its own; one beside no image is listed as unused.
+An image whose mask is unreadable or of another shape is skipped, with the reason.
+
+`genkit.data.decode.load_image` turns an item into the upright training image (a square, or an aspect-ratio
+bucket's size: genkit.data.buckets); `fingerprint` names the dataset's content for recording beside the weights;
+`check_dataset` and `format_report` show what training would see, buckets and masks included
+(`genkit data check DATA_DIR`).
 """
 
 from __future__ import annotations
@@ -52,6 +59,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from genkit.data.buckets import Bucket, BucketSpec, cropped_share
 from genkit.data.decode import ImageInfo, Skipped, SkipKind, inspect_image
 from genkit.errors import GenkitError, term
 
@@ -59,6 +67,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 UNSUPPORTED_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".dng", ".cr2", ".nef", ".arw")
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of precedence
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
+MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg: its loss mask (white: trained, black: ignored)
 KOHYA_FOLDER = re.compile(r"^([0-9]+)_(.+)$")  # "10_sks dog" -> repeats 10, trigger words "sks dog"
 LIST_LIMIT = 20  # files listed per section of format_report
 
@@ -105,6 +114,8 @@ class Item:
     path: Path  # absolute path of the image
     caption: str
     source: CaptionSource
+    mask: Path | None = None  # its loss mask (NAME.mask.png), if any
+    size: tuple[int, int] | None = None  # (width, height) upright, as the pre-flight scan read it
 
 
 @dataclass
@@ -113,6 +124,11 @@ class FolderScan:
     items: list[Item]  # what one epoch iterates, kohya repeats expanded
     images: int  # distinct usable images
     skipped: list[Skipped]
+
+    @property
+    def masks(self) -> int:
+        """Distinct usable images with a loss mask."""
+        return len({item.path for item in self.items if item.mask is not None})
 
 
 @dataclass(frozen=True)
@@ -123,6 +139,7 @@ class _Found:
     caption: str | None
     source: CaptionSource | None
     repeats: int
+    mask: Path | None = None
 
 
 # --- Discovery --------------------------------------------------------------------------
@@ -219,10 +236,20 @@ def _kohya_folder(data_dir: Path, path: Path) -> tuple[int, str | None]:
     return repeats, _clean(match[2])
 
 
+def _is_mask(path: Path) -> bool:
+    return path.name.lower().endswith(MASK_SUFFIX)
+
+
+def _masks(files: list[Path]) -> dict[Path, Path]:
+    """folder/stem -> folder/stem.mask.png, for every mask file."""
+    return {f.with_name(f.name[:-len(MASK_SUFFIX)]): f for f in files if _is_mask(f)}
+
+
 def _discover(data_dir: Path, instance_prompt: str | None) -> tuple[list[_Found], list[Skipped], list[Path]]:
-    """Every image with its caption (or None), skipped entries, and caption files with no image."""
+    """Every image with its caption (or None) and mask, skipped entries, and caption and mask files with no image."""
     files = _walk(data_dir)
-    images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS]
+    masks = _masks(files)
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask(f)]
     skipped = [
         Skipped(f, SkipKind.UNSUPPORTED, f"{f.suffix} files are not supported; convert to PNG or JPEG")
         for f in files
@@ -243,8 +270,10 @@ def _discover(data_dir: Path, instance_prompt: str | None) -> tuple[list[_Found]
             (instance_prompt, CaptionSource.INSTANCE_PROMPT),
         ]
         caption, source = next(((c, s) for c, s in candidates if c), (None, None))
-        found.append(_Found(path, caption, source, repeats))
-    unused = [f for f in files if f.suffix.lower() in CAPTION_EXTENSIONS and f not in used]
+        mask = masks.get(path.with_suffix(""))
+        used.update([mask] if mask else [])
+        found.append(_Found(path, caption, source, repeats, mask))
+    unused = [f for f in files if (f.suffix.lower() in CAPTION_EXTENSIONS or _is_mask(f)) and f not in used]
     return found, skipped + missing, unused
 
 
@@ -259,9 +288,22 @@ def _preflight(data_dir: str | Path, instance_prompt: str | None):
     if not folder.is_dir():
         raise GenkitError(f"DATA_DIR {data_dir} is not a folder (pass the folder that holds the images)")
     found, skipped, unused = _discover(folder, instance_prompt)
-    results = [inspect_image(f.path) for f in found]
+    results = [_with_mask(f, inspect_image(f.path)) for f in found]
     skipped += [r for r in results if isinstance(r, Skipped)]
     return folder, found, results, skipped, unused
+
+
+def _with_mask(found: _Found, result: ImageInfo | Skipped) -> ImageInfo | Skipped:
+    """The image's inspection, or why its mask makes it unusable: unreadable, or not the image's shape."""
+    if found.mask is None or isinstance(result, Skipped):
+        return result
+    mask = inspect_image(found.mask)
+    if isinstance(mask, Skipped):
+        return Skipped(found.path, mask.kind, f"its mask {found.mask.name} is {mask.kind.value}: {mask.detail}")
+    if abs(mask.width * result.height - mask.height * result.width) > result.width + result.height:  # not rounding
+        return Skipped(found.path, SkipKind.UNSUPPORTED, f"its mask {found.mask.name} is {mask.width}x{mask.height} "
+                       f"and the image {result.width}x{result.height}; a mask must have its image's shape")
+    return result
 
 
 def _kinds(skipped: list[Skipped]) -> str:
@@ -296,7 +338,9 @@ def scan_folder(data_dir: str | Path, *, instance_prompt: str | None = None) -> 
     usable = [f for f, r in zip(found, results) if isinstance(r, ImageInfo)]
     if problems := _problems(folder, usable, skipped):
         raise GenkitError(problems[0])
-    items = [Item(f.path, f.caption, f.source) for f in usable for _ in range(f.repeats)]
+    info = {f.path: r for f, r in zip(found, results) if isinstance(r, ImageInfo)}
+    items = [Item(f.path, f.caption, f.source, f.mask, (info[f.path].width, info[f.path].height))
+             for f in usable for _ in range(f.repeats)]
     return FolderScan(folder, items, len(usable), skipped)
 
 
@@ -307,7 +351,7 @@ def _file_digest(path: Path) -> str:
 
 
 def fingerprint(items) -> str:
-    """16 hex digits naming the dataset's content: each item's file bytes and caption.
+    """16 hex digits naming the dataset's content: each item's file bytes and caption (and its mask's bytes).
 
     Paths and order do not count, so a moved or renamed folder keeps its fingerprint;
     repeats do (an image repeated 10 times is a different dataset from one seen once).
@@ -315,9 +359,10 @@ def fingerprint(items) -> str:
     digests = {}
     entries = []
     for item in items:
-        if item.path not in digests:
-            digests[item.path] = _file_digest(item.path)
-        entries.append([digests[item.path], item.caption])
+        for path in (item.path, item.mask):
+            if path is not None and path not in digests:
+                digests[path] = _file_digest(path)
+        entries.append([digests[item.path], item.caption] + ([digests[item.mask]] if item.mask else []))
     return hashlib.sha256(json.dumps(sorted(entries)).encode()).hexdigest()[:16]
 
 
@@ -334,6 +379,27 @@ class Stats:
     def of(cls, values) -> Stats | None:
         values = list(values)
         return cls(min(values), statistics.fmean(values), max(values)) if values else None
+
+
+@dataclass(frozen=True)
+class BucketRow:
+    resolution: int  # the training size the bucket belongs to
+    bucket: Bucket
+    images: int  # distinct usable images in it
+    cropped: float  # mean share of their pixels the crop cuts away
+
+
+def bucket_rows(spec: BucketSpec, sizes: list[tuple[int, int]]) -> list[BucketRow]:
+    """Each bucket of `spec` the images (width, height) fill, per training size, in the order the trainer uses."""
+    plan = spec.plan(sizes)
+    rows = []
+    for resolution in spec.resolutions:
+        inside = set(spec.buckets(resolution))
+        for index, bucket in sorted(enumerate(plan.buckets), key=lambda pair: pair[1].ratio):  # tall to wide
+            if bucket in inside:
+                shares = [cropped_share(*sizes[i], bucket) for i, b in plan.entries if b == index]
+                rows.append(BucketRow(resolution, bucket, len(shares), statistics.fmean(shares)))
+    return rows
 
 
 @dataclass
@@ -355,6 +421,10 @@ class DatasetReport:
     unused_captions: list[Path]  # .txt/.caption files beside no image
     fingerprint: str | None  # None while there are problems
     problems: list[str] = field(default_factory=list)  # what stops training from starting
+    masks: int = 0  # usable images with a loss mask (NAME.mask.png)
+    unused_masks: list[Path] = field(default_factory=list)  # NAME.mask.png files beside no image
+    buckets: list[BucketRow] = field(default_factory=list)  # where the images train, with a BucketSpec
+    bucket_note: str = ""  # why there are no buckets to show, when a caller knows
 
     @property
     def ok(self) -> bool:
@@ -381,12 +451,14 @@ def check_dataset(
     instance_prompt: str | None = None,
     tokenizer=None,
     max_tokens: int | None = None,
+    buckets: BucketSpec | None = None,
 ) -> DatasetReport:
     """What training would see in data_dir, without raising for problems it can list.
 
     Raises GenkitError only for what stops the check itself: a missing DATA_DIR or malformed
     metadata. With a tokenizer, captions over max_tokens (default: the tokenizer's
-    model_max_length) are listed, since the text encoder would cut them.
+    model_max_length) are listed, since the text encoder would cut them. With a BucketSpec, the
+    aspect-ratio buckets the images fill are listed.
     """
     folder, found, results, skipped, unused = _preflight(data_dir, instance_prompt)
     usable = [(f, r) for f, r in zip(found, results) if isinstance(r, ImageInfo)]
@@ -394,7 +466,7 @@ def check_dataset(
     problems = _problems(folder, [f for f, _ in usable], skipped)
     limit = _token_limit(tokenizer, max_tokens) if tokenizer is not None else max_tokens
     tokens = [(f.path, count_tokens(f.caption, tokenizer)) for f in captioned] if tokenizer is not None else []
-    items = [Item(f.path, f.caption, f.source) for f in captioned for _ in range(f.repeats)]
+    items = [Item(f.path, f.caption, f.source, f.mask) for f in captioned for _ in range(f.repeats)]
     return DatasetReport(
         data_dir=folder,
         images=len(usable),
@@ -410,9 +482,12 @@ def check_dataset(
         width=Stats.of(r.width for _, r in usable),
         height=Stats.of(r.height for _, r in usable),
         modes=dict(Counter(r.mode for _, r in usable)),
-        unused_captions=unused,
+        unused_captions=[p for p in unused if not _is_mask(p)],
         fingerprint=fingerprint(items) if not problems else None,
         problems=problems,
+        masks=sum(f.mask is not None for f, _ in usable),
+        unused_masks=[p for p in unused if _is_mask(p)],
+        buckets=bucket_rows(buckets, [(r.width, r.height) for _, r in usable]) if buckets and usable else [],
     )
 
 
@@ -450,9 +525,20 @@ def format_report(report: DatasetReport) -> str:
     if report.unused_captions:
         lines.append(f"  unused     {len(report.unused_captions)} caption files beside no image")
         lines += _listing([rel(p) for p in report.unused_captions])
+    lines.append(f"masks        {report.masks} of {report.images} images (white: trained, black: ignored)")
+    if report.unused_masks:
+        lines.append(f"  unused     {len(report.unused_masks)} mask files beside no image")
+        lines += _listing([rel(p) for p in report.unused_masks])
     if report.width and report.height:
         w, h = report.width, report.height
         lines.append(f"sizes        width {w.min:g}..{w.max:g}, height {h.min:g}..{h.max:g}")
+    if report.bucket_note and not report.buckets:
+        lines.append(f"buckets      - ({report.bucket_note})")
+    for resolution in dict.fromkeys(row.resolution for row in report.buckets):
+        rows = [row for row in report.buckets if row.resolution == resolution]
+        lines.append(f"buckets      {resolution} px: {len(rows)} used (images, mean share cropped)")
+        lines += [f"    {str(row.bucket):>11}  {row.bucket.ratio:4.2f}:1  {row.images:>5} images  {row.cropped:6.1%}"
+                  for row in rows]
     lines.append("modes        " + (", ".join(f"{m} {n}" for m, n in sorted(report.modes.items())) or "none"))
     lines.append(f"fingerprint  {report.fingerprint or '-'}")
     lines += [f"problem      {p}" for p in report.problems]

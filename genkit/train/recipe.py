@@ -74,18 +74,45 @@ class AdapterConfig:
 
 @dataclass
 class DataConfig:
-    # square training size in pixels; 0 is the model's own (512 for SD 1.x, 32 for genkit-mini)
+    # training size in pixels (buckets hold about its square in pixels); 0 is the model's own (512 for SD 1.x,
+    # 32 for genkit-mini)
     resolution: int = number(0, 0, DEFAULT_MAX_SIDE)
+    resolutions: tuple = ()  # several training sizes, e.g. [512, 768, 1024]: every image trains at each one
+    buckets: bool = True  # aspect-ratio buckets: images keep their shape (square images train as without them)
+    bucket_step: int = number(0, 0, DEFAULT_MAX_SIDE)  # px between bucket sides; 0: 64, finer below 512 px
+    bucket_max_ratio: float = number(2.0, 1)  # a bucket's longer side at most this times its shorter
     instance_prompt: str = ""  # caption for images that have none (DreamBooth style); also --instance-prompt
     random_crop: bool = False  # random instead of centre crops (needs cache_latents = false)
     flip: bool = False  # mirror half the images, a fresh choice each epoch
     cache_latents: bool = True  # encode each image variant once, not every step
     trigger_words: tuple = ()  # the words that name the new concept; empty: found in the captions (see priors)
+    caption_dropout: float = number(0.0, 0, 1, high_open=True)  # share of samples trained on the empty caption
+    shuffle_caption: bool = False  # shuffle comma-separated tags every sample (the text encoder then runs every step)
+    keep_tokens: int = number(0, 0)  # leading tags shuffle_caption leaves in place (the trigger words)
+    masks: bool = True  # apply NAME.mask.png loss masks where they are (white: trained, black: ignored)
 
     def __post_init__(self):
         if self.random_crop and self.cache_latents:
             raise ValueError("data.random_crop gives a new crop every step, so it cannot be cached: "
                              "also set data.cache_latents=false")
+        for size in self.resolutions:
+            if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= DEFAULT_MAX_SIDE:
+                raise ValueError(f"data.resolutions must list sizes in pixels from 1 to {DEFAULT_MAX_SIDE}, got {size!r}")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ValueError(f"data.resolutions lists a size twice: {list(self.resolutions)}")
+        if self.resolutions and self.resolution and self.resolution not in self.resolutions:
+            raise ValueError(f"data.resolution = {self.resolution} is not one of data.resolutions = "
+                             f"{list(self.resolutions)} (set data.resolution = 0 or add it)")
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """The training sizes: `resolutions`, else `resolution` alone."""
+        return tuple(self.resolutions) or (self.resolution,)
+
+    @property
+    def caption_every_step(self) -> bool:
+        """Whether captions change from sample to sample beyond the cache (shuffled tags): encoded every step."""
+        return self.shuffle_caption
 
 
 @dataclass
