@@ -350,7 +350,8 @@ def train_base_command(config, overrides, out, resume, stop_at, quiet):
 @click.argument("data_dir", type=click.Path())
 @click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
               help="Base model: preset name, SD-family diffusers folder or hub id (env GENKIT_MODEL; default genkit-mini).")
-@click.option("--out", "-o", required=True, type=click.Path(), help="Folder for the LoRA, its record and checkpoints.")
+@click.option("--out", "-o", default=None, type=click.Path(),
+              help="Folder for the LoRA, its record and checkpoints (needed unless --dry-run).")
 @click.option("--config", "-c", default=None,
               help="Recipe TOML file, or the name of a shipped recipe (lora-tiny), laid over the defaults "
                    "(configs/lora.toml: generic values and one table per model family).")
@@ -361,21 +362,45 @@ def train_base_command(config, overrides, out, resume, stop_at, quiet):
                    "(a word in at least a quarter of them that the text encoder does not know). Prior images are "
                    "made from the captions without it.")
 @click.option("--resume", is_flag=True, help="Continue from the latest complete checkpoint in --out.")
+@click.option("--memory", default=None, metavar="AMOUNT", callback=_memory_amount,
+              help="Plan for this much GPU memory, like 24GiB (default: what is free on the GPU); on a CPU, plan its "
+                   "RAM (default: printed, not applied).")
+@click.option("--dry-run", is_flag=True,
+              help="Print the memory plan and its predicted peak, and train nothing (any machine; the model's configs "
+                   "are enough; --memory without a GPU here plans for a GPU of that size).")
+@click.option("--json", "as_json", is_flag=True, help="With --dry-run: the plan as one JSON object.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def train_lora_command(data_dir, model, out, config, overrides, instance_prompt, triggers, resume, quiet):
+def train_lora_command(data_dir, model, out, config, overrides, instance_prompt, triggers, resume, memory, dry_run,
+                       as_json, quiet):
     """Fine-tune a LoRA adapter on the images (and captions) in DATA_DIR; print the files written.
 
     With no --config the recipe is the base model's family's default (configs/lora.toml), prior
     preservation included: prior images (genkit-mini: scenes of its own world; other families: the base
-    model's images of the captions without the trigger words) are made once into OUT/priors."""
-    from genkit.train.lora import train_lora
+    model's images of the captions without the trigger words) are made once into OUT/priors.
+
+    The run's memory is planned first (the frozen base, adapters, gradients, optimizer states, caches, activations)
+    and on CUDA the cheapest steps that fit are taken: gradient checkpointing, encoders off the GPU after caching,
+    8-bit AdamW, an int8 or nf4 base, block swapping. --dry-run prints that plan and stops."""
+    from genkit.train.lora import plan_memory, train_lora
 
     _quiet_libraries()
     _one_line_warnings()
     if triggers:
         overrides = (*overrides, "data.trigger_words=" + json.dumps(list(triggers)))
-    result = train_lora(data_dir, out, model=model, config=_recipe_path(config) if config else None,
-                        overrides=overrides, resume=resume, instance_prompt=instance_prompt, progress=not quiet)
+    recipe = _recipe_path(config) if config else None
+    if dry_run:
+        from genkit.memory.training import describe
+
+        plan = plan_memory(data_dir, model=model, config=recipe, overrides=overrides, instance_prompt=instance_prompt,
+                           memory=memory)
+        click.echo(json.dumps(plan.to_json()) if as_json else describe(plan))
+        return
+    if as_json:
+        raise GenkitError("--json goes with --dry-run (it prints the plan); training prints the files written")
+    if out is None:
+        raise GenkitError("is needed: the folder for the LoRA, its record and checkpoints", param="out")
+    result = train_lora(data_dir, out, model=model, config=recipe, overrides=overrides, resume=resume,
+                        instance_prompt=instance_prompt, progress=not quiet, memory=memory)
     if os.environ.get("RANK", "0") == "0":  # one process of a launch reports what was written
         click.echo(str(result.weights))
         click.echo(str(result.record))

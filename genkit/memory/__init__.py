@@ -28,6 +28,10 @@ here.
 Three modules, one a seam: `genkit.memory.sizes` (weights counted and activations estimated on the meta device),
 `genkit.memory.planner` (the placements, `plan`, `describe`) and `genkit.memory.runtime` (`Step`, `apply`,
 `next_step`, `ran_out`). This package holds their public names: `genkit.memory.plan(...)`, `memory.Step()`.
+
+LoRA training plans its memory too, in two more: `genkit.memory.training` (the training plan: `plan_training`, the
+steps from gradient checkpointing to block swapping, `genkit train lora --dry-run`) and
+`genkit.memory.training_runtime` (what genkit.train.lora calls to take those steps on CUDA).
 """
 
 from genkit.memory.planner import CUDA_ALLOWANCE, PLACEMENTS, VAE_MODES, Plan, PlannedComponent, Prices, describe, plan

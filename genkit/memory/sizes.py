@@ -165,7 +165,8 @@ def text_activations(encoder, tokens: int, prompts: int, size: int) -> int:
         prompts * (tokens * (4 d + 2 f) + 2 heads tokens^2) * size
     """
     config = encoder.config
-    d = config.hidden_size
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's text model
+    d = getattr(config, "hidden_size", None) or config.d_model
     f = getattr(config, "intermediate_size", None) or getattr(config, "d_ff", None) or 4 * d
     return prompts * (tokens * (4 * d + 2 * f) + 2 * config.num_attention_heads * tokens**2) * size
 
@@ -231,11 +232,18 @@ def decode_activations(vae, width: int, height: int, images: int, size: int, til
         images * (3 C * tile_width * tile_height + 24 * width * height) * size
     """
     config = vae.config
-    channels = list(getattr(config, "block_out_channels", None) or config.decoder_block_out_channels)
+    channels = vae_channels(config)
     c = channels[1] if len(channels) > 1 else channels[0]
     if tile is None:
         return images * 3 * c * width * height * size
     return images * (3 * c * min(tile, width) * min(tile, height) + 24 * width * height) * size
+
+
+def vae_channels(config) -> list[int]:
+    """A VAE's channels by resolution level: block_out_channels (AutoencoderKL), decoder_block_out_channels (DC-AE),
+    or base_dim x dim_mult (the video VAEs of Wan and Qwen-Image)."""
+    channels = getattr(config, "block_out_channels", None) or getattr(config, "decoder_block_out_channels", None)
+    return list(channels or [config.base_dim * m for m in config.dim_mult])
 
 
 # -- The model, on the meta device ----------------------------------------------------------------------------------

@@ -19,6 +19,12 @@ checkpoint ends with the same weights as an unbroken one. Checkpoints (adapter w
 optimizer and loss-scaler state) are written atomically and rotated afterwards; a NaN or
 infinite loss stops the run in that step, before anything is written.
 
+Memory: before loading, the run is planned (genkit.memory.training: the frozen base, the adapters, their
+gradients and optimizer states, the caches, the activations) and the cheapest steps that fit are taken on CUDA:
+gradient checkpointing, the text encoders and VAE off the GPU once the caches are made, 8-bit AdamW, a quantized
+base (through genkit.quantize), block swapping. On a CPU the plan is printed and nothing changes, unless `memory`
+plans the process's RAM (checkpointing and an int8 base apply there). `plan_memory` is `--dry-run`'s plan.
+
 Output, in OUT_DIR: `pytorch_lora_weights.safetensors` in diffusers' layout (keys
 `unet.<layer>.lora.down.weight`, rank and alpha in the header), which plain diffusers loads
 with `pipe.load_lora_weights(OUT_DIR)`, and `genkit_lora.json`, the record of how it was made.
@@ -215,6 +221,183 @@ def _trigger_words(items) -> list[str]:
     return sorted({item.caption for item in items if item.source is CaptionSource.FOLDER})
 
 
+# --- The memory plan -----------------------------------------------------------------------
+
+
+def _lora_run(recipe: LoraRecipe, resolution: int, items, prior_images: int, prompts: int):
+    """What the memory plan needs of a run: sizes, adapters, and how much the caches hold."""
+    from genkit.memory.training import LoraRun
+
+    data, lora = recipe.data, recipe.lora
+    captions = len({item.caption for item in items}) + prior_images
+    return LoraRun(resolution=resolution, batch_size=recipe.train.batch_size, rank=lora.rank,
+                   target_modules=tuple(lora.target_modules), text_encoder=lora.text_encoder,
+                   text_encoder_target_modules=tuple(lora.text_encoder_target_modules),
+                   checkpointing=recipe.train.gradient_checkpointing, cache_latents=data.cache_latents,
+                   validation_prompts=prompts if recipe.validation.every else 0,
+                   images=(len(items) + prior_images) * (2 if data.flip else 1), captions=captions,
+                   captions_every_step=data.caption_every_step)
+
+
+def _prior_count(recipe: LoraRecipe) -> int:
+    return recipe.prior.images if recipe.prior.active else 0
+
+
+def _planned(model, recipe: LoraRecipe, items, device: str, dtype: str, memory):
+    """The training plan of `model` (a MetaModel, a loaded Pipeline) for this recipe and data."""
+    from genkit.memory.training import plan_training, training_model
+
+    tm = training_model(model)
+    prompts = len(_validation_prompts(recipe.validation, recipe, items)) if items else 4
+    run = _lora_run(recipe, recipe.data.resolution or tm.default_resolution, items, _prior_count(recipe), prompts)
+    return plan_training(tm, run, device=device, memory=memory, dtype=dtype)
+
+
+def _meta(model_name: str):
+    """The model's configs on the meta device, or None where there are none to read (genkit's own format)."""
+    from genkit import memory
+
+    try:
+        return memory.meta_model(model_name)
+    except GenkitError:
+        return None
+
+
+def _quantize(plan) -> str | None:
+    """genkit.load's `quantize` for a plan's steps."""
+    parts = ([f"denoiser={plan.quantization}"] if plan.quantization else []) + \
+        (["text_encoders=int8"] if "text-encoders-int8" in plan.steps else [])
+    return ",".join(parts) or None
+
+
+def _check_plan(saved: dict, plan) -> None:
+    """A resumed run keeps what changes its numbers: the optimizer and the base's quantization."""
+    before = saved.get("memory_plan")
+    if not before or not before.get("applied") or plan is None:
+        return
+    for key in ("optimizer", "quantization"):
+        if before.get(key) != getattr(plan, key):
+            raise GenkitError(f"finds the checkpoint trained with {key} {before.get(key)}, and this run's memory plan "
+                              f"chose {getattr(plan, key)} (resume with the {term('memory')} it was started with)",
+                              param="resume")
+
+
+def _plan_run(model, config, overrides, instance_prompt, items, device, dtype: str, memory, applied: bool,
+              progress: bool):
+    """The run's memory plan, said in one stderr line; refused in one line when it is applied and nothing fits."""
+    from accelerate import PartialState
+
+    from genkit.memory.training import summary
+
+    recipe = resolve(config, overrides, instance_prompt, family=model.family.name)
+    where = "cuda" if device.type == "cuda" else "cpu"
+    try:
+        plan = _planned(model, recipe, items, where, dtype, memory)
+    except GenkitError:
+        if applied:
+            raise
+        return None  # a CPU whose free memory is not known: nothing to say
+    if applied and not plan.fits:
+        raise GenkitError(plan.refusal(), param="memory")
+    if progress and PartialState().is_main_process:
+        note = "" if applied else f" (printed, not applied: on a CPU {term('memory')} plans its RAM)"
+        print(f"train lora: {summary(plan)}{note}", file=sys.stderr)
+    return plan
+
+
+def _caching(pipeline, recipe: LoraRecipe, steps, device, cuda: bool):
+    """Where the encoders are while the caches fill (genkit.memory.training_runtime.Caching)."""
+    from genkit.memory import training_runtime
+
+    pipe = pipeline.pipe
+    caching = training_runtime.Caching(pipe, pipeline.family.text_encoders(pipe), device,
+                                       staying=_staying(pipeline, recipe), offloaded="encoders-offloaded" in steps,
+                                       keep_vae=not recipe.data.cache_latents, active=cuda)
+    if cuda:  # validation grids: one image a call, the VAE decoding one at a time; no re-placement on CUDA
+        from genkit import memory
+
+        pipeline.memory_step, pipeline.memory_model = memory.Step("device", "sliced", 1), None
+        if hasattr(getattr(pipe, "vae", None), "enable_slicing"):
+            pipe.vae.enable_slicing()
+    return caching
+
+
+def _staying(pipeline, recipe: LoraRecipe) -> list:
+    """The text encoders that stay on the device while training: the trained one, or every one when captions are
+    encoded every step."""
+    pipe = pipeline.pipe
+    if recipe.data.caption_every_step:
+        return pipeline.family.text_encoders(pipe)
+    return [pipe.text_encoder] if recipe.lora.text_encoder else []
+
+
+def _prepare(accelerator, pipeline, trained, plan) -> list:
+    """The trained models prepared by accelerate; with a plan (CUDA) placed first: the denoiser on the device but
+    its swapped blocks' frozen weights (block swapping), a trained text encoder on the device."""
+    modules = [module for _, module in trained]
+    if plan is None:
+        models = accelerator.prepare(*modules)
+        return list(models) if isinstance(models, (list, tuple)) else [models]
+    from genkit.memory import training_runtime
+
+    if plan.blocks_swapped:
+        training_runtime.swap_blocks(pipeline.denoiser, plan.blocks_swapped, accelerator.device)
+    training_runtime.place_denoiser(pipeline.denoiser, accelerator.device)
+    for module in modules[1:]:
+        module.to(accelerator.device)
+    return [accelerator.prepare_model(module, device_placement=False) for module in modules]
+
+
+def _sampling(pipeline, recipe: LoraRecipe, steps, device, cuda: bool):
+    """Where the models are while a validation grid is made: with the encoders offloaded on CUDA, in turns
+    (genkit.memory.training_runtime.sampling); else where they are."""
+    import contextlib
+
+    if not cuda or "encoders-offloaded" not in steps:
+        return contextlib.nullcontext()
+    from genkit.memory import training_runtime
+
+    pipe, staying = pipeline.pipe, _staying(pipeline, recipe)
+    encoders = [e for e in pipeline.family.text_encoders(pipe) if not any(e is s for s in staying)]
+    return training_runtime.sampling(pipe, pipeline.denoiser, encoders, device,
+                                     vae_stays=not recipe.data.cache_latents)
+
+
+def plan_memory(data_dir: str | Path | None, *, model: str | None = None, config=None, overrides=(),
+                instance_prompt: str | None = None, memory=None):
+    """The memory plan `genkit train lora DATA --dry-run` prints, made without training and without reading any
+    weights (genkit-mini's, which has no configs to plan from, are loaded on the CPU).
+
+    The device planned for: a CPU with train.device=cpu; else CUDA where this machine has it or `memory` is given
+    (a card that is not here); else this CPU. DATA, where it is a folder of images, gives the caches' sizes and the
+    validation prompts; it may be missing or empty."""
+    from genkit.data.imagefolder import scan_folder
+
+    recipe = resolve(config, overrides, instance_prompt)
+    cfg = recipe.train
+    cuda = cfg.device != "cpu" and (torch.cuda.is_available() or memory is not None)
+    precision = Precision(cfg.mixed_precision)
+    if not cuda and precision is Precision.FP16:
+        raise GenkitError("train.mixed_precision=fp16 needs a CUDA GPU (use fp32 or bf16)")
+    dtype = precision.value if precision is not Precision.AUTO else "fp32" if not cuda else \
+        "fp16" if torch.cuda.is_available() and not torch.cuda.is_bf16_supported() else "bf16"
+    items = []
+    if data_dir is not None and Path(data_dir).is_dir():
+        try:
+            items = scan_folder(data_dir, instance_prompt=recipe.data.instance_prompt or None).items
+        except GenkitError:  # no images yet: the plan sizes the caches for none
+            items = []
+    model_name = _model_id(model)
+    source = _meta(model_name)
+    if source is None:
+        import genkit
+
+        source = genkit.load(model_name, device="cpu", dtype=dtype)
+    family = source.family.name
+    recipe = resolve(config, overrides, instance_prompt, family=family)
+    return _planned(source, recipe, items, "cuda" if cuda else "cpu", dtype, memory)
+
+
 # --- The training run -----------------------------------------------------------------------
 
 
@@ -341,17 +524,20 @@ def train_lora(
     resume: bool = False,
     instance_prompt: str | None = None,
     progress: bool = True,
+    memory=None,
 ) -> LoraTrainResult:
     """Train a LoRA on the images in `data_dir` into `out` (or continue the run there with `resume`).
 
     `config` is a `LoraRecipe`, a TOML recipe path, or None for the defaults; `overrides` are
-    `section.key=value` strings; `instance_prompt` captions the images that have no caption.
+    `section.key=value` strings; `instance_prompt` captions the images that have no caption. `memory` (bytes or
+    "24GiB"): plan for that much GPU memory (default: what is free), or on a CPU plan its RAM (default: not planned).
     """
     from diffusers.training_utils import cast_training_params
 
     import genkit
     from genkit.data.imagefolder import fingerprint, scan_folder, warn_small_images
     from genkit.generate import versions
+    from genkit.memory.training import record as training_record
     from genkit.progress import progress_bar
 
     # 1. Pre-flight, before the slow model load: recipe, images and captions, the output folder
@@ -364,9 +550,20 @@ def train_lora(
         raise GenkitError(f"lora.text_encoder: {problem} (upgrade peft, or set lora.text_encoder=false)")
     model_name = _model_id(model)
 
-    # 2. Device and precision from accelerate; the base model, frozen, in the compute dtype
+    # 2. Device and precision from accelerate; the memory plan (from the model's configs, before the load); the base
+    #    model, frozen, in the compute dtype, quantized if the plan says so
     device, mixed, _ = _placement(cfg)
-    pipeline = genkit.load(model_name, device=str(device), dtype={"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed])
+    dtype, cuda = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[mixed], device.type == "cuda"
+    applied = cuda or memory is not None  # on a CPU the plan's steps are taken only for a given budget
+    configs = _meta(model_name)
+    plan = None
+    if configs is not None:
+        plan = _plan_run(configs, config, overrides, instance_prompt, items, device, dtype, memory, applied, progress)
+    pipeline = genkit.load(model_name, device=str(device), dtype=dtype, quantize=_quantize(plan) if applied and plan
+                           else None, cpu_offload=cuda, memory=memory if cuda else None)
+    if configs is None:  # genkit's own format: planned from the loaded modules
+        plan = _plan_run(pipeline, config, overrides, instance_prompt, items, device, dtype, memory, applied, progress)
+    steps = plan.steps if applied and plan is not None else []
     recipe = resolve(config, overrides, instance_prompt, family=pipeline.family.name)
     cfg = recipe.train
     accelerator = _accelerator(cfg)  # after the family's table: it sets gradient accumulation
@@ -377,6 +574,7 @@ def train_lora(
         warn_small_images(items, recipe.data.resolution)
     if ckpt is not None:
         _check_resume(checkpoint.load(ckpt)[1], recipe, model_name, dataset)
+        _check_plan(checkpoint.load(ckpt)[1], plan if applied else None)
     for part in (pipeline.denoiser, *pipeline.family.text_encoders(pipe), getattr(pipe, "vae", None)):
         if part is not None:
             part.requires_grad_(False)
@@ -391,35 +589,43 @@ def train_lora(
     trained = adapters.add(pipe, pipeline.family, recipe.lora)
     cast_training_params([module for _, module in trained], dtype=torch.float32)
     params = adapters.params(trained)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing or "checkpointing" in steps:
         pipeline.denoiser.enable_gradient_checkpointing()
         if recipe.lora.text_encoder:
             pipe.text_encoder.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    from genkit.memory import training_runtime
+
+    optimizer = training_runtime.optimizer(params.values(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay,
+                                           eight_bit="adamw-8bit" in steps)
     meta = _load_checkpoint(ckpt, params, optimizer) if ckpt is not None else {"step": 0}
-    models = accelerator.prepare(*(module for _, module in trained))
-    models = list(models) if isinstance(models, (list, tuple)) else [models]
+
+    # 4. Encode each caption and each image variant once (the encoders are frozen; on CUDA on the GPU as the plan
+    #    says), then the trained models on the device (swapped blocks on the CPU) and prepared by accelerate
+    encoders = Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=trained[-1][1])
+    run_items = items + prior_items
+    caching = _caching(pipeline, recipe, steps, accelerator.device, cuda)
+    if not recipe.lora.text_encoder:
+        with caching.texts():
+            encoders.text_cache.fill([item.caption for item in run_items])
+    if recipe.data.cache_latents:
+        mirrored = (False, True) if recipe.data.flip else (False,)
+        with caching.images():
+            encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
+    models = _prepare(accelerator, pipeline, trained, plan if cuda else None)
+    encoders.text_encoder = models[-1] if recipe.lora.text_encoder else encoders.text_encoder
     optimizer = accelerator.prepare(optimizer)
     if meta.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(meta["scaler"])
     for module in models:
         module.train()
-
-    # 4. Encode each caption and each image variant once (the encoders are frozen)
-    encoders = Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=models[-1])
-    run_items = items + prior_items
-    if not recipe.lora.text_encoder:
-        encoders.text_cache.fill([item.caption for item in run_items])
-    if recipe.data.cache_latents:
-        mirrored = (False, True) if recipe.data.flip else (False,)
-        encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
     scheduler = objectives.training_scheduler(pipeline.family.target(pipe), pipe)
     loop = _Loop(accelerator, models, encoders, run_items, scheduler, params, optimizer,
                  recipe, streams, len(items))
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
     start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every
-    run_meta = {"model": model_name, "dataset": dataset, "recipe": to_dict(recipe)}
+    run_meta = {"model": model_name, "dataset": dataset, "recipe": to_dict(recipe),
+                "memory_plan": {**training_record(plan), "applied": applied} if plan is not None else None}
     prompts = _validation_prompts(recipe.validation, recipe, items)
     if main:
         out.mkdir(parents=True, exist_ok=True)
@@ -446,7 +652,9 @@ def train_lora(
                 if main:
                     _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints)
             if main and every and (done % every == 0 or done == cfg.steps):
-                _validate(pipeline, trained, prompts, recipe.validation, out / "samples" / f"step-{done:07d}.png")
+                with _sampling(pipeline, recipe, steps, accelerator.device, cuda):
+                    _validate(pipeline, trained, prompts, recipe.validation,
+                              out / "samples" / f"step-{done:07d}.png")
 
     # 6. Export the adapter and the record of how it was made
     adapters.check_finite(params, cfg.steps)
@@ -459,6 +667,7 @@ def train_lora(
             "prior": {"source": recipe.prior.source, "images": len(prior_items), "fraction": recipe.prior.fraction,
                       "folder": "priors" if prior_items else None},
             "effective_batch_size": effective, "processes": accelerator.num_processes,
+            "memory_plan": {**training_record(plan), "applied": applied} if plan is not None else None,
             "recipe": to_dict(recipe), "versions": versions(),
         })
     accelerator.wait_for_everyone()
