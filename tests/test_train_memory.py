@@ -4,6 +4,7 @@ against torch's measured peak on the CPU for every tiny model, and the plan appl
 swapping leave the adapters' training as it was, a budget on the CPU turns checkpointing on and is recorded, and a
 budget nothing fits is refused in one line before the model loads."""
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -284,6 +285,22 @@ def test_a_cpu_budget_turns_checkpointing_on_and_the_record_says_so(tiny, data, 
     assert record["predicted_peak_bytes"] == planned.predicted_peak_bytes and record["budget_bytes"] == budget
     unplanned = train_lora(data, tmp_path / "plain", model=str(tiny("sd")), overrides=overrides, progress=False)
     assert json.loads(Path(unplanned.record).read_text())["memory_plan"]["applied"] is False
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed")
+def test_the_least_budget_trains_on_an_int8_base_through_genkit_quantize(tiny, data, tmp_path):
+    """At the least memory the plan knows on a CPU, the base and the text encoders load int8 (genkit.quantize, torchao)
+    and the adapters train on them: finite, and not the unquantized run's weights."""
+    overrides = [*FAST, "train.steps=2", "train.batch_size=2", "data.resolution=64", "train.learning_rate=1e-2"]
+    least = plan_memory(data, model=str(tiny("flux")), overrides=overrides).smallest_budget_bytes
+    quantized = train_lora(data, tmp_path / "int8", model=str(tiny("flux")), overrides=overrides, progress=False,
+                           memory=least)
+    record = json.loads(Path(quantized.record).read_text())["memory_plan"]
+    assert record["quantization"] == "int8" and "text-encoders-int8" in record["steps"], record
+    plain = train_lora(data, tmp_path / "plain", model=str(tiny("flux")), overrides=overrides, progress=False)
+    a, b = _weights(quantized), _weights(plain)
+    assert a.keys() == b.keys() and all(torch.isfinite(v).all() for v in a.values())
+    assert any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_budget_nothing_fits_is_refused_in_one_line_before_the_load(tiny, data, tmp_path):
