@@ -29,7 +29,8 @@ Three modules, one a seam: `genkit.memory.sizes` (weights counted and activation
 `genkit.memory.planner` (the placements, `plan`, `describe`) and `genkit.memory.runtime` (`Step`, `apply`,
 `next_step`, `ran_out`). This package holds their public names: `genkit.memory.plan(...)`, `memory.Step()`.
 
-LoRA training plans its memory too, in two more: `genkit.memory.training` (the training plan: `plan_training`, the
+LoRA training plans its memory too, in three more: `genkit.memory.training_sizes` (the model, its adapters and blocks
+counted, a training step's activations estimated), `genkit.memory.training` (the training plan: `plan_training`, the
 steps from gradient checkpointing to block swapping, `genkit train lora --dry-run`) and
 `genkit.memory.training_runtime` (what genkit.train.lora calls to take those steps on CUDA).
 """

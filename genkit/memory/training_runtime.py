@@ -21,7 +21,7 @@ import contextlib
 
 import torch
 
-from genkit.memory.training import blocks
+from genkit.memory.training_sizes import blocks
 
 
 def _to(device):
