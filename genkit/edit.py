@@ -91,9 +91,38 @@ class Picture:
     pixels: Any = field(compare=False, repr=False, hash=False)
 
 
-def picture(source, what: str, cache: dict | None = None) -> Picture:
-    """Read an input image (`what` "image") or mask ("mask") once per run; GenkitError naming it if unusable."""
+@dataclass(frozen=True)
+class Pictures:
+    """Several input images read together, in order: an instruction edit's (genkit.families' "instruct" task). A record
+    lists their sources and sha256s where one image's record holds a string."""
+
+    items: tuple[Picture, ...]
+
+    @property
+    def source(self) -> list[str]:
+        return [item.source for item in self.items]
+
+    @property
+    def sha256(self) -> list[str]:
+        return [item.sha256 for item in self.items]
+
+
+def references(image: "Picture | Pictures") -> list[Picture]:
+    """The input images of a job's `image`: one, or each of several."""
+    return list(image.items) if isinstance(image, Pictures) else [image]
+
+
+def picture(source, what: str, cache: dict | None = None) -> "Picture | Pictures":
+    """Read an input image (`what` "image") or mask ("mask") once per run; GenkitError naming it if unusable. A list
+    of several images (an instruction edit's) is read into Pictures; a list of one is that image."""
     from genkit import images
+
+    if isinstance(source, (list, tuple)) and what == "image":
+        if not source:
+            raise GenkitError("is an empty list (give one input image, or several for an instruction edit)",
+                              param="image")
+        read = tuple(picture(one, what, cache) for one in source)
+        return read[0] if len(read) == 1 else Pictures(read)
 
     key = (what, os.fspath(source) if isinstance(source, (str, os.PathLike)) else id(source))
     if cache is not None and key in cache:

@@ -538,6 +538,195 @@ def _random_z_image(rng: random.Random) -> dict:
 FAMILIES["z-image"] = TinyModel(_saved(_build_z_image), _ARCH_Z_IMAGE, _random_z_image)
 
 
+# -- qwen-image (and its editing models, qwen-image-edit and qwen-image-edit-plus: the same components and a processor)
+
+__all__ += ["qwen_vl_tokenizer"]
+
+QWEN_VL_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")  # Qwen2.5-VL's image markers
+
+
+def qwen_vl_tokenizer():
+    """qwen_tokenizer with Qwen2.5-VL's image markers, as Qwen-Image's text encoder reads them."""
+    tokenizer = qwen_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", *QWEN_VL_TOKENS]})
+    return tokenizer
+
+
+_ARCH_QWEN_IMAGE = dict(
+    num_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(8, 4, 4),  # rotary: frame, row, column
+    qwen_hidden=16, qwen_layers=2, qwen_heads=2, qwen_kv_heads=1, vision_hidden=16, vision_heads=2,
+    z_dim=4, vae_base_dim=4, vae_dim_mult=(1, 2, 2, 2), vae_temporal_downsample=(False, True, True),  # factor 8
+)
+
+
+def _qwen_vl_encoder(arch: dict, tokenizer):
+    """A Qwen2.5-VL (text and vision towers), as Qwen-Image reads prompts (and its editing models, images too)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    half = arch["qwen_hidden"] // arch["qwen_heads"] // 2  # multimodal rotary sections (time, height, width)
+    ids = {key: tokenizer.convert_tokens_to_ids(token) for key, token in zip(
+        ("vision_start_token_id", "vision_end_token_id", "image_token_id", "video_token_id"), QWEN_VL_TOKENS)}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer), hidden_size=arch["qwen_hidden"], intermediate_size=2 * arch["qwen_hidden"],
+            num_hidden_layers=arch["qwen_layers"], num_attention_heads=arch["qwen_heads"],
+            num_key_value_heads=arch["qwen_kv_heads"], max_position_embeddings=4096,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                             "mrope_section": [half // 4, half // 4, half - 2 * (half // 4)]},
+            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(depth=1, hidden_size=arch["vision_hidden"], intermediate_size=2 * arch["vision_hidden"],
+                           num_heads=arch["vision_heads"], out_hidden_size=arch["qwen_hidden"],
+                           fullatt_block_indexes=[0]),
+        **ids,
+    )
+    return Qwen2_5_VLForConditionalGeneration(config).eval()
+
+
+def _qwen_image_components(arch: dict) -> dict:
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+
+    tokenizer = qwen_vl_tokenizer()
+    z = arch["z_dim"]
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=4 * z, out_channels=z,  # latents are packed in 2x2 patches
+        num_layers=arch["num_layers"], attention_head_dim=arch["attention_head_dim"],
+        num_attention_heads=arch["num_attention_heads"], joint_attention_dim=arch["qwen_hidden"],
+        guidance_embeds=False, axes_dims_rope=tuple(arch["axes_dims_rope"]),
+    )
+    vae = AutoencoderKLQwenImage(  # Wan's causal 3D VAE on one frame; factor 2 ** len(temperal_downsample)
+        base_dim=arch["vae_base_dim"], z_dim=z, dim_mult=list(arch["vae_dim_mult"]), num_res_blocks=1,
+        temperal_downsample=list(arch["vae_temporal_downsample"]), latents_mean=[0.0] * z, latents_std=[1.0] * z,
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(  # Qwen/Qwen-Image's scheduler_config.json
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=8192, max_shift=0.9, shift=1.0,
+        shift_terminal=0.02, time_shift_type="exponential", use_dynamic_shifting=True)
+    return dict(scheduler=scheduler, vae=vae, text_encoder=_qwen_vl_encoder(arch, tokenizer), tokenizer=tokenizer,
+                transformer=transformer)
+
+
+def _build_qwen_image(arch: dict):
+    from diffusers import QwenImagePipeline
+
+    return QwenImagePipeline(**_qwen_image_components(arch))
+
+
+def _qwen_image_edit(pipeline_class: str):
+    """A `TinyModel.make` of Qwen-Image's editing pipeline `pipeline_class`: Qwen-Image's components and Qwen2.5-VL's
+    processor (its tokenizer, and an image processor that reads at most 56x56 pixels: 4 vision tokens an image).
+    transformers cannot build that processor without torchvision (its video half needs it), so its files are written
+    beside the pipeline's as a Qwen-Image-Edit folder holds them, and model_index.json names it."""
+
+    def make(arch: dict, folder: Path) -> Path:
+        import json
+
+        import diffusers
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        from genkit.outputs import save_text
+
+        components = _qwen_image_components(arch)
+        getattr(diffusers, pipeline_class)(**components, processor=None).save_pretrained(folder, safe_serialization=True)
+        components["tokenizer"].save_pretrained(folder / "processor")
+        Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder / "processor")
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        index["processor"] = ["transformers", "Qwen2VLProcessor"]
+        save_text(folder / "model_index.json", json.dumps(index, indent=2) + "\n")
+        return folder
+
+    return make
+
+
+def _random_qwen_image(rng: random.Random) -> dict:
+    head_dim = rng.choice((8, 12, 16))
+    first = 2 * rng.randint(1, head_dim // 2 - 2)  # rotary dims per axis: even, sum head_dim (as Flux's)
+    second = 2 * rng.randint(1, (head_dim - first) // 2 - 1)
+    qwen_heads = rng.choice((1, 2))
+    levels = rng.randint(2, 4)  # VAE factor 2 to 8
+    return dict(
+        num_layers=rng.randint(1, 2), num_attention_heads=rng.choice((1, 2, 4)), attention_head_dim=head_dim,
+        axes_dims_rope=(first, second, head_dim - first - second), qwen_hidden=qwen_heads * rng.choice((8, 16)),
+        qwen_layers=rng.randint(1, 2), qwen_heads=qwen_heads, qwen_kv_heads=1, vision_hidden=rng.choice((8, 16)),
+        vision_heads=rng.choice((1, 2)), z_dim=rng.choice((4, 8, 16)), vae_base_dim=rng.choice((4, 8)),
+        vae_dim_mult=(1,) + _pick(rng, (1, 2), levels - 1),
+        vae_temporal_downsample=(False,) + tuple(rng.random() < 0.5 for _ in range(levels - 2)),
+    )
+
+
+# the editing models read each input image at about a megapixel whatever the output's size: a VAE of factor 16 keeps
+# the tiny one's mid-block attention at 64x64 latents (at factor 8, 128x128 took 1.7 s an image on a 2-core CPU)
+_ARCH_QWEN_IMAGE_EDIT = dict(_ARCH_QWEN_IMAGE, vae_base_dim=2, vae_dim_mult=(1, 2, 4, 4, 4),
+                             vae_temporal_downsample=(False, True, True, True))
+
+FAMILIES["qwen-image"] = TinyModel(_saved(_build_qwen_image), _ARCH_QWEN_IMAGE, _random_qwen_image)
+FAMILIES["qwen-image-edit"] = TinyModel(_qwen_image_edit("QwenImageEditPipeline"), _ARCH_QWEN_IMAGE_EDIT,
+                                         _random_qwen_image)
+FAMILIES["qwen-image-edit-plus"] = TinyModel(_qwen_image_edit("QwenImageEditPlusPipeline"), _ARCH_QWEN_IMAGE_EDIT,
+                                              _random_qwen_image)
+
+
+# -- flux2-klein
+
+_ARCH_FLUX2_KLEIN = dict(
+    num_layers=1, num_single_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(4, 4, 4, 4),
+    qwen_hidden=16, qwen_layers=27,  # the pipeline reads hidden states 9, 18 and 27 (text_encoder_out_layers)
+    qwen_heads=2, qwen_kv_heads=1, qwen_head_dim=8, is_distilled=False, latent_channels=4,
+    vae_block_out_channels=(8, 8), vae_norm_num_groups=4, vae_layers_per_block=1,
+)
+
+
+def _build_flux2_klein(arch: dict):
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tokenizer = qwen_tokenizer()
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=arch["qwen_hidden"], intermediate_size=2 * arch["qwen_hidden"],
+        num_hidden_layers=arch["qwen_layers"], num_attention_heads=arch["qwen_heads"],
+        num_key_value_heads=arch["qwen_kv_heads"], head_dim=arch["qwen_head_dim"], max_position_embeddings=1024,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )).eval()
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4 * arch["latent_channels"],  # latents are patchified 2x2 into channels
+        num_layers=arch["num_layers"], num_single_layers=arch["num_single_layers"],
+        attention_head_dim=arch["attention_head_dim"], num_attention_heads=arch["num_attention_heads"],
+        joint_attention_dim=3 * arch["qwen_hidden"],  # three of Qwen3's hidden states side by side
+        axes_dims_rope=tuple(arch["axes_dims_rope"]), guidance_embeds=False,
+    )
+    channels = tuple(arch["vae_block_out_channels"])
+    vae = AutoencoderKLFlux2(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
+        up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+        layers_per_block=arch["vae_layers_per_block"], latent_channels=arch["latent_channels"],
+        norm_num_groups=arch["vae_norm_num_groups"], sample_size=SIZE[0], use_quant_conv=False,
+        use_post_quant_conv=False,
+    )
+    with torch.no_grad():  # its latents' batch-norm statistics, as a trained VAE has them (not 0 and 1)
+        vae.bn.running_mean.normal_(0.0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    scheduler = FlowMatchEulerDiscreteScheduler(  # black-forest-labs' Flux.2 scheduler_config.json
+        base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15, shift=3.0,
+        time_shift_type="exponential", use_dynamic_shifting=True)
+    return Flux2KleinPipeline(scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              transformer=transformer, is_distilled=arch["is_distilled"])
+
+
+def _random_flux2_klein(rng: random.Random) -> dict:
+    head_dim = rng.choice((8, 16, 24))
+    axes = [2 * rng.randint(1, head_dim // 8) for _ in range(3)]  # rotary dims per axis (time, row, column, index)
+    qwen_heads = rng.choice((1, 2, 4))
+    return dict(
+        num_layers=rng.randint(1, 2), num_single_layers=rng.randint(0, 2), num_attention_heads=rng.choice((1, 2, 4)),
+        attention_head_dim=head_dim, axes_dims_rope=(*axes, head_dim - sum(axes)), qwen_hidden=rng.choice((8, 16, 32)),
+        qwen_heads=qwen_heads, qwen_kv_heads=rng.choice([k for k in (1, 2, 4) if qwen_heads % k == 0]),
+        qwen_head_dim=rng.choice((4, 8)), is_distilled=rng.random() < 0.5, latent_channels=rng.choice((1, 4, 8)),
+        **_random_vae(rng, max_blocks=3),
+    )
+
+
+FAMILIES["flux2-klein"] = TinyModel(_saved(_build_flux2_klein), _ARCH_FLUX2_KLEIN, _random_flux2_klein)
+
+
 # -- pixart-sigma
 
 _ARCH_PIXART_SIGMA = dict(
@@ -1064,3 +1253,32 @@ def upscaler_state(scale: int = 2, features: int = 4, convs: int = 1, seed: int 
 def build_tiny_upscaler(path: str | Path, scale: int = 2, seed: int = 0) -> Path:
     """The tiny upscaler as a .safetensors file, as A1111's models/ESRGAN and ComfyUI's models/upscale_models hold them."""
     return write_single_file(upscaler_state(scale, seed=seed), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny ControlNets (genkit.controlnet): each family's own kind, made as a trainer starts one (`Family.new_controlnet`:
+# diffusers' ControlNetModel.from_unet for the UNet families, the transformer families' control models built from
+# their transformer's config), with the layers a new one holds at zero (which would change nothing) drawn at random,
+# saved with save_pretrained: the folder loads as a user's ControlNet folder does.
+
+__all__ += ["build_tiny_controlnet"]
+
+
+def build_tiny_controlnet(model: str | Path, folder: str | Path, *, seed: int = 0, std: float = 0.1) -> Path:
+    """A random-weight ControlNet for the tiny model saved in `model` (build_tiny's folder), saved in `folder`."""
+    import json
+
+    from genkit import families
+
+    index = json.loads((Path(model) / "model_index.json").read_text(encoding="utf-8"))
+    family = families.detect(index["_class_name"], str(model))
+    pipe = family.load(str(model), dtype=torch.float32, use_safetensors=True, local=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        controlnet = family.new_controlnet(pipe)
+        with torch.no_grad():
+            for parameter in controlnet.parameters():
+                if not parameter.any():
+                    parameter.normal_(0.0, std)
+    controlnet.save_pretrained(folder, safe_serialization=True)
+    return Path(folder)
