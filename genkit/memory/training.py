@@ -270,7 +270,7 @@ class Costs:
         for c in self.staying:  # on the device throughout
             w, a = texts.pop(c.name)
             kept, step = kept + w, max(step, a)
-        return kept + max([denoiser + vae + step] + [w + a for w, a in texts.values()])
+        return kept + vae + max([denoiser + step] + [w + a for w, a in texts.values()])  # the VAE stays throughout
 
     def price(self, option: Option) -> tuple[dict, dict]:
         training = self.training(option)
