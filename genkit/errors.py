@@ -45,7 +45,8 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "instance_prompt": "--instance-prompt", "data.trigger_words": "--trigger", "config": "--config",
          "exact": "--exact", "quantize": "--quantize", "base": "--base",
          "models_dir": "--models-dir", "prompt_syntax": "--prompt-syntax", "hires_scale": "--hires",
-         "hires_strength": "--hires-strength", "hires_steps": "--hires-steps", "hires_upscaler": "--hires-upscaler"}
+         "hires_strength": "--hires-strength", "hires_steps": "--hires-steps", "hires_upscaler": "--hires-upscaler",
+         "control": "--control"}
 _COMMAND_LINE: ContextVar[bool] = ContextVar("genkit_command_line", default=False)
 
 

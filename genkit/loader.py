@@ -249,11 +249,15 @@ def load(
     quantize=None,
     base: str | None = None,
     models_dir: str | None = None,
+    controlnet=(),
 ):
     """Load a pipeline by preset name, local folder or hub id; returns a `genkit.Pipeline`.
 
     `lora`: LoRAs to apply, as `--lora` does: each a path (a LoRA folder or file), a "path:scale" string or a
     (path, scale) pair; a bad path, scale or file is refused before the model loads.
+
+    `controlnet`: ControlNets to load with it (a folder or .safetensors file, or a list), each checked against the
+    model; `generate(control=...)` loads any other a unit names when first asked (genkit.controlnet).
 
     `quantize`: weight-only quantization as the model loads, "int8" (the denoiser) or "denoiser=int8,text_encoders=fp8"
     (genkit.quantize); a `.gguf` file as `name_or_path` is a denoiser, its other components from the folder `base`.
@@ -280,6 +284,9 @@ def load(
 
     base = base if base is not None else os.environ.get("GENKIT_BASE") or None  # what --base sets
     loras = lora_specs(lora, allow_pickle, models_dir)  # before the slow load
+    from genkit import controlnet as controlnets
+
+    control_paths = controlnets.check_paths(controlnet)  # found, before the slow load
     from genkit import quantize as quantized
 
     single = single_file.wanted(name_or_path, models_dir)  # a single-file checkpoint reads `base` itself
@@ -342,6 +349,7 @@ def load(
         from genkit import lora as adapters
 
         adapters.apply(pipeline, loras, allow_pickle=allow_pickle)
+    controlnets.preload(pipeline, control_paths)
     return pipeline
 
 

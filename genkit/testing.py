@@ -1261,7 +1261,7 @@ def build_tiny_upscaler(path: str | Path, scale: int = 2, seed: int = 0) -> Path
 # their transformer's config), with the layers a new one holds at zero (which would change nothing) drawn at random,
 # saved with save_pretrained: the folder loads as a user's ControlNet folder does.
 
-__all__ += ["build_tiny_controlnet"]
+__all__ += ["build_tiny_controlnet", "ldm_controlnet"]
 
 
 def build_tiny_controlnet(model: str | Path, folder: str | Path, *, seed: int = 0, std: float = 0.1) -> Path:
@@ -1282,3 +1282,28 @@ def build_tiny_controlnet(model: str | Path, folder: str | Path, *, seed: int = 
                     parameter.normal_(0.0, std)
     controlnet.save_pretrained(folder, safe_serialization=True)
     return Path(folder)
+
+
+def ldm_controlnet(state: dict, config) -> dict:
+    """A ControlNetModel's state dict under the original ControlNet's names (lllyasviel's files, A1111's and ComfyUI's
+    models/controlnet): the UNet encoder's as LDM's, the conditioning embedding as input_hint_block, the zero
+    convolutions as zero_convs and middle_block_out. Four embedding levels, as diffusers' converter reads them."""
+    own = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if key.startswith("controlnet_cond_embedding.conv_in."):
+            own[f"input_hint_block.0.{key.rsplit('.', 1)[1]}"] = value
+        elif key.startswith("controlnet_cond_embedding.conv_out."):
+            own[f"input_hint_block.14.{key.rsplit('.', 1)[1]}"] = value
+        elif key.startswith("controlnet_cond_embedding.blocks."):
+            block, end = key.split(".")[2], key.rsplit(".", 1)[1]
+            own[f"input_hint_block.{2 * (int(block) + 1)}.{end}"] = value
+        elif head == "controlnet_down_blocks":
+            number, end = rest.split(".")
+            own[f"zero_convs.{number}.0.{end}"] = value
+        elif head == "controlnet_mid_block":
+            own[f"middle_block_out.0.{rest}"] = value
+    rest = {key: value for key, value in state.items() if not key.startswith(("controlnet_cond_embedding.",
+                                                                              "controlnet_down_blocks.",
+                                                                              "controlnet_mid_block."))}
+    return {**_ldm_unet(rest, config), **own}

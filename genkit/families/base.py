@@ -11,7 +11,7 @@ pipeline from its class name. Nothing outside `genkit/families/` names a family
 
 - **identity and loading**: name, title, pipeline classes, file format, `load`, `tokenizer`;
 - **inference**: denoiser, sizes, defaults, samplers, call arguments, text reading (prompt cuts,
-  CLIP chunks, empty negatives), editing pipelines, attention;
+  CLIP chunks, empty negatives), editing pipelines, ControlNet, attention;
 - **training**: the prediction target, caption and image encodings, the denoiser's forward call,
   which prior sources and text-encoder adapters it supports (the objectives themselves are plain
   functions in genkit.train.objectives);
@@ -32,6 +32,7 @@ import contextlib
 import math
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 
 import torch
 
@@ -88,6 +89,11 @@ def cut_prompt(tokenizer, limit: int | None, prompt: str) -> dict | None:
     end = 1 if ids[-1] in set(tokenizer.all_special_ids) else 0  # the closing token is kept past the cut
     dropped = tokenizer.decode(ids[limit - end:len(ids) - end], skip_special_tokens=True).strip()
     return {"tokens": limit, "dropped": dropped} if dropped else None
+
+
+def _listed(value):
+    """A config value as comparable (JSON gives lists where a model built in memory holds tuples)."""
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 class Family(abc.ABC):
@@ -310,6 +316,56 @@ class Family(abc.ABC):
             raise GenkitError(f"for {what}: {self.title} models have no {task} pipeline in diffusers (families with it: "
                               f"{', '.join(have)}); drop the input image or use one of those", param=param)
 
+    # -- inference: ControlNet (genkit.controlnet) -----------------------------------------------
+    controlnet_classes: tuple[str, ...] = ()  # diffusers' ControlNet model classes that fit (none: no ControlNet)
+    controlnet_several = True  # its ControlNet pipeline takes several ControlNets at once (their residuals summed)
+    controlnet_bounds = True  # ... and each one's start and end (control_guidance_start/_end)
+    control_image_arg = "control_image"  # the call's word for the control images (SD's and SDXL's: "image")
+    # (controlnet config key, denoiser config key) that must be equal for a ControlNet to fit the denoiser
+    controlnet_fit: tuple[tuple[str, str], ...] = ()
+
+    def control_pipe(self, pipe, controlnets: list):
+        """The family's text-to-image ControlNet pipeline holding `controlnets` (one, or several as diffusers'
+        MultiControlNet), made with `from_pipe`, so it shares `pipe`'s loaded components."""
+        from diffusers import AutoPipelineForText2Image
+
+        return AutoPipelineForText2Image.from_pipe(pipe, controlnet=controlnets[0] if len(controlnets) == 1
+                                                   else list(controlnets))
+
+    def control_args(self, pipe, batch, generators, units: list, images: list[list]) -> dict:
+        """The call's ControlNet arguments: `images[k]` holds unit k's control image for each row of the batch. One
+        ControlNet takes a list of one image per row; several take one image each (diffusers' SDXL pipeline takes no
+        more), which every row of the batch shares (genkit.controlnet.batch_key keeps other images apart)."""
+        one = len(units) == 1
+
+        def each(values):
+            return values[0] if one else list(values)
+
+        args = {self.control_image_arg: images[0] if one else [rows[0] for rows in images],
+                "controlnet_conditioning_scale": each([u.weight for u in units])}
+        if self.controlnet_bounds:
+            args.update(control_guidance_start=each([u.start for u in units]),
+                        control_guidance_end=each([u.end for u in units]))
+        return args
+
+    def controlnet_misfit(self, pipe, controlnet) -> str | None:
+        """Why `controlnet` cannot steer `pipe`'s denoiser (its sizes differ), or None when it fits."""
+        mine, theirs = self.denoiser(pipe).config, controlnet.config
+        for key, own in self.controlnet_fit:
+            if key in theirs and own in mine and _listed(theirs[key]) != _listed(mine[own]):
+                return f"its {key} is {theirs[key]}, the model's {mine[own]}"
+        return None
+
+    def new_controlnet(self, pipe) -> torch.nn.Module:
+        """A new ControlNet for `pipe`'s denoiser, as diffusers' ControlNet training starts one (its output layers at
+        zero, so it changes nothing until trained): for genkit.testing's tiny ones and a ControlNet trainer."""
+        raise NotImplementedError(f"{self.title} has no ControlNet in diffusers")
+
+    def load_controlnet_file(self, pipe, file, dtype) -> torch.nn.Module:
+        """A ControlNet from one .safetensors file (diffusers' from_single_file where it reads the family's)."""
+        raise GenkitError(f"model={file}: {self.title} ControlNets are read from diffusers folders (config.json beside "
+                          "the weights); diffusers reads no single file of them", param="control")
+
     # -- inference: attention ----------------------------------------------------------------
     # genkit.attention probes each backend in the dtypes and head sizes of the layers it would reach
     # (`attention_modules`), through the route the model takes (`dispatcher`), then the family applies the choice
@@ -448,6 +504,68 @@ class UNetFamily(Family):
 
     def forward(self, pipe, denoiser, noisy, t, cond) -> torch.Tensor:
         return denoiser(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+    # ControlNet (Zhang et al. 2023, https://arxiv.org/abs/2302.05543): a trainable copy of the UNet's encoder whose
+    # conditioning embedding brings the control image down to the latents' size (SD's: 512 -> 64, four levels)
+    controlnet_classes = ("ControlNetModel",)
+    controlnet_fit = (("in_channels", "in_channels"), ("cross_attention_dim", "cross_attention_dim"),
+                      ("block_out_channels", "block_out_channels"), ("addition_embed_type", "addition_embed_type"))
+    CONDITIONING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNetModel default: each level after the first halves
+
+    def controlnet_factor(self, pipe) -> int:
+        """How much smaller than the image the denoiser's sample is (the VAE's factor; 1 in pixel space)."""
+        return int(getattr(pipe, "vae_scale_factor", 8)) if self.latent else 1
+
+    def controlnet_misfit(self, pipe, controlnet) -> str | None:
+        levels = len(controlnet.config.conditioning_embedding_out_channels)
+        if 2 ** (levels - 1) != self.controlnet_factor(pipe):
+            return (f"it reduces the control image {2 ** (levels - 1)}x and the model's samples are "
+                    f"{self.controlnet_factor(pipe)}x smaller than its images")
+        return super().controlnet_misfit(pipe, controlnet)
+
+    def new_controlnet(self, pipe) -> torch.nn.Module:
+        """diffusers' `ControlNetModel.from_unet`: the UNet's encoder and middle copied, zero convolutions out, and a
+        conditioning embedding with one level per halving between the image and the sample."""
+        from diffusers import ControlNetModel
+
+        levels = int(math.log2(self.controlnet_factor(pipe))) + 1
+        return ControlNetModel.from_unet(self.denoiser(pipe),
+                                         conditioning_embedding_out_channels=self.CONDITIONING_CHANNELS[:levels])
+
+    def controlnet_config(self, pipe, file) -> dict:
+        """A single file's ControlNet config: the config.json beside it, else `new_controlnet`'s (made on the meta
+        device: no weights), as A1111 reads a ControlNet file against the loaded model."""
+        import json
+
+        beside = file.with_name("config.json")
+        if beside.is_file():
+            return json.loads(beside.read_text(encoding="utf-8"))
+        from accelerate import init_empty_weights
+
+        with init_empty_weights():
+            return dict(self.new_controlnet(pipe).config)
+
+    def load_controlnet_file(self, pipe, file, dtype) -> torch.nn.Module:
+        """A ControlNet file in diffusers' names (loaded into its config) or in the original ControlNet's (converted
+        by diffusers' `ControlNetModel.from_single_file`, with the config, so nothing is downloaded)."""
+        import json
+        import tempfile
+
+        from diffusers import ControlNetModel
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        config = self.controlnet_config(pipe, file)
+        with safe_open(str(file), "pt") as opened:
+            diffusers_names = "controlnet_cond_embedding.conv_in.weight" in set(opened.keys())
+        if diffusers_names:
+            model = ControlNetModel.from_config(config)
+            model.load_state_dict(load_file(str(file)), strict=True)
+            return model.to(dtype)
+        with tempfile.TemporaryDirectory() as folder:
+            (Path(folder) / "config.json").write_text(json.dumps(config), encoding="utf-8")
+            return ControlNetModel.from_single_file(str(file), config=folder, torch_dtype=dtype,
+                                                    local_files_only=True)
 
     def lora_read_args(self, pipe) -> dict:
         import inspect

@@ -24,6 +24,7 @@ class Chroma(Flux):
     num_inference_steps = 35
     edit_tasks = ("img2img",)
     attention_masked = True  # its calls mask T5's padding (flash-attn and sage take no mask: their probes say so)
+    controlnet_classes = ()  # diffusers has no Chroma ControlNet (Flux's do not fit its transformer)
 
     def single_file_kind(self, keys) -> str | None:
         """Flux's layout with the approximator (distilled_guidance_layer) in place of the modulation inputs."""

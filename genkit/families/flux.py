@@ -117,6 +117,32 @@ class Flux(FlowFamily):
         latents = pipe._unpack_latents(output, height, width, pipe.vae_scale_factor)
         return super().hires_latents(pipe, latents, width, height, new_width, new_height)
 
+    # -- ControlNet: diffusers' FluxControlNetModel (InstantX's and XLabs' layouts) in FluxControlNetPipeline ---------
+    controlnet_classes = ("FluxControlNetModel",)
+    controlnet_fit = tuple((key, key) for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim",
+                                                  "num_attention_heads", "attention_head_dim", "axes_dims_rope"))
+
+    def new_controlnet(self, pipe) -> torch.nn.Module:
+        """diffusers' `FluxControlNetModel.from_transformer` with its default depth (4 double and 10 single blocks)
+        or the transformer's, where it has fewer."""
+        from diffusers import FluxControlNetModel
+
+        config = pipe.transformer.config
+        return FluxControlNetModel.from_transformer(
+            pipe.transformer, num_layers=min(4, config.num_layers), num_single_layers=min(10, config.num_single_layers),
+            attention_head_dim=config.attention_head_dim, num_attention_heads=config.num_attention_heads)
+
+    def control_args(self, pipe, batch, generators, units, images) -> dict:
+        """Also the starting noise, drawn as FluxPipeline draws it: its ControlNet pipeline samples the control image's
+        latents with the images' generators before their noise, so without this an image's noise would depend on
+        whether a ControlNet runs (and weight 0 would not be the plain image)."""
+        args = super().control_args(pipe, batch, generators, units, images)
+        first, encoder = batch[0], getattr(pipe, "text_encoder", None)
+        dtype = encoder.dtype if encoder is not None else pipe.transformer.dtype  # the prompt embeddings' dtype
+        args["latents"] = pipe.prepare_latents(len(batch), pipe.transformer.config.in_channels // 4, first.height,
+                                               first.width, dtype, pipe._execution_device, generators)[0]
+        return args
+
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}

@@ -85,6 +85,38 @@ class QwenImage(FlowFamily):
         latents = pipe._unpack_latents(output, height, width, pipe.vae_scale_factor)[:, :, 0]
         return super().hires_latents(pipe, latents, width, height, new_width, new_height)
 
+    # -- ControlNet: diffusers' QwenImageControlNetModel (InstantX's) in QwenImageControlNetPipeline -----------------
+    controlnet_classes = ("QwenImageControlNetModel",)
+    controlnet_several = False  # diffusers' QwenImageMultiControlNetModel holds one (a union ControlNet) for now
+    controlnet_fit = tuple((key, key) for key in ("in_channels", "patch_size", "joint_attention_dim",
+                                                  "num_attention_heads", "attention_head_dim", "axes_dims_rope"))
+
+    def control_pipe(self, pipe, controlnets):
+        """diffusers' QwenImageControlNetPipeline, padding prompts to a fixed length as the family's other pipelines."""
+        from diffusers import QwenImageControlNetPipeline
+
+        return fixed_length(QwenImageControlNetPipeline).from_pipe(pipe, controlnet=controlnets[0])
+
+    def control_args(self, pipe, batch, generators, units, images) -> dict:
+        """Also the starting noise, drawn as QwenImagePipeline draws it: its ControlNet pipeline samples the control
+        image's latents with the images' generators first (so without this weight 0 would not be the plain image)."""
+        args = super().control_args(pipe, batch, generators, units, images)
+        first = batch[0]
+        args["latents"] = pipe.prepare_latents(len(batch), pipe.transformer.config.in_channels // 4, first.height,
+                                               first.width, pipe.text_encoder.dtype, pipe._execution_device,
+                                               generators)
+        return args
+
+    def new_controlnet(self, pipe) -> torch.nn.Module:
+        """diffusers' `QwenImageControlNetModel.from_transformer` with its default depth (5 blocks) or the
+        transformer's, where it has fewer."""
+        from diffusers import QwenImageControlNetModel
+
+        config = pipe.transformer.config
+        return QwenImageControlNetModel.from_transformer(
+            pipe.transformer, num_layers=min(5, config.num_layers), attention_head_dim=config.attention_head_dim,
+            num_attention_heads=config.num_attention_heads)
+
     # -- training ----------------------------------------------------------------------------
     def encode_captions(self, pipe, captions, device) -> dict:
         """Each caption's hidden states, padded to the pipeline's cap with a mask (their lengths differ)."""

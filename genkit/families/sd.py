@@ -24,6 +24,7 @@ class StableDiffusion(UNetFamily):
     kohya = Kohya("sd_v1", {"unet": "lora_unet_", "text_encoder": "lora_te_"}, v2_width=1024)
     dtypes = ("fp16", "bf16", "fp32")
     gpu_dtypes = ("fp16",)  # its weights are published in fp16 and run in it (A1111, ComfyUI, diffusers' docs)
+    control_image_arg = "image"  # StableDiffusion(XL)ControlNetPipeline's word for the control images
 
     def single_file_kind(self, keys) -> str | None:
         """An LDM checkpoint (CompVis' layout: model.diffusion_model., first_stage_model., cond_stage_model.) with

@@ -70,6 +70,43 @@ class ZImage(FlowFamily):
         out = denoiser(list(noisy.unsqueeze(2).unbind(0)), (1000 - t) / 1000, captions, return_dict=False)[0]
         return -torch.stack(out).squeeze(2)  # as the pipeline: the transformer predicts x0 - noise
 
+    # -- ControlNet: diffusers' ZImageControlNetModel (VideoX-Fun's Z-Image ControlNets), one at a time, every step
+    controlnet_classes = ("ZImageControlNetModel",)
+    controlnet_several = False  # ZImageControlNetPipeline holds one ControlNet
+    controlnet_bounds = False  # ... which acts in every step (no control_guidance_start/_end)
+    controlnet_fit = (("dim", "dim"), ("n_heads", "n_heads"), ("n_kv_heads", "n_kv_heads"),
+                      ("all_patch_size", "all_patch_size"), ("all_f_patch_size", "all_f_patch_size"))
+
+    def controlnet_misfit(self, pipe, controlnet) -> str | None:
+        places, layers = list(controlnet.config.control_layers_places), pipe.transformer.config.n_layers
+        if max(places) >= layers:
+            return f"it steers layer {max(places)} and the transformer has {layers}"
+        if controlnet.config.control_in_dim < pipe.transformer.config.in_channels:
+            return (f"its control_in_dim is {controlnet.config.control_in_dim}, below the latents' "
+                    f"{pipe.transformer.config.in_channels} channels")
+        return super().controlnet_misfit(pipe, controlnet)
+
+    def new_controlnet(self, pipe) -> torch.nn.Module:
+        """A ZImageControlNetModel as the published Z-Image-Turbo ControlNet is laid out: a control block at every
+        fifth transformer layer, the control image's latents in (its other parts are the transformer's own, shared
+        when the pipeline is made: `ZImageControlNetModel.from_transformer`)."""
+        from diffusers import ZImageControlNetModel
+
+        config = pipe.transformer.config
+        return ZImageControlNetModel(
+            control_layers_places=list(range(0, config.n_layers, 5)), control_in_dim=config.in_channels,
+            all_patch_size=tuple(config.all_patch_size), all_f_patch_size=tuple(config.all_f_patch_size),
+            dim=config.dim, n_refiner_layers=config.n_refiner_layers, n_heads=config.n_heads,
+            n_kv_heads=config.n_kv_heads, norm_eps=config.norm_eps, qk_norm=config.qk_norm)
+
+    def load_controlnet_file(self, pipe, file, dtype) -> torch.nn.Module:
+        """diffusers' `ZImageControlNetModel.from_single_file`: its config from a config.json beside the file, else
+        the one diffusers names for the file's layout (from the Hugging Face cache: download it once with a network)."""
+        from diffusers import ZImageControlNetModel
+
+        beside = {"config": str(file.parent)} if (file.parent / "config.json").is_file() else {}
+        return ZImageControlNetModel.from_single_file(str(file), torch_dtype=dtype, **beside)
+
     def lora_components(self, pipe) -> list[str]:
         return [self.denoiser_name]  # ZImageLoraLoaderMixin loads the transformer's adapters alone
 

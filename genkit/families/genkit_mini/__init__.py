@@ -56,6 +56,13 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     def edit_pipe(self, pipe, task: str):
         return pipe  # GenkitMiniPipeline edits natively (image=, mask_image=, strength=; genkit.edit)
 
+    def control_pipe(self, pipe, controlnets):
+        """Its own pipeline holding the ControlNet(s): its loop calls them (genkit.families.genkit_mini.control)."""
+        from genkit.families.genkit_mini.control import GenkitMiniControlNetPipeline
+
+        return GenkitMiniControlNetPipeline.from_pipe(pipe, controlnet=controlnets[0] if len(controlnets) == 1
+                                                      else list(controlnets))
+
     hires_output = "np"  # pixel space: the first pass's "latents" are its pixels
 
     def hires_latents(self, pipe, output, width, height, new_width, new_height) -> torch.Tensor:

@@ -147,6 +147,10 @@ class GenkitMiniPipeline(DiffusionPipeline):
         output_type: str = "pil",
         callback_on_step_end=None,
         return_dict: bool = True,
+        control_image=None,  # ControlNet (a GenkitMiniControlNetPipeline's; genkit.families.genkit_mini.control)
+        controlnet_conditioning_scale=1.0,
+        control_guidance_start=0.0,
+        control_guidance_end=1.0,
     ):
         # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
@@ -172,8 +176,11 @@ class GenkitMiniPipeline(DiffusionPipeline):
         self.check_inputs(prompts, width, height, num_inference_steps)
         use_guidance = guidance_scale > 1.0
 
-        # 2. Encode the prompt (and the negative or empty prompt, for guidance)
+        # 2. Encode the prompt (and the negative or empty prompt, for guidance); the control images, if any
         embeds, mask = self.encode_prompt(prompts, negatives, use_guidance)
+        control = None if control_image is None else _control().prepare(
+            self, control_image, rows, width, height, use_guidance, controlnet_conditioning_scale,
+            control_guidance_start, control_guidance_end)
 
         # 3. Prepare timesteps
         self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
@@ -201,7 +208,10 @@ class GenkitMiniPipeline(DiffusionPipeline):
                     state = copy.deepcopy(self.scheduler.__dict__)
                 model_input = torch.cat([sample] * 2) if use_guidance else sample
                 model_input = self.scheduler.scale_model_input(model_input, t)
-                prediction = self.unet(model_input, t, encoder_hidden_states=embeds, encoder_attention_mask=mask).sample
+                residuals = {} if control is None else _control().residuals(self, control, model_input, t, embeds, i,
+                                                                             len(timesteps))
+                prediction = self.unet(model_input, t, encoder_hidden_states=embeds, encoder_attention_mask=mask,
+                                       **residuals).sample
                 if use_guidance:
                     prediction = guided(prediction, guidance_scale)
                 stepped = self.scheduler.step(prediction, t, sample, **self._step_kwargs(generator)).prev_sample
@@ -304,6 +314,12 @@ class GenkitMiniPipeline(DiffusionPipeline):
             raise GenkitError(f"{name}: got {len(items)} for {rows} images (prompts x num_images_per_prompt); pass one "
                               "for all, or one per image")
         return items
+
+
+def _control():
+    from genkit.families.genkit_mini import control
+
+    return control
 
 
 def _batch_tensor(value: torch.Tensor, name: str) -> torch.Tensor:
