@@ -313,6 +313,17 @@ def canny(image, low: int = CANNY_THRESHOLDS[0], high: int = CANNY_THRESHOLDS[1]
     return Image.fromarray(np.stack([edges] * 3, axis=-1))
 
 
+def infotext_fields(record: dict) -> dict:
+    """A record's units as sd-webui-controlnet writes them in A1111's infotext: `ControlNet 0: "Module: canny, ..."`."""
+    out = {}
+    for k, unit in enumerate(record.get("control") or ()):
+        out[f"ControlNet {k}"] = (
+            f"\"Module: {unit['preprocessor']}, Model: {unit.get('name')}, Weight: {unit['weight']:g}, Resize Mode: "
+            f"Crop and Resize, Guidance Start: {unit['start']:g}, Guidance End: {unit['end']:g}, Pixel Perfect: True, "
+            f"Control Mode: Balanced\"")
+    return out
+
+
 # --- models ---------------------------------------------------------------------------------------------------------
 
 
