@@ -555,7 +555,7 @@ def qwen_vl_tokenizer():
 _ARCH_QWEN_IMAGE = dict(
     num_layers=1, num_attention_heads=2, attention_head_dim=16, axes_dims_rope=(8, 4, 4),  # rotary: frame, row, column
     qwen_hidden=16, qwen_layers=2, qwen_heads=2, qwen_kv_heads=1, vision_hidden=16, vision_heads=2,
-    z_dim=4, vae_base_dim=4, vae_dim_mult=(1, 2, 2, 2), vae_temporal_downsample=(False, True, True),  # factor 8
+    z_dim=4, vae_base_dim=4, vae_dim_mult=(1, 2, 4), vae_temporal_downsample=(False, True),  # factor 4: multiple 8
 )
 
 
@@ -626,7 +626,8 @@ def _qwen_image_edit(pipeline_class: str):
         from genkit.outputs import save_text
 
         components = _qwen_image_components(arch)
-        getattr(diffusers, pipeline_class)(**components, processor=None).save_pretrained(folder, safe_serialization=True)
+        pipe = getattr(diffusers, pipeline_class)(**components, processor=None)
+        pipe.save_pretrained(folder, safe_serialization=True)
         components["tokenizer"].save_pretrained(folder / "processor")
         Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained(folder / "processor")
         index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
@@ -654,9 +655,34 @@ def _random_qwen_image(rng: random.Random) -> dict:
 
 
 # the editing models read each input image at about a megapixel whatever the output's size: a VAE of factor 16 keeps
-# the tiny one's mid-block attention at 64x64 latents (at factor 8, 128x128 took 1.7 s an image on a 2-core CPU)
+# the tiny one's mid-block attention at 64x64 latents (at factor 8, 128x128 took 1.7 s an image on a 2-core CPU; at
+# Qwen-Image's factor 4, 256x256); its size multiple, 32, leaves it out of the outpainting tests (instruction edits only)
 _ARCH_QWEN_IMAGE_EDIT = dict(_ARCH_QWEN_IMAGE, vae_base_dim=2, vae_dim_mult=(1, 2, 4, 4, 4),
                              vae_temporal_downsample=(False, True, True, True))
+
+__all__ += ["plain_pipeline"]
+
+# editing pipelines that need an input image: plain diffusers' text-to-image twin on their components
+_TEXT_TO_IMAGE = {"QwenImageEditPipeline": "QwenImagePipeline", "QwenImageEditPlusPipeline": "QwenImagePipeline"}
+
+
+def plain_pipeline(folder: str | Path):
+    """`folder`'s model as plain diffusers loads it (`DiffusionPipeline.from_pretrained`), to make an image from text
+    as genkit's family does: an editing model's pipeline (Qwen-Image-Edit's needs an input image, and its processor
+    torchvision) becomes its text-to-image pipeline on the same components, the processor left out."""
+    import json
+
+    import diffusers
+
+    index = json.loads((Path(folder) / "model_index.json").read_text(encoding="utf-8"))
+    twin = _TEXT_TO_IMAGE.get(index["_class_name"])
+    if twin is None:
+        return diffusers.DiffusionPipeline.from_pretrained(folder)
+    edit = diffusers.DiffusionPipeline.from_pretrained(folder, processor=None)
+    cls = getattr(diffusers, twin)
+    expected, _ = cls._get_signature_keys(cls)
+    return cls(**{name: getattr(edit, name) for name in expected})
+
 
 FAMILIES["qwen-image"] = TinyModel(_saved(_build_qwen_image), _ARCH_QWEN_IMAGE, _random_qwen_image)
 FAMILIES["qwen-image-edit"] = TinyModel(_qwen_image_edit("QwenImageEditPipeline"), _ARCH_QWEN_IMAGE_EDIT,
@@ -676,7 +702,8 @@ _ARCH_FLUX2_KLEIN = dict(
 
 
 def _build_flux2_klein(arch: dict):
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline, Flux2Transformer2DModel
+    from diffusers import (AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline,
+                           Flux2Transformer2DModel)
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tokenizer = qwen_tokenizer()

@@ -17,6 +17,7 @@ import torch
 
 from genkit.errors import GenkitError, term
 from genkit.families.base import FlowFamily
+from genkit.families.shared import sharing
 
 MIN_SIDE, MAX_ASPECT = 64, 8  # the pipeline's own limits on an input image (Flux2ImageProcessor.check_image_input)
 
@@ -68,9 +69,7 @@ class Flux2Klein(FlowFamily):
         from diffusers import Flux2KleinInpaintPipeline
 
         self.check_edit(task)
-        edit = _each_prompt().from_pipe(pipe) if task == "instruct" else Flux2KleinInpaintPipeline.from_pipe(pipe)
-        edit.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-        return edit
+        return sharing(_each_prompt() if task == "instruct" else Flux2KleinInpaintPipeline, pipe)
 
     def decode(self, pipe, latents, width, height) -> torch.Tensor:
         """Its latents come as tokens, (batch, h/2 * w/2, 4c), normalised: as its pipeline decodes them."""
@@ -110,7 +109,8 @@ class Flux2Klein(FlowFamily):
 def _batch_norm(vae, like: torch.Tensor):
     """The VAE's latent batch-norm mean and std, (1, 4c, 1, 1), in `like`'s device and dtype."""
     mean = vae.bn.running_mean.view(1, -1, 1, 1).to(like.device, like.dtype)
-    return mean, torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps).to(like.device, like.dtype)
+    std = torch.sqrt(vae.bn.running_var.view(1, -1, 1, 1) + vae.config.batch_norm_eps)
+    return mean, std.to(like.device, like.dtype)
 
 
 def _denormalise(vae, latents: torch.Tensor) -> torch.Tensor:

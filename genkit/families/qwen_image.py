@@ -20,8 +20,8 @@ import functools
 
 import torch
 
-from genkit.errors import GenkitError, term
 from genkit.families.base import FlowFamily, load_diffusers
+from genkit.families.shared import sharing
 
 
 class QwenImage(FlowFamily):
@@ -37,26 +37,17 @@ class QwenImage(FlowFamily):
     def load(self, source, *, dtype, use_safetensors, local):
         from diffusers import QwenImagePipeline
 
-        return fixed_length(QwenImagePipeline).from_pipe(load_diffusers(source, dtype, use_safetensors, local))
+        return sharing(fixed_length(QwenImagePipeline), load_diffusers(source, dtype, use_safetensors, local))
 
     def edit_pipe(self, pipe, task: str):
         """diffusers' Qwen-Image img2img and inpainting pipelines, padding prompts to a fixed length as this one."""
+        from diffusers import QwenImageImg2ImgPipeline, QwenImageInpaintPipeline
+
         self.check_edit(task)
-        edit = fixed_length(type(super().edit_pipe(pipe, task))).from_pipe(pipe)
-        edit.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
-        return edit
+        return sharing(fixed_length(QwenImageInpaintPipeline if task == "inpaint" else QwenImageImg2ImgPipeline), pipe)
 
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-unipc")  # its pipelines pass sigmas, which flow-heun and DPM-Solver cannot take
-
-    def check_job(self, job) -> None:
-        """Its own scheduler stretches the schedule to end at shift_terminal (0.02), which one step cannot: diffusers
-        divides by zero there and makes NaN."""
-        super().check_job(job)
-        if job.num_inference_steps < 2 and job.scheduler == "default":
-            raise GenkitError(f"1: {self.title}'s scheduler stretches its steps to end at its shift_terminal, which one "
-                              f"step cannot (diffusers makes NaN); pass {term('num_inference_steps')} 2 or more, or "
-                              f"{term('scheduler')} flow-euler", param="num_inference_steps")
 
     def latent_multiple(self, pipe) -> int:
         return int(pipe.vae_scale_factor) * 2  # latents are packed in 2x2 patches
@@ -74,7 +65,8 @@ class QwenImage(FlowFamily):
         return args
 
     def decode(self, pipe, latents, width, height) -> torch.Tensor:
-        """Its latents come packed, (batch, tokens, 4 * channels), and normalised per channel: as its pipeline decodes."""
+        """Its latents come packed, (batch, tokens, 4 * channels), and normalised per channel: decoded as its
+        pipeline decodes them."""
         frames = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)  # (batch, c, 1, h, w)
         mean, std = _moments(pipe.vae, frames)
         return pipe.vae.decode((frames * std + mean).to(pipe.vae.dtype), return_dict=False)[0][:, :, 0]
@@ -95,7 +87,7 @@ class QwenImage(FlowFamily):
         """diffusers' QwenImageControlNetPipeline, padding prompts to a fixed length as the family's other pipelines."""
         from diffusers import QwenImageControlNetPipeline
 
-        return fixed_length(QwenImageControlNetPipeline).from_pipe(pipe, controlnet=controlnets[0])
+        return sharing(fixed_length(QwenImageControlNetPipeline), pipe, controlnet=controlnets[0])
 
     def control_args(self, pipe, batch, generators, units, images) -> dict:
         """Also the starting noise, drawn as QwenImagePipeline draws it: its ControlNet pipeline samples the control
@@ -152,9 +144,19 @@ class QwenImage(FlowFamily):
         return [self.denoiser_name]  # QwenImageLoraLoaderMixin loads the transformer's adapters alone
 
 
-class FixedLength:
+class OneStep:
+    """A Qwen-Image pipeline that runs one step: its scheduler stretches the schedule to end at shift_terminal (0.02),
+    which divides by zero for a single step (diffusers makes NaN); one step, sigma 1 to 0, has nothing to stretch."""
+
+    def __call__(self, *args, **kwargs):
+        if kwargs.get("num_inference_steps") == 1 and self.scheduler.config.get("shift_terminal"):
+            self.scheduler = type(self.scheduler).from_config(self.scheduler.config, shift_terminal=None)
+        return super().__call__(*args, **kwargs)
+
+
+class FixedLength(OneStep):
     """A Qwen-Image pipeline whose prompt embeddings are padded, with a mask, to `max_sequence_length` (the longest its
-    encode_prompt keeps) rather than to the batch's longest."""
+    encode_prompt keeps) rather than to the batch's longest (and which runs one step)."""
 
     def encode_prompt(self, prompt=None, **kwargs):
         hidden, mask = super().encode_prompt(prompt, **kwargs)

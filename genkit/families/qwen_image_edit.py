@@ -3,10 +3,9 @@ Qwen2.5-VL beside the prompt (through its processor, as vision tokens) and by th
 in the transformer's sequence; the whole image is drawn anew from noise ("make the circle blue"), not noised
 part-way as img2img does.
 
-So in genkit an input image with no strength is an instruction edit ("instruct", the model's own way); with a
-strength it is Qwen-Image's img2img, with a mask its inpainting (the same transformer through diffusers' Qwen-Image
-pipelines), and without one it makes an image from text through QwenImagePipeline. The loaded pipeline is therefore a
-QwenImagePipeline sharing the edit pipeline's components, and the edit pipeline rides along with it.
+So in genkit an input image is an instruction edit ("instruct", the model's way: no strength, no mask), and without
+one the model makes an image from text through QwenImagePipeline (its transformer is Qwen-Image's). The loaded
+pipeline is therefore a QwenImagePipeline sharing the edit pipeline's components, the edit pipeline riding along.
 
 diffusers' edit pipelines hand a batch's prompts to the processor with one copy of the image, where the processor
 wants one per prompt (a batch of several prompts fails); genkit's subclasses encode each prompt alone, which also keeps
@@ -21,27 +20,27 @@ import functools
 import torch
 
 from genkit.errors import GenkitError, term
-from genkit.families.base import load_diffusers
-from genkit.families.qwen_image import QwenImage, fixed_length, pad_prompt
+from genkit.families.qwen_image import OneStep, QwenImage, fixed_length, pad_prompt
+from genkit.families.shared import sharing
 
 
 class QwenImageEdit(QwenImage):
     name = "qwen-image-edit"
     title = "Qwen-Image-Edit"
     pipeline_classes = ("QwenImageEditPipeline",)
-    edit_tasks = ("instruct", "img2img", "inpaint")
+    edit_tasks = ("instruct",)  # (Qwen-Image's img2img and inpainting are for its text-to-image model)
     references = 1  # input images one edit reads
+    controlnet_classes = ()  # Qwen-Image's ControlNets were trained on its text-to-image model, not this one
 
     def load(self, source, *, dtype, use_safetensors, local):
         """Its text-to-image pipeline (QwenImagePipeline on the same components), the edit pipeline beside it."""
-        import diffusers
+        from diffusers import DiffusionPipeline, QwenImagePipeline
 
         extra = {} if _has_torchvision() else {"processor": images_processor(source, local)}
-        edit = load_diffusers(source, dtype, use_safetensors, local) if not extra else \
-            diffusers.DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors,
-                                                        local_files_only=local, **extra)
-        pipe = fixed_length(diffusers.QwenImagePipeline).from_pipe(edit)
-        pipe.instruct_pipeline = self.instruct_class(type(edit)).from_pipe(edit)
+        edit = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, use_safetensors=use_safetensors,
+                                                 local_files_only=local, **extra)
+        pipe = sharing(fixed_length(QwenImagePipeline), edit)
+        pipe.instruct_pipeline = sharing(self.instruct_class(type(edit)), edit)
         return pipe
 
     def instruct_class(self, pipeline_class):
@@ -50,6 +49,7 @@ class QwenImageEdit(QwenImage):
 
     def edit_pipe(self, pipe, task: str):
         if task == "instruct":
+            # its progress bars as the loader set the pipeline's, after this family's load made both
             pipe.instruct_pipeline.set_progress_bar_config(**getattr(pipe, "_progress_bar_config", {}))
             return pipe.instruct_pipeline
         return super().edit_pipe(pipe, task)
@@ -59,16 +59,17 @@ class QwenImageEdit(QwenImage):
 
         super().check_job(job)
         count = len(edit.references(job.image)) if job.task == "instruct" else 1
-        if count > self.references == 1:
+        if count <= self.references:
+            return
+        if self.references == 1:
             raise GenkitError(f"{count} input images: {self.title} edits one (QwenImageEditPipeline); pass one "
                               f"{term('image')}, or use Qwen-Image-Edit-2509/2511 (qwen-image-edit-plus), which reads "
                               "several", param="image")
-        if count > self.references:
-            raise GenkitError(f"{count} input images: {self.title} reads at most {self.references} (pass fewer "
-                              f"{term('image')})", param="image")
+        raise GenkitError(f"{count} input images: {self.title} reads at most {self.references} (pass fewer "
+                          f"{term('image')})", param="image")
 
 
-class _EachPrompt:
+class _EachPrompt(OneStep):
     """diffusers' edit pipeline with each prompt encoded alone (with the input images) and padded, masked, to the
     longest it may be: its images' tokens and 512 of the prompt's (as families/qwen_image.py pads text alone)."""
 
