@@ -71,7 +71,7 @@ def infotext(record: dict) -> str:
         if record.get("hires_steps"):
             fields["Hires steps"] = record["hires_steps"]
         fields["Hires upscaler"] = {"latent": "Latent", "lanczos": "Lanczos"}.get(upscaler, Path(upscaler).stem)
-    if record.get("image") is not None:  # an edit, as A1111's img2img tab writes it
+    if record.get("strength") is not None:  # an edit, as A1111's img2img tab writes it (an instruction edit has none)
         fields["Denoising strength"] = record["strength"]
         if record.get("mask") is not None or record.get("outpaint"):
             fields["Mask blur"] = 0  # genkit's masks are hard (binarised); the known region is the input's pixels

@@ -10,7 +10,11 @@ copy of the image (send the API key to fetch it when one is set). `b64_json` is 
 whose transparent pixels mark the region to edit, of the image's size), `prompt`, `n`, `size`,
 `response_format` and the same extensions as form fields, plus `strength` (0-1]; default 0.8,
 or 1.0 with a mask). Without a mask, the image's own transparent pixels are the region to edit,
-as OpenAI does; an image without any is edited whole (img2img, `strength` says how far).
+as OpenAI does for DALL-E 2; an image without any is edited whole (img2img, `strength` says how far).
+On a model that edits by instruction (Qwen-Image-Edit, Flux.2 [klein]: genkit.families' "instruct"), a request
+without a mask or `strength` is an instruction edit, as OpenAI's edits are for its GPT image models: the prompt says
+what to change, the image's transparency is no mask, and several `image[]` files are read together where the model
+takes several.
 """
 
 from __future__ import annotations
@@ -109,14 +113,19 @@ async def edits(request: Request):
         files = [*form.getlist("image"), *form.getlist("image[]")]
         if not files:
             raise ApiError(400, "image is required (a multipart file field holding a PNG)", param="image")
-        if len(files) > 1:
-            raise ApiError(400, f"image: genkit edits one image per request, got {len(files)}", param="image")
         body = parse(Edits, _typed(form, Edits), status=400)
-        image = await _file_bytes(files[0], "image")
+        instruct = form.get("mask") is None and body.strength is None and _edits_by_instruction(request, body.model)
+        if len(files) > 1 and not instruct:
+            raise ApiError(400, f"image: {len(files)} images; genkit reads several only as an instruction edit's, on a "
+                                "model that edits by instruction, without a mask or strength", param="image")
+        images = [await _file_bytes(part, "image") for part in files]
         mask = await _file_bytes(form.get("mask"), "mask") if form.get("mask") is not None else None
     order = _order(body)
     max_side = request.app.state.genkit.limits.max_input_side
-    order.image = inputs.decode_bytes(image, "image", max_side)
+    read = [inputs.decode_bytes(image, "image", max_side) for image in images]
+    order.image = read[0] if len(read) == 1 else read
+    if instruct:  # the prompt says what to change; the image's transparency is not a mask
+        return await _answer(request, body, order)
     if mask is not None:
         order.mask = inputs.openai_mask(inputs.decode_bytes(mask, "mask", max_side), "mask")
         inputs.check_mask(order.mask, order.image, "mask", 400, convention="transparent")
@@ -127,6 +136,12 @@ async def edits(request: Request):
     if mask is None:  # the mask is the image's own transparency: its errors are about the image
         order.fields = {**order.fields, "mask": "image"}
     return await _answer(request, body, order)
+
+
+def _edits_by_instruction(request: Request, model: str | None) -> bool:
+    """The model edits an input image by instruction (its family's "instruct" task)."""
+    pool = request.app.state.genkit.pool
+    return "instruct" in pool.get(pool.resolve(model, "model", status=404)).family.edit_tasks
 
 
 async def _file_bytes(part, field: str) -> bytes:
