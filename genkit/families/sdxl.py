@@ -17,6 +17,7 @@ class StableDiffusionXL(StableDiffusion):
     guidance_scale = 5.0
     num_inference_steps = 30
     empty_negative_is_zeros = True  # diffusers' own default (force_zeros_for_empty_prompt), not ""
+    controlnet_pipeline = "StableDiffusionXLControlNetPipeline"
     text_encoder_lora = False
     kohya = Kohya("sdxl_base_v1-0", {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"})
 

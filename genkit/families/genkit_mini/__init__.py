@@ -59,9 +59,10 @@ class GenkitMini(DenoiserLoRA, UNetFamily):
     def control_pipe(self, pipe, controlnets):
         """Its own pipeline holding the ControlNet(s): its loop calls them (genkit.families.genkit_mini.control)."""
         from genkit.families.genkit_mini.control import GenkitMiniControlNetPipeline
+        from genkit.families.shared import sharing
 
-        return GenkitMiniControlNetPipeline.from_pipe(pipe, controlnet=controlnets[0] if len(controlnets) == 1
-                                                      else list(controlnets))
+        return sharing(GenkitMiniControlNetPipeline, pipe, controlnet=controlnets[0] if len(controlnets) == 1
+                       else list(controlnets))
 
     hires_output = "np"  # pixel space: the first pass's "latents" are its pixels
 

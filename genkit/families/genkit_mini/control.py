@@ -32,9 +32,9 @@ from genkit.families.genkit_mini.model import GenkitMiniPipeline
 
 
 class GenkitMiniControlNetPipeline(GenkitMiniPipeline):
-    """GenkitMiniPipeline holding a ControlNet (or a list of them, held as a MultiControlNetModel): made with
-    `GenkitMiniControlNetPipeline.from_pipe(pipe, controlnet=...)`, it takes `control_image` and the weights and
-    bounds as diffusers' ControlNet pipelines do."""
+    """GenkitMiniPipeline holding a ControlNet (or a list of them, held as a MultiControlNetModel), made of a loaded
+    pipeline's components (genkit: genkit.families.shared.sharing; or diffusers' `from_pipe(pipe, controlnet=...)`);
+    it takes `control_image` and the weights and bounds as diffusers' ControlNet pipelines do."""
 
     # the type hints are from_pipe's: it carries over a model component only where its class matches the hint
     def __init__(self, text_encoder, tokenizer, unet: UNet2DConditionModel, scheduler,
