@@ -41,6 +41,10 @@ ALLOWED = {
     ("genkit/families/pixart.py", "PixArtSigma.save_lora", "save_file"): "as Family.save_lora",
     ("genkit/testing.py", "_saved", "builder(arch).save_pretrained"): "tiny random-weight models for tests and "
     "benchmarks, written into a folder the caller makes for them",
+    ("genkit/testing.py", "_qwen_image_edit", "pipe.save_pretrained"): "as _saved: a tiny Qwen-Image-Edit folder",
+    ("genkit/testing.py", "_qwen_image_edit", "components['tokenizer'].save_pretrained"): "as _saved: its processor",
+    ("genkit/testing.py", "_qwen_image_edit",
+     "Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained"): "as _saved: its processor",
     ("genkit/serve/store.py", "ImageStore.input_picture", "picture.pixels.save"): "PNG bytes into memory (BytesIO), "
     "hashed, then written by keep_input through atomic_write",
     ("genkit/serve/service.py", "Service.deliver", "self.store.save"): "ImageStore.save: OutputWriter.write, which "

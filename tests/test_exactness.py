@@ -47,7 +47,7 @@ def test_pixels_do_not_depend_on_the_batch(family, seed, tmp_path):
     arch, prompts, per_prompt, sizes = random_run(family, seed)
     folder = build_tiny(family, tmp_path / "model", seed=seed, arch=arch)
     pipe = genkit.load(str(folder), device="cpu")
-    if family == "flux":  # Flux takes no negative prompt
+    if not pipe.family.negative_prompt:  # Flux.1 and Flux.2 [klein] take no negative prompt
         prompts = [PromptSpec(p.prompt) for p in prompts]
     width, height = TINY_SIZE[family]
     side = max(pipe.size_factor, width)

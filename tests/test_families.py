@@ -163,8 +163,6 @@ def trained(folder, pipe, family, tmp_path_factory):
 
 
 def test_lora_trains_and_plain_diffusers_makes_genkits_image(trained, folder, family):
-    from diffusers import DiffusionPipeline
-
     record = json.loads(Path(trained.record).read_text())
     assert record["family"] == family and np.isfinite(trained.loss)
     mine = genkit.load(str(folder), device="cpu")
@@ -173,7 +171,7 @@ def test_lora_trains_and_plain_diffusers_makes_genkits_image(trained, folder, fa
     adapted = pixels(mine.generate(PROMPTS[:1], seed=3, **small(mine)))[0]
     assert np.abs(adapted - base).max() > 5  # the adapter changes the image
 
-    plain = DiffusionPipeline.from_pretrained(str(folder))
+    plain = testing.plain_pipeline(folder)  # an editing model's text-to-image pipeline on its components
     plain.set_progress_bar_config(disable=True)
     if hasattr(plain, "load_lora_weights"):  # diffusers' own loader for this pipeline class
         plain.load_lora_weights(str(trained.out))

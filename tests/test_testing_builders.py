@@ -24,12 +24,10 @@ def one_thread():
 
 def generate_with_diffusers(folder, family):
     """Load `folder` with plain DiffusionPipeline.from_pretrained and make one 2-step image."""
-    from diffusers import DiffusionPipeline
-
-    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe = testing.plain_pipeline(folder)  # an editing model's text-to-image pipeline on its components
     pipe.set_progress_bar_config(disable=True)
     height, width = testing.TINY_SIZE[family]
-    return pipe("a red circle on the left", num_inference_steps=2, height=height, width=width,
+    return pipe(prompt="a red circle on the left", num_inference_steps=2, height=height, width=width,
                 generator=torch.Generator("cpu").manual_seed(0), **testing.CALL_ARGS.get(family, {})).images[0]
 
 
