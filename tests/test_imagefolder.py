@@ -434,3 +434,45 @@ def test_data_check_reads_the_tokenizer_alone(tmp_path, model, limit, request):
     save(tmp_path / "data" / "a.png", Image.new("RGB", (32, 32)), caption="red circle " * 30)
     result = CliRunner().invoke(main, ["data", "check", str(tmp_path / "data"), "--model", str(folder)])
     assert f"limit {limit}" in result.output, result.output
+
+
+# --- Loss masks and sizes ----------------------------------------------------------------
+
+
+def test_masks_beside_images_are_found_and_never_trained_as_images(tmp_path):
+    save(tmp_path / "a.jpg", Image.new("RGB", (40, 20)), caption="a")
+    save(tmp_path / "b.png", Image.new("RGB", (16, 16)), caption="b")
+    Image.new("L", (20, 10), 255).save(tmp_path / "a.mask.png")  # half the image's size: scaled onto it
+    Image.new("L", (8, 8), 255).save(tmp_path / "orphan.mask.png")
+    scan = scan_folder(tmp_path)
+    assert [(i.path.name, i.mask.name if i.mask else None, i.size) for i in scan.items] == [
+        ("a.jpg", "a.mask.png", (40, 20)), ("b.png", None, (16, 16))]
+    assert scan.masks == 1
+    report = check_dataset(tmp_path)
+    assert report.masks == 1 and [p.name for p in report.unused_masks] == ["orphan.mask.png"]
+    assert report.unused_captions == [] and "masks        1 of 2 images" in format_report(report)
+
+
+def test_a_mask_of_another_shape_or_unreadable_skips_its_image(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (40, 20)), caption="a")
+    save(tmp_path / "b.png", Image.new("RGB", (40, 20)), caption="b")
+    save(tmp_path / "c.png", Image.new("RGB", (40, 20)), caption="c")
+    Image.new("L", (20, 20)).save(tmp_path / "a.mask.png")
+    (tmp_path / "b.mask.png").write_bytes(b"not a png")
+    with pytest.warns(SkippedFileWarning) as caught:
+        scan = scan_folder(tmp_path)
+    assert [i.path.name for i in scan.items] == ["c.png"]
+    messages = sorted(str(w.message) for w in caught)
+    assert "a.mask.png is 20x20 and the image 40x20; a mask must have its image's shape" in messages[0]
+    assert "its mask b.mask.png is unreadable" in messages[1]
+
+
+def test_the_fingerprint_holds_the_masks(tmp_path):
+    save(tmp_path / "a.png", Image.new("RGB", (16, 16)), caption="a")
+    without = fingerprint(scan_folder(tmp_path).items)
+    Image.new("L", (16, 16), 255).save(tmp_path / "a.mask.png")
+    white = fingerprint(scan_folder(tmp_path).items)
+    Image.new("L", (16, 16), 0).save(tmp_path / "a.mask.png")
+    assert len({without, white, fingerprint(scan_folder(tmp_path).items)}) == 3
+    (tmp_path / "a.mask.png").unlink()
+    assert fingerprint(scan_folder(tmp_path).items) == without  # a dataset without masks keeps its fingerprint

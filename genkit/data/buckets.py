@@ -121,9 +121,5 @@ class BucketPlan:
         """Entries per bucket index."""
         return Counter(b for _, b in self.entries)
 
-    def of(self, bucket: int) -> list[int]:
-        """Entry indices in bucket `bucket`, in order."""
-        return [e for e, (_, b) in enumerate(self.entries) if b == bucket]
-
     def bucket_of(self, entry: int) -> Bucket:
         return self.buckets[self.entries[entry][1]]

@@ -360,20 +360,27 @@ def extent(shape: str, cx: float, cy: float, r: float) -> tuple[float, float, fl
     return min(xs), min(ys), max(xs), max(ys)
 
 
-def render(scene: Scene, size: int = 32, *, supersample: int = 4, color_jitter: int = 0, seed: int = 0) -> Image.Image:
-    """Draw a scene as an RGB image of `size`×`size`, antialiased by supersampling."""
+def render(scene: Scene, size: int = 32, *, supersample: int = 4, color_jitter: int = 0, seed: int = 0,
+           height: int | None = None) -> Image.Image:
+    """Draw a scene as an RGB image of `size`×`size` (or `size`×`height`), antialiased by supersampling.
+
+    On a canvas that is not square, positions stay fractions of the width and the height, and a radius is a
+    fraction of the side of the square of the same area, so a shape keeps its own proportions and its size in
+    pixels whatever the canvas's aspect (aspect-ratio buckets train on such images: benchmarks/lora_buckets.py)."""
     rng = random.Random(seed)
-    big = size * supersample
-    image = Image.new("RGB", (big, big), scene.background)
+    height = size if height is None else height
+    wide, tall = size * supersample, height * supersample
+    side = wide if wide == tall else math.sqrt(wide * tall)
+    image = Image.new("RGB", (wide, tall), scene.background)
     draw = ImageDraw.Draw(image)
     for obj in scene.objects:
         rgb = tuple(max(0, min(255, v + rng.randint(-color_jitter, color_jitter))) for v in COLORS[obj.color])
-        cx, cy, r = obj.x * big, obj.y * big, obj.radius * big
+        cx, cy, r = obj.x * wide, obj.y * tall, obj.radius * side
         parts = _outline(obj.shape, cx, cy, r)
         if all(filled for _, _, filled in parts):
             draw_outline(draw, obj.shape, cx, cy, r, rgb, parts=parts)
         else:  # cut-outs go through a mask, so they leave what lies beneath rather than paint the background
             mask = Image.new("L", image.size, 0)
             draw_outline(ImageDraw.Draw(mask), obj.shape, cx, cy, r, 255, parts=parts)
-            image.paste(rgb, (0, 0, big, big), mask)
-    return image.resize((size, size), Image.Resampling.BOX)
+            image.paste(rgb, (0, 0, wide, tall), mask)
+    return image.resize((size, height), Image.Resampling.BOX)

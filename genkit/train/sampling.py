@@ -30,7 +30,8 @@ from genkit.train.recipe import DataConfig, TrainConfig
 
 
 @lru_cache(maxsize=64)
-def epoch_plan(seed: int, epoch: int, n: int, stream: int = 0, bucket: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def epoch_plan(seed: int, epoch: int, n: int, stream: int = 0,
+               bucket: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(order of the n entries, which of them are mirrored) for one epoch of one stream (0: the user's images,
     1: the prior images) or, with several buckets, of one bucket of the user's images."""
     key = [seed, epoch] + ([stream] if stream or bucket is not None else []) + ([bucket] if bucket is not None else [])
