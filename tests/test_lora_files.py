@@ -3,6 +3,7 @@ genkit's own `--lora` path (and plain diffusers) load back to the same image."""
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -129,7 +130,7 @@ def test_inspect_a_transformer_lora_in_peft_layout(dataset, tmp_path):
     assert sum(info.targets["transformer"].values()) == n and "attn.to_q" in info.targets["transformer"]
     assert (info.matched, info.wanted) == (n, n)
     message = one_line_error(run("lora", "export", folder, "--out", tmp_path / "sd3.safetensors"))
-    assert "transformer adapters (model family: sd3); kohya export covers the UNet families" in message
+    assert "transformer adapters (model family: sd3); kohya export covers the families whose layer names" in message
 
 
 def test_inspect_a_kohya_file_from_sd_scripts(loras, tmp_path):
@@ -313,10 +314,167 @@ def test_export_refusals(loras, tmp_path):
     from genkit import families
 
     exportable = ", ".join(f.name for f in families.all_families() if f.kohya is not None)
-    assert {"sd", "sdxl", "genkit-mini"} <= set(exportable.split(", "))
-    assert f"kohya export covers the UNet families ({exportable})" in message and "model family: not known" in message
+    assert {"sd", "sdxl", "genkit-mini", "flux", "qwen-image", "z-image"} <= set(exportable.split(", "))
+    assert f"kohya and ComfyUI are known to use ({exportable})" in message
+    assert "model family: not known: pass --model" in message  # a transformer component names no family
     mini_model = loras["genkit-mini"][0]
     message = one_line_error(run("lora", "export", folder, "--out", tmp_path / "m.safetensors", "--model", mini_model))
     assert "does not fit" in message and not (tmp_path / "m.safetensors").exists()
     with pytest.raises(GenkitError, match="no such file or folder"):
         lora_files.export_kohya(tmp_path / "nothing", tmp_path / "n.safetensors")
+
+
+# --- transformer families: kohya's and ComfyUI's names of the original models --------------------------------
+
+
+FLUX_WIDTH, RANK = 3072, 4  # Flux.1's width: diffusers' kohya converter splits a single block's linear1 at it
+
+
+def flux_lora(folder: Path, alpha: float = 8.0) -> Path:
+    """A Flux.1-wide LoRA (rank 4, alpha 8: scale 2) on every kind of layer kohya's names know: fused q/k/v (one
+    block's only partly adapted), a single block's q/k/v (fused with its MLP input, not adapted), plain layers, the
+    final norm (whose shift and scale rows the original holds the other way round) and the output projection."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+
+    def pair(name, out, width=FLUX_WIDTH):
+        tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(RANK, width, generator=g) / 10
+        tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(out, RANK, generator=g) / 10
+
+    for layer in ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"):
+        pair(f"transformer_blocks.0.attn.{layer}", FLUX_WIDTH)
+    pair("transformer_blocks.1.attn.to_k", FLUX_WIDTH)
+    pair("transformer_blocks.0.ff.net.0.proj", 4 * FLUX_WIDTH)
+    pair("transformer_blocks.0.norm1.linear", 6 * FLUX_WIDTH)
+    for layer in ("to_q", "to_k", "to_v"):
+        pair(f"single_transformer_blocks.0.attn.{layer}", FLUX_WIDTH)
+    pair("single_transformer_blocks.0.proj_out", FLUX_WIDTH, width=5 * FLUX_WIDTH)
+    pair("norm_out.linear", 2 * FLUX_WIDTH)
+    pair("proj_out", 64)
+    folder.mkdir(parents=True, exist_ok=True)
+    header = {"lora_adapter_metadata": json.dumps({"transformer.r": RANK, "transformer.lora_alpha": alpha,
+                                                   "transformer.peft_type": "LORA"})}
+    save_file(tensors, str(folder / lora.WEIGHTS_NAME), metadata=header)
+    (folder / "genkit_lora.json").write_text(json.dumps({"family": "flux"}))
+    return folder
+
+
+def updates(state: dict, scale: float = 1.0) -> dict:
+    """{layer: scale * B @ A} of a peft-named state dict (`transformer.` prefix optional)."""
+    pairs = {}
+    for key, value in state.items():
+        if match := re.match(r"^(?:transformer\.)?(.*)\.lora_([AB])\.weight$", key):
+            pairs.setdefault(match.group(1), {})[match.group(2)] = value.double()
+    return {name: scale * (pair["B"] @ pair["A"]) for name, pair in pairs.items()}
+
+
+@pytest.mark.parametrize("layout", ["kohya", "comfyui"])
+def test_flux_export_round_trips_through_diffusers_converters(layout, tmp_path):
+    """The export is the inverse of diffusers' _convert_kohya_flux_lora_to_diffusers: its Flux loader reads the file back
+    to every layer's update (alpha / rank 2 multiplied in), the parts of a fused layer that were not adapted as zero."""
+    from diffusers.loaders import FluxLoraLoaderMixin
+
+    src = flux_lora(tmp_path / "src")
+    result = lora_files.export_kohya(src, tmp_path / f"{layout}.safetensors", layout=layout)
+    exported = load_file(str(result.path))
+    qkv = "lora_unet_double_blocks_0_img_attn_qkv" if layout == "kohya" else \
+        "diffusion_model.double_blocks.0.img_attn.qkv"
+    assert exported[f"{qkv}.lora_down.weight"].shape == (3 * RANK, FLUX_WIDTH)  # the three downs stacked
+    assert exported[f"{qkv}.lora_up.weight"].shape == (3 * FLUX_WIDTH, 3 * RANK)  # the ups block-diagonal
+    assert float(exported[f"{qkv}.alpha"]) == 3 * RANK  # scale 1: alpha / rank is in the ups
+    linear1 = "lora_unet_single_blocks_0_linear1" if layout == "kohya" else "diffusion_model.single_blocks.0.linear1"
+    assert exported[f"{linear1}.lora_up.weight"].shape == (7 * FLUX_WIDTH, 4 * RANK)  # q, k, v and the MLP's 4x
+    assert all(k.startswith("lora_unet_" if layout == "kohya" else "diffusion_model.") for k in exported)
+    assert (result.layers, result.base_version) == (11, "flux1")
+    read = FluxLoraLoaderMixin.lora_state_dict(dict(exported))
+    expected, back = updates(load_file(str(src / lora.WEIGHTS_NAME)), scale=2.0), updates(read)
+    for name, update in expected.items():
+        assert torch.allclose(back.pop(name), update, rtol=1e-5, atol=1e-9), name
+    assert set(back) == {"transformer_blocks.1.attn.to_q", "transformer_blocks.1.attn.to_v",
+                         "single_transformer_blocks.0.proj_mlp"}  # the parts no one adapted...
+    assert all(update.abs().max() == 0 for update in back.values())  # ...read back as zero
+
+
+def test_flux_export_refuses_what_its_layouts_cannot_hold(tmp_path):
+    src = flux_lora(tmp_path / "src")
+    tensors = load_file(str(src / lora.WEIGHTS_NAME))
+    tensors["transformer.transformer_blocks.0.attn.norm_q.lora_A.weight"] = torch.zeros(RANK, 128)
+    tensors["transformer.transformer_blocks.0.attn.norm_q.lora_B.weight"] = torch.zeros(128, RANK)
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    save_file(tensors, str(odd / lora.WEIGHTS_NAME), metadata={"lora_adapter_metadata": "{}"})
+    (odd / "genkit_lora.json").write_text(json.dumps({"family": "flux"}))
+    with pytest.raises(GenkitError, match="transformer_blocks.0.attn.norm_q has no counterpart in Flux.1's original"):
+        lora_files.export_kohya(odd, tmp_path / "odd.safetensors")
+    with pytest.raises(GenkitError, match="exports to kohya and comfyui, not a1111"):
+        lora_files.export_kohya(src, tmp_path / "x.safetensors", layout="a1111")
+
+
+TRANSFORMERS = ["flux", "chroma", "qwen-image", "z-image", "flux2-klein"]
+# Flux's and Chroma's tiny single blocks are 32 wide, and diffusers' kohya converter splits linear1 at Flux.1's 3072:
+# their tiny LoRAs adapt the double blocks (the synthetic test above has the single blocks at full width)
+DOUBLE_ONLY = 'lora.target_modules=["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", ' \
+              '"transformer_blocks.0.attn.to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", ' \
+              '"ff.net.0.proj"]'
+
+
+@pytest.fixture(scope="module")
+def transformer_loras(dataset, tmp_path_factory):
+    """family -> (tiny model, its LoRA trained 3 steps at 32 px, its table's targets; rank 4, alpha 8)."""
+    root, made = tmp_path_factory.mktemp("transformers"), {}
+
+    def get(family):
+        if family not in made:
+            model = build_tiny(family, root / "models" / family)
+            extra = [DOUBLE_ONLY] if family in ("flux", "chroma") else []
+            made[family] = (model, trained(dataset, model, root / family, "data.resolution=32", "prior.source=none",
+                                           *extra))
+        return made[family]
+    return get
+
+
+def image32(model, *specs):
+    pipeline = genkit.load(str(model), device="cpu")
+    lora.apply(pipeline, [lora.parse_spec(str(s)) for s in specs])
+    return np.asarray(pipeline.generate([PROMPT], seed=3, num_inference_steps=2, width=32,
+                                        height=32).images[0]).astype(int)
+
+
+@pytest.mark.parametrize("family", TRANSFORMERS)
+def test_transformer_exports_give_the_same_image(family, transformer_loras, tmp_path):
+    """Each layout the family exports to, loaded back through genkit's --lora path (diffusers' loader for the
+    family, its kohya/ComfyUI converter), makes the image the trained folder makes."""
+    from genkit import families
+
+    model, folder = transformer_loras(family)
+    original, base = image32(model, folder), image32(model)
+    assert np.abs(original - base).max() > 2  # the adapter changes the image
+    for layout in families.get(family).kohya.layouts:
+        result = run("lora", "export", folder, "--out", tmp_path / f"{layout}.safetensors") if layout == "kohya" \
+            else None
+        if result is not None:
+            assert result.exit_code == 0, result.output
+        file = lora_files.export_kohya(folder, tmp_path / f"{layout}.safetensors", layout=layout, overwrite=True).path
+        keys = load_file(str(file))
+        assert all(k.startswith("lora_unet_" if layout == "kohya" else "diffusion_model.") for k in keys)
+        assert np.array_equal(image32(model, file), original), layout  # measured: equal on every family and layout
+        info = lora_files.inspect_lora(file)
+        assert info.record == "header" and info.family == family
+
+
+def test_tiny_flux_single_blocks_are_refused_in_one_line(dataset, tmp_path):
+    """diffusers' converter reads a single block's linear1 only at Flux.1's width: at any other the export says so."""
+    model = build_tiny("flux", tmp_path / "flux")
+    folder = trained(dataset, model, tmp_path / "run", "data.resolution=32", "prior.source=none")
+    message = one_line_error(run("lora", "export", folder, "--out", tmp_path / "f.safetensors"))
+    assert "diffusers' FluxLoraLoaderMixin cannot read the file back" in message and "not exported" in message
+    assert not (tmp_path / "f.safetensors").exists()
+
+
+@pytest.mark.parametrize("setting, message", [("lora.dora=true", "is a DoRA adapter; kohya's and ComfyUI's LoRA "
+                                                                  "layouts have no magnitude vectors"),
+                                              ("lora.adapter=lokr", "holds a LoKr adapter (peft's factors)"),
+                                              ("lora.adapter=loha", "holds a LoHa adapter (peft's factors)")])
+def test_dora_lokr_and_loha_exports_are_refused_in_one_line(setting, message, dataset, tiny_sd, tmp_path):
+    folder = trained(dataset, tiny_sd, tmp_path / "run", setting, "prior.source=none")
+    assert message in one_line_error(run("lora", "export", folder, "--out", tmp_path / "k.safetensors"))

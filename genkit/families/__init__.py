@@ -48,8 +48,10 @@ def detect(class_name: str | None, where: str = "the model"):
 
 def for_lora_components(components: set[str]):
     """The family a LoRA file's components point to when nothing else says (no record, no --model): the first
-    diffusers-format family with a kohya layout whose components hold them all, or None."""
+    diffusers-format UNet family with a kohya layout whose components hold them all, or None (a transformer's
+    component names no family: Flux, Qwen-Image and Z-Image LoRAs all adapt a `transformer`)."""
     for family in all_families():
-        if family.file_format == "diffusers" and family.kohya and components <= set(family.kohya.prefixes):
+        if family.file_format == "diffusers" and family.kohya and family.kohya.layer is None and \
+                components <= set(family.kohya.prefixes):
             return family
     return None

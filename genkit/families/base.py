@@ -33,6 +33,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -54,6 +55,16 @@ FLOW_SAMPLERS = ("flow-euler", "flow-heun", "flow-dpm++", "flow-unipc")
 LORA_COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2")  # what diffusers' LoRA files name
 
 
+class KohyaLayer(NamedTuple):
+    """One layer of a transformer's original model (Black Forest Labs', Alibaba's ...), as kohya's and ComfyUI's files
+    name it, and the diffusers layers it holds (genkit.lora.files exports onto it)."""
+
+    original: str  # its path in the original model, e.g. double_blocks.0.img_attn.qkv
+    parts: tuple  # the diffusers layers fused into it, in order (one: the same layer under another name)
+    widths: tuple = ()  # the parts' output widths relative to one another (fused only: q, k, v, mlp = 1, 1, 1, 4)
+    swap: bool = False  # the original holds (shift, scale) where diffusers holds (scale, shift): rows swapped
+
+
 @dataclass(frozen=True)
 class Kohya:
     """How kohya's sd-scripts (and A1111, ComfyUI) name a family's LoRA files, for `genkit lora export`."""
@@ -61,9 +72,21 @@ class Kohya:
     base_version: str  # ss_base_model_version (sd-scripts' library/train_util.py)
     prefixes: dict = field(default_factory=dict)  # diffusers component -> kohya key prefix
     v2_width: int | None = None  # a text context this wide makes the file an SD 2.x one ("sd_v2")
+    # transformers: a diffusers layer's original (KohyaLayer, None where the original model has none); UNet families
+    # keep diffusers' paths (None here)
+    layer: Callable | None = None
+    reader: str | None = None  # the diffusers loader class that reads the exported file back (the export's check)
+    layouts: tuple = ("kohya",)  # kohya: lora_unet_<original, "_" for ".">; comfyui: diffusion_model.<original>
+    comfyui_keys: tuple = ("lora_down", "lora_up")  # the comfyui layout's names of a pair (ai-toolkit's: lora_A/B)
+    comfyui_alphas: bool = True  # whether the comfyui layout carries `.alpha` (Flux.2's diffusers reader refuses it)
 
     def version(self, context_width: int | None) -> str:
         return "sd_v2" if self.v2_width and context_width == self.v2_width else self.base_version
+
+
+def same_layer(layer: str) -> KohyaLayer:
+    """`Kohya.layer` of a transformer whose original model names its layers as diffusers does (Qwen-Image, Z-Image)."""
+    return KohyaLayer(layer, (layer,))
 
 
 def load_diffusers(source: str, dtype, use_safetensors, local: bool):

@@ -8,6 +8,8 @@ not map Chroma to its image-to-image pipeline, so it is named here. Inpainting i
 have, and fails on every call (tests/test_edit_engine.py shows the refusal).
 """
 
+import dataclasses
+
 import torch
 
 from genkit.families.base import original_key
@@ -25,6 +27,7 @@ class Chroma(Flux):
     edit_tasks = ("img2img",)
     attention_masked = True  # its calls mask T5's padding (flash-attn and sage take no mask: their probes say so)
     controlnet_classes = ()  # diffusers has no Chroma ControlNet (Flux's do not fit its transformer)
+    kohya = dataclasses.replace(Flux.kohya, base_version="chroma")  # its blocks carry Flux's names (no modulation)
 
     def single_file_kind(self, keys) -> str | None:
         """Flux's layout with the approximator (distilled_guidance_layer) in place of the modulation inputs."""

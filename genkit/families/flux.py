@@ -4,9 +4,11 @@ Its `guidance_scale` is a distilled input (dev: 3.5; schnell ignores it), not cl
 guidance, so Flux takes no negative prompt here. Attention goes through diffusers' dispatcher.
 """
 
+import re
+
 import torch
 
-from genkit.families.base import FlowFamily, original_key
+from genkit.families.base import FlowFamily, Kohya, KohyaLayer, original_key
 
 FLUX1_WIDTH = 3072  # diffusers' convert_flux_transformer_checkpoint_to_diffusers: inner_dim = 3072
 RENAMES = {"time_in.in_layer": "time_text_embed.timestep_embedder.linear_1",
@@ -68,6 +70,31 @@ def flux_to_diffusers(state: dict) -> dict:
     return out
 
 
+def kohya_layer(layer: str) -> KohyaLayer | None:
+    """A diffusers Flux transformer layer as Black Forest Labs' model names it, which kohya's sd-scripts
+    (`lora_unet_double_blocks_0_img_attn_qkv`) and ComfyUI (`diffusion_model.double_blocks.0.img_attn.qkv`) write:
+    the inverse of `flux_to_diffusers`, so q, k and v (with a single block's MLP input, 4x as wide) are one layer."""
+    if match := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", layer):
+        old, new, rest = f"double_blocks.{match[1]}.", f"transformer_blocks.{match[1]}.", match[2]
+        if rest in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            return KohyaLayer(old + "img_attn.qkv", tuple(f"{new}attn.to_{x}" for x in "qkv"), (1, 1, 1))
+        if rest in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
+            return KohyaLayer(old + "txt_attn.qkv", tuple(f"{new}attn.add_{x}_proj" for x in "qkv"), (1, 1, 1))
+        names = {b: a for a, b in DOUBLE.items() if not a.endswith(".scale")}
+        return KohyaLayer(old + names[rest], (layer,)) if rest in names else None
+    if match := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", layer):
+        old, new, rest = f"single_blocks.{match[1]}.", f"single_transformer_blocks.{match[1]}.", match[2]
+        if rest in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):
+            parts = tuple(f"{new}attn.to_{x}" for x in "qkv") + (f"{new}proj_mlp",)
+            return KohyaLayer(old + "linear1", parts, (1, 1, 1, 4))  # Flux's mlp_ratio: 4
+        names = {b: a for a, b in SINGLE.items() if not a.endswith(".scale")}
+        return KohyaLayer(old + names[rest], (layer,)) if rest in names else None
+    if layer == "norm_out.linear":
+        return KohyaLayer("final_layer.adaLN_modulation.1", (layer,), swap=True)
+    names = {b: a for a, b in RENAMES.items()}
+    return KohyaLayer(names[layer], (layer,)) if layer in names else None
+
+
 class Flux(FlowFamily):
     name = "flux"
     title = "Flux.1"
@@ -78,6 +105,8 @@ class Flux(FlowFamily):
     dispatcher = True
     guidance_scale = 3.5
     num_inference_steps = 28
+    kohya = Kohya("flux1", {"transformer": "lora_unet_"}, layer=kohya_layer, reader="FluxLoraLoaderMixin",
+                  layouts=("kohya", "comfyui"))
 
     def single_file_kind(self, keys) -> str | None:
         """Black Forest Labs' layout (double_blocks.N.img_attn.qkv ...), bare or under model.diffusion_model. (with or

@@ -12,14 +12,38 @@ goes through diffusers' dispatcher; LoRA files load through diffusers' Flux2Lora
 """
 
 import functools
+import re
 
 import torch
 
 from genkit.errors import GenkitError, term
-from genkit.families.base import FlowFamily
+from genkit.families.base import FlowFamily, Kohya, KohyaLayer
 from genkit.families.shared import sharing
 
 MIN_SIDE, MAX_ASPECT = 64, 8  # the pipeline's own limits on an input image (Flux2ImageProcessor.check_image_input)
+KOHYA_DOUBLE = {"attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.linear_in": "img_mlp.0",
+                "ff.linear_out": "img_mlp.2", "ff_context.linear_in": "txt_mlp.0", "ff_context.linear_out": "txt_mlp.2"}
+KOHYA_TOP = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+             "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer"}
+
+
+def kohya_layer(layer: str) -> KohyaLayer | None:
+    """A diffusers Flux.2 transformer layer as Black Forest Labs' model names it (kohya's `lora_unet_double_blocks_0_
+    img_attn_qkv`, ComfyUI's and ai-toolkit's `diffusion_model.double_blocks.0.img_attn.qkv`): q, k and v fused; a
+    single block's fused input and output as they are. The layers diffusers' kohya converter does not read back (the
+    shared modulations, the final norm) have none here."""
+    if match := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", layer):
+        old, new, rest = f"double_blocks.{match[1]}.", f"transformer_blocks.{match[1]}.", match[2]
+        if rest in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            return KohyaLayer(old + "img_attn.qkv", tuple(f"{new}attn.to_{x}" for x in "qkv"), (1, 1, 1))
+        if rest in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
+            return KohyaLayer(old + "txt_attn.qkv", tuple(f"{new}attn.add_{x}_proj" for x in "qkv"), (1, 1, 1))
+        return KohyaLayer(old + KOHYA_DOUBLE[rest], (layer,)) if rest in KOHYA_DOUBLE else None
+    if match := re.fullmatch(r"single_transformer_blocks\.(\d+)\.attn\.(to_qkv_mlp_proj|to_out)", layer):
+        return KohyaLayer(f"single_blocks.{match[1]}.{'linear1' if match[2] == 'to_qkv_mlp_proj' else 'linear2'}",
+                          (layer,))
+    return KohyaLayer(KOHYA_TOP[layer], (layer,)) if layer in KOHYA_TOP else None
 
 
 class Flux2Klein(FlowFamily):
@@ -32,6 +56,8 @@ class Flux2Klein(FlowFamily):
     num_inference_steps = 50
     dispatcher = True
     edit_tasks = ("instruct", "inpaint")
+    kohya = Kohya("flux2", {"transformer": "lora_unet_"}, layer=kohya_layer, reader="Flux2LoraLoaderMixin",
+                  layouts=("kohya", "comfyui"), comfyui_keys=("lora_A", "lora_B"), comfyui_alphas=False)
 
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-dpm++", "flow-unipc")  # flow-heun takes no sigmas, which its pipeline passes

@@ -20,7 +20,7 @@ import functools
 
 import torch
 
-from genkit.families.base import FlowFamily, load_diffusers
+from genkit.families.base import FlowFamily, Kohya, load_diffusers, same_layer
 from genkit.families.shared import sharing
 
 
@@ -33,6 +33,10 @@ class QwenImage(FlowFamily):
     num_inference_steps = 50
     dispatcher = True
     attention_masked = True  # prompts of different lengths in one call are masked
+    # its original model's names are diffusers': ComfyUI reads diffusion_model.<layer> and lora_unet_<layer, _ for .>,
+    # both of which diffusers' converter reads back
+    kohya = Kohya("qwen_image", {"transformer": "lora_unet_"}, layer=same_layer, reader="QwenImageLoraLoaderMixin",
+                  layouts=("kohya", "comfyui"))
 
     def load(self, source, *, dtype, use_safetensors, local):
         from diffusers import QwenImagePipeline

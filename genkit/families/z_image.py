@@ -11,7 +11,7 @@ LoRA files load through diffusers' ZImageLoraLoaderMixin (transformer only); dif
 
 import torch
 
-from genkit.families.base import FlowFamily
+from genkit.families.base import FlowFamily, Kohya, same_layer
 
 DEFAULT_LATENT = 128  # latent pixels a side: ZImagePipeline makes `height or 1024` px, 128 on its VAE (factor 8)
 
@@ -25,6 +25,10 @@ class ZImage(FlowFamily):
     num_inference_steps = 50
     dispatcher = True
     attention_masked = True  # captions of different lengths in one call are masked
+    # ComfyUI reads diffusers' names under diffusion_model. (its z_image_to_diffusers map fuses q, k, v itself); its
+    # lora_unet_ names are the original's fused attention.qkv, which diffusers' converter does not read back
+    kohya = Kohya("z_image", {"transformer": "lora_unet_"}, layer=same_layer, reader="ZImageLoraLoaderMixin",
+                  layouts=("comfyui",))
 
     def samplers(self) -> tuple[str, ...]:
         return ("flow-euler", "flow-unipc")  # its pipelines pass sigmas, which flow-heun and DPM-Solver cannot take

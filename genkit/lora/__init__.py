@@ -9,7 +9,9 @@ exist and its shapes must fit) and refuses a file that does not fit, saying how 
 Only then does it load the adapter, and it counts the layers that received it once more.
 
 genkit-mini and PixArt-Sigma take denoiser LoRAs only (PixArt through peft directly, since diffusers
-has no loader for it); the other pipelines load through their own diffusers loader.
+has no loader for it); the other pipelines load through their own diffusers loader. LoKr and LoHa files as peft saves
+them (`<layer>.lokr_w1`, `<layer>.hada_w1_a`, ..., their peft config in the header, what `genkit train lora` writes
+with lora.adapter = lokr / loha) are checked the same way and put in place with peft.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from genkit.errors import GenkitError, first_line, term
 from genkit.families.base import LORA_COMPONENTS
 
 WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
-_SUFFIXES = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.[\w]+)?\.weight$|\.alpha$")
+_SUFFIXES = re.compile(r"\.(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up)(\.[\w]+)?\.weight$|\.alpha$|"
+                       r"\.(lokr_w[12](_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")
+_LYCORIS = re.compile(r"^(.*)\.(lokr_w[12](?:_[ab])?|lokr_t2|hada_w[12]_[ab]|hada_t[12])$")  # peft's LoKr and LoHa
 
 
 @dataclass(frozen=True)
@@ -138,8 +142,36 @@ def peft_names(component: str, part: dict) -> dict:
         return part
 
 
+def is_lycoris(state_dict: dict) -> bool:
+    """Whether a state dict holds peft's LoKr or LoHa factors (rather than LoRA's A and B)."""
+    return any(_LYCORIS.match(key) for key in state_dict)
+
+
+def _lycoris_shape(factors: dict) -> tuple:
+    """(output width, weight elements) of the update one layer's LoKr or LoHa factors make."""
+    def size(shape):
+        return math.prod(shape)
+
+    if "hada_w1_a" in factors:  # the Hadamard product of (w1_a @ w1_b) and (w2_a @ w2_b), each the weight's shape
+        out = factors["hada_w1_a"][0]
+        return out, out * size(factors["hada_w1_b"][1:])
+    first = factors.get("lokr_w1") or (factors["lokr_w1_a"][0], factors["lokr_w1_b"][-1])  # kron(w1, w2)
+    if "lokr_w2" in factors:
+        second = factors["lokr_w2"]
+    else:
+        second = (factors["lokr_w2_a"][0], *factors["lokr_w2_b"][1:])
+    return first[0] * second[0], size(first) * size(second)
+
+
 def _peft_layers(component: str, part: dict) -> dict[str, tuple]:
-    """{layer path: (lora_A shape, lora_B shape)} of one component's keys, after diffusers' conversions."""
+    """{layer path: (lora_A shape, lora_B shape)} of one component's keys, after diffusers' conversions; a LoKr or
+    LoHa layer's (output width, weight elements) as ("lycoris", shape)."""
+    if is_lycoris(part):
+        factors: dict[str, dict] = {}
+        for key, value in part.items():
+            if match := _LYCORIS.match(key):
+                factors.setdefault(match.group(1), {})[match.group(2)] = tuple(value.shape)
+        return {name: ("lycoris", _lycoris_shape(found)) for name, found in factors.items()}
     layers: dict[str, list] = {}
     for key, value in peft_names(component, part).items():
         match = re.match(r"^(.*)\.lora_([AB])(\.[\w]+)?\.weight$", key)
@@ -151,6 +183,9 @@ def _peft_layers(component: str, part: dict) -> dict[str, tuple]:
 def _fits(module, shapes: tuple) -> bool:
     """A LoRA pair fits a layer when A reads the layer's input width and B writes its output width."""
     a, b = shapes
+    if a == "lycoris":
+        weight = getattr(module, "weight", None)
+        return weight is not None and (weight.shape[0], weight.numel()) == b
     width_in = getattr(module, "in_features", getattr(module, "in_channels", None))
     width_out = getattr(module, "out_features", getattr(module, "out_channels", None))
     return a is not None and b is not None and width_in == a[1] and width_out == b[0]
@@ -206,16 +241,47 @@ def _adapter_layers(pipe, adapter: str) -> int:
         module = getattr(pipe, name, None)
         if module is None:
             continue
-        for layer in module.modules():
-            if isinstance(layer, BaseTunerLayer) and adapter in getattr(layer, "lora_A", {}):
+        for layer in module.modules():  # lora_A, or LoKr's lokr_w1 / LoHa's hada_w1_a, ...
+            if isinstance(layer, BaseTunerLayer) and any(adapter in getattr(layer, attr, {})
+                                                         for attr in layer.adapter_layer_names):
                 count += 1
     return count
+
+
+def _load_lycoris(pipe, family, state_dict: dict, metadata: dict | None, adapter: str) -> None:
+    """A LoKr or LoHa file into each component it names, with the peft config stored beside it (diffusers loads
+    LoKr alone, and not into every family)."""
+    from peft import PeftConfig, set_peft_model_state_dict
+
+    metadata = metadata or {}
+    for component in family.lora_components(pipe):
+        part = {k.removeprefix(f"{component}."): v for k, v in state_dict.items() if k.startswith(f"{component}.")}
+        if not part:
+            continue
+        saved = {k.removeprefix(f"{component}."): v for k, v in metadata.items() if k.startswith(f"{component}.")}
+        if "peft_type" not in saved:
+            raise ValueError(f"its {component} LoKr/LoHa layers come without their peft config (the header's "
+                             "lora_adapter_metadata), which says their rank, alpha and factorisation")
+        config = PeftConfig.from_peft_type(**saved)
+        module = getattr(pipe, component)
+        if hasattr(module, "add_adapter"):  # diffusers' and transformers' peft mixins keep their adapter lists
+            module.add_adapter(config, adapter_name=adapter)
+        else:
+            from peft import inject_adapter_in_model
+
+            inject_adapter_in_model(config, module, adapter_name=adapter)
+        result = set_peft_model_state_dict(module, part, adapter_name=adapter)
+        if getattr(result, "unexpected_keys", None):
+            raise ValueError(f"{len(result.unexpected_keys)} keys fit no layer, e.g. {result.unexpected_keys[0]}")
 
 
 def _load(pipe, family, file: Path, state_dict: dict, alphas, metadata, adapter: str) -> None:
     with warnings.catch_warnings():  # several adapters in one model are what --lora asks for
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
-        family.load_lora(pipe, file, state_dict, alphas, metadata, adapter)
+        if is_lycoris(state_dict):
+            _load_lycoris(pipe, family, state_dict, metadata, adapter)
+        else:
+            family.load_lora(pipe, file, state_dict, alphas, metadata, adapter)
 
 
 def inject_peft(model, state_dict: dict, prefix: str, metadata: dict | None, adapter: str) -> None:
@@ -275,8 +341,8 @@ def apply(pipeline, specs: list[LoraSpec], *, allow_pickle: bool = False) -> Non
         state_dict, alphas, metadata = read(file, pipe, family)
         fit = check_fit(state_dict, pipe, family)
         if fit.wanted == 0:
-            raise GenkitError(f"{spec.path}: the file holds no LoRA weights (no lora_A/lora_B or "
-                              "lora_down/lora_up keys)", param="lora")
+            raise GenkitError(f"{spec.path}: the file holds no LoRA weights (no lora_A/lora_B, lora_down/lora_up, "
+                              "lokr_w1/lokr_w2 or hada_w1_a/... keys)", param="lora")
         if fit.matched < fit.wanted:
             raise GenkitError(f"{spec.path} does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} "
                               f"layers matched the model (first that did not: {fit.miss}; was it trained for "

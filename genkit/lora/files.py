@@ -18,8 +18,17 @@ every UNet (`lora_unet_<diffusers path>`, comfy/lora.py) and what A1111 converts
 Every tensor is copied unchanged and each layer's `.alpha` is the alpha the diffusers loader would have used, so the
 update alpha/rank * up @ down is the same; before writing, the file is read back through diffusers' kohya converter
 and must give back every layer, tensor and alpha (a layer whose name would not survive is refused by name).
-Transformer families are not exported: kohya's Flux and SD3 files name the original (BFL / SAI) modules, where
-q, k and v are one fused layer, so an adapter on diffusers' separate projections has no layer-by-layer equivalent.
+
+Transformer families whose original model's names are known (`Kohya.layer`: Flux.1, Chroma, Flux.2, Qwen-Image and
+its editing models, Z-Image) export onto those names: kohya's `lora_unet_<original, _ for .>` and ComfyUI's
+`diffusion_model.<original>` (`--format comfyui`). Where the original fuses layers diffusers keeps apart (Flux's q, k
+and v in one `img_attn.qkv`; a single block's q, k, v and MLP input in one `linear1`), the pair is the exact fusion of
+the parts: the downs stacked, the ups block-diagonal (a missing part zero), so up @ down holds each part's update in
+its rows and diffusers' converter splits it back part by part (its check for a block-diagonal up). Every layer's
+alpha/rank is multiplied into its up matrix and `.alpha` is the rank (diffusers' Flux reader ignores the final
+layer's alpha; Flux.2's ai-toolkit reader takes none). Before writing, the file is read back through the family's
+diffusers loader (`Kohya.reader`) and every layer's update up @ down must come back (fused parts a layer no part
+filled read back as zero). DoRA's magnitudes and LoKr/LoHa factors have no place in these layouts: refused in a line.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from genkit.errors import GenkitError, first_line, term
-from genkit.lora import WEIGHTS_NAME, peft_names
+from genkit.lora import WEIGHTS_NAME, is_lycoris, peft_names
 
 RECORD_NAME = "genkit_lora.json"  # what genkit.train.lora writes beside the weights
 RECORD_FIELD = "genkit_lora"  # the header field an export stores the record in
@@ -115,7 +124,7 @@ def open_lora(path: str | Path) -> LoraFile:
 
 def _is_lora_key(key: str) -> bool:
     return bool(re.search(r"(lora_A|lora_B|lora_down|lora_up|lora\.down|lora\.up|lora_linear_layer\.down|"
-                          r"lora_linear_layer\.up)(\.[\w]+)?\.weight$", key))
+                          r"lora_linear_layer\.up)(\.[\w]+)?\.weight$", key)) or is_lycoris({key: None})
 
 
 def key_format(tensors: dict) -> str:
@@ -123,6 +132,8 @@ def key_format(tensors: dict) -> str:
     keys = [k for k in tensors if _is_lora_key(k)]
     if any(k.startswith(KOHYA_PREFIXES) for k in keys):
         return "kohya"
+    if is_lycoris(tensors):
+        return "peft-loha" if any(".hada_" in k for k in keys) else "peft-lokr"
     peft = any(re.search(r"\.lora_[AB](\.[\w]+)?\.weight$", k) for k in keys)
     diffusers = any(re.search(r"[._]lora(_linear_layer)?\.(down|up)\.weight$", k) for k in keys)
     return "diffusers+peft" if peft and diffusers else "peft" if peft else "diffusers"
@@ -175,6 +186,18 @@ def split_layers(state: dict) -> dict[str, dict]:
             match = re.match(r"^(.*)\.lora_([AB])(\.[\w]+)?\.weight$", key)
             if match:
                 layers.setdefault(component, {}).setdefault(match.group(1), {})[match.group(2)] = value
+    return layers
+
+
+def lycoris_layers(state: dict) -> dict[str, dict]:
+    """{component: {layer: {factor: tensor}}} of peft's LoKr or LoHa factors (`lokr_w1`, `hada_w1_a`, ...)."""
+    from genkit.lora import _LYCORIS
+
+    layers: dict[str, dict] = {}
+    for key, value in state.items():
+        component = next((c for c in COMPONENTS if key.startswith(f"{c}.")), "other")
+        if match := _LYCORIS.match(key.removeprefix(f"{component}.")):
+            layers.setdefault(component, {}).setdefault(match.group(1), {})[match.group(2)] = value
     return layers
 
 
@@ -249,16 +272,16 @@ def inspect_lora(path: str | Path, model: str | None = None) -> LoraInfo:
     lora = open_lora(path)
     fmt = key_format(lora.tensors)
     state, alphas = diffusers_state(lora)
-    layers = split_layers(state)
+    layers = lycoris_layers(state) if is_lycoris(state) else split_layers(state)
     ranks: Counter = Counter()
     alpha_count: Counter = Counter()
     targets: dict[str, Counter] = {}
     for component, named in layers.items():
         config = adapter_config(lora.header, component)
         for name, pair in named.items():
-            rank = int(pair["A"].shape[0]) if "A" in pair else 0
+            rank = int(pair["A"].shape[0]) if "A" in pair else int(config.get("r", 0))  # LoKr/LoHa: peft's r
             ranks[rank] += 1
-            alpha = layer_alpha(config, name, alphas, component)
+            alpha = layer_alpha(config, name, alphas, component) if "A" in pair else config.get("alpha")
             alpha_count["not stored (alpha = rank)" if alpha is None else f"{alpha:g}"] += 1
             targets.setdefault(component, Counter())[layer_kind(name)] += 1
     info = LoraInfo(path=lora.path, format=fmt, size=lora.path.stat().st_size, tensors=len(lora.tensors),
@@ -343,7 +366,9 @@ def format_info(info: LoraInfo) -> str:
     lines = [("file", f"{info.path} ({kib:,.1f} KiB, {info.tensors} tensors)"),
              ("format", {"kohya": "kohya (lora_unet_... lora_down/lora_up/alpha)",
                          "diffusers": "diffusers (<component>.<layer>.lora.down/up)",
-                         "peft": "peft (<component>.<layer>.lora_A/lora_B)"}.get(info.format, info.format)),
+                         "peft": "peft (<component>.<layer>.lora_A/lora_B)",
+                         "peft-lokr": "peft LoKr (<component>.<layer>.lokr_w1/lokr_w2...)",
+                         "peft-loha": "peft LoHa (<component>.<layer>.hada_w1_a/...)"}.get(info.format, info.format)),
              ("layers", ", ".join(f"{c} {n}" for c, n in info.components.items())),
              ("rank", ", ".join(f"{r} ({n} layers)" if len(info.ranks) > 1 else str(r) for r, n in info.ranks.items())),
              ("alpha", ", ".join(f"{a} ({n} layers)" if len(info.alphas) > 1 else a for a, n in info.alphas.items()))]
@@ -398,31 +423,28 @@ def _family_of(lora: LoraFile, layers: dict, model: str | None) -> tuple[object,
     return families.for_lora_components(set(layers)), None
 
 
-def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
-                 overwrite: bool = False) -> ExportResult:
-    """Write the LoRA at `src` (a genkit/diffusers/peft folder or file) as one kohya .safetensors file at `out`."""
-    import torch
-
+def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None, overwrite: bool = False,
+                 layout: str = "kohya") -> ExportResult:
+    """Write the LoRA at `src` (a genkit/diffusers/peft folder or file) as one .safetensors file at `out` in kohya's
+    layout (`layout="kohya"`: lora_unet_..., what kohya's sd-scripts, A1111/Forge and ComfyUI read) or ComfyUI's
+    (`"comfyui"`: diffusion_model.<original layer>, transformer families)."""
     out = Path(out).expanduser()
     if out.suffix != ".safetensors":
-        raise _fail(out, "the kohya file's name must end in .safetensors")
+        raise _fail(out, f"the {layout} file's name must end in .safetensors")
     if out.exists() and not overwrite:
         raise _fail(out, f"already exists (pass {term('overwrite')} to replace it)")
     lora = open_lora(src)
     if key_format(lora.tensors) == "kohya":
         raise _fail(lora.path, "is already in kohya's layout")
+    if is_lycoris(lora.tensors):
+        kind = "LoHa" if key_format(lora.tensors) == "peft-loha" else "LoKr"
+        raise _fail(lora.path, f"holds a {kind} adapter (peft's factors); kohya's and ComfyUI's LoRA layouts hold "
+                               "down/up pairs only, so it is not exported (it loads as it is in genkit; train with "
+                               "lora.adapter=lora to export)")
     state, stored_alphas = diffusers_state(lora)
     layers = split_layers(state)
     family, pipeline = _family_of(lora, layers, model)
-    if family is None or family.kohya is None or set(layers) - set(family.kohya.prefixes):
-        from genkit import families
-
-        what = ", ".join(sorted(layers))
-        exportable = ", ".join(f.name for f in families.all_families() if f.kohya is not None)
-        raise _fail(lora.path, f"holds {what} adapters (model family: {family.name if family else 'not known'}); kohya "
-                               f"export covers the UNet families ({exportable}): kohya's Flux and SD3 files name the "
-                               "original models' fused q/k/v layers, which diffusers' separate projections do not map "
-                               "onto one to one")
+    _check_exportable(lora, layers, family, layout)
     if pipeline is not None:
         from genkit import lora as lora_module
 
@@ -430,35 +452,165 @@ def export_kohya(src: str | Path, out: str | Path, *, model: str | None = None,
         if fit.matched < fit.wanted:
             raise _fail(lora.path, f"does not fit {pipeline.name}: {fit.matched} of its {fit.wanted} layers matched "
                                    f"(first that did not: {fit.miss})")
+    for component in layers:
+        if adapter_config(lora.header, component).get("use_dora"):
+            raise _fail(lora.path, f"{component} is a DoRA adapter; kohya's and ComfyUI's LoRA layouts have no "
+                                   "magnitude vectors, so it is not exported (train with lora.dora=false to export)")
+    if family.kohya.layer is not None:
+        kohya, deltas = _original_layers(lora, family, layers, stored_alphas, layout)
+        _check_updates(lora.path, family, kohya, deltas)
+        ranks = Counter(int(v.shape[0]) for k, v in kohya.items() if k.endswith(f".{_pair_names(family, layout)[0]}"
+                                                                                 ".weight"))
+        alphas = Counter(float(rank) for rank in ranks.elements())  # alpha / rank multiplied into the ups
+        count, base_version = sum(ranks.values()), family.kohya.version(None)
+    else:
+        kohya, expected = _unet_layers(lora, family, layers, stored_alphas)
+        _check_read_back(lora.path, kohya, expected)
+        ranks = Counter(int(a.shape[0]) for a, _, _ in expected.values())
+        alphas = Counter(alpha for _, _, alpha in expected.values())
+        count, base_version = len(expected), _base_version(family, expected, pipeline)
+    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
+    metadata = _kohya_metadata(lora, out, family, base_version, rank, alpha, ranks, alphas)
+    digest = data_hash(kohya)
+    metadata["sshs_model_hash"] = digest
+    _write(out, kohya, metadata)
+    return ExportResult(out, count, rank, alpha, base_version, digest)
+
+
+def _check_exportable(lora: LoraFile, layers: dict, family, layout: str) -> None:
+    """One line where the family, its components or the layout cannot be exported."""
+    from genkit import families
+
+    if family is None or family.kohya is None or set(layers) - set(family.kohya.prefixes):
+        what = ", ".join(sorted(layers))
+        exportable = ", ".join(f.name for f in families.all_families() if f.kohya is not None)
+        known = "not known: pass --model, or keep genkit_lora.json beside the weights" if family is None else \
+            family.name
+        raise _fail(lora.path, f"holds {what} adapters (model family: {known}); kohya export covers the families "
+                               f"whose layer names kohya and ComfyUI are known to use ({exportable})")
+    if layout not in family.kohya.layouts:
+        raise _fail(lora.path, f"is a {family.title} LoRA, which exports to {' and '.join(family.kohya.layouts)}, not "
+                               f"{layout}")
+
+
+def _unet_layers(lora: LoraFile, family, layers: dict, stored_alphas: dict) -> tuple[dict, dict]:
+    """kohya tensors of a UNet family's LoRA (diffusers' paths, `_` for `.`, tensors unchanged, alpha per layer) and
+    {(component, layer): (down, up, alpha)} to check them against."""
+    import torch
+
     kohya, expected = {}, {}
     for component, named in layers.items():
         config = adapter_config(lora.header, component)
-        if config.get("use_dora"):
-            raise _fail(lora.path, f"{component} is a DoRA adapter; kohya's networks.lora has no magnitude vectors")
         prefix = family.kohya.prefixes[component]
         for name, pair in sorted(named.items()):
             if set(pair) != {"A", "B"}:
                 raise _fail(lora.path, f"layer {component}.{name} has only lora_{''.join(pair)}")
             rank = int(pair["A"].shape[0])
-            alpha = layer_alpha(config, name, stored_alphas, component)
-            alpha = float(rank) if alpha is None else alpha  # diffusers' loader: no alpha stored means alpha = rank
-            if config.get("use_rslora"):  # peft scales by alpha / sqrt(r), kohya by alpha / r
-                alpha *= math.sqrt(rank)
+            alpha = _alpha(config, name, stored_alphas, component, rank)
             key = prefix + name.replace(".", "_")
             kohya[f"{key}.lora_down.weight"] = pair["A"].contiguous()
             kohya[f"{key}.lora_up.weight"] = pair["B"].contiguous()
             kohya[f"{key}.alpha"] = torch.tensor(alpha, dtype=pair["A"].dtype)
             expected[(component, name)] = (pair["A"], pair["B"], alpha)
-    _check_read_back(lora.path, kohya, expected)
-    ranks = Counter(int(a.shape[0]) for a, _, _ in expected.values())
-    alphas = Counter(alpha for _, _, alpha in expected.values())
-    rank, alpha = ranks.most_common(1)[0][0], alphas.most_common(1)[0][0]
-    base_version = _base_version(family, expected, pipeline)
-    metadata = _kohya_metadata(lora, out, family, base_version, rank, alpha, ranks, alphas)
-    digest = data_hash(kohya)
-    metadata["sshs_model_hash"] = digest
-    _write(out, kohya, metadata)
-    return ExportResult(out, len(expected), rank, alpha, base_version, digest)
+    return kohya, expected
+
+
+def _alpha(config: dict, name: str, stored: dict, component: str, rank: int) -> float:
+    """The alpha that scales a layer's update by alpha / rank as the diffusers loader applies it."""
+    alpha = layer_alpha(config, name, stored, component)
+    alpha = float(rank) if alpha is None else alpha  # diffusers' loader: no alpha stored means alpha = rank
+    if config.get("use_rslora"):  # peft scales by alpha / sqrt(r), kohya by alpha / r
+        alpha *= math.sqrt(rank)
+    return alpha
+
+
+def _pair_names(family, layout: str) -> tuple[str, str]:
+    return ("lora_down", "lora_up") if layout == "kohya" else tuple(family.kohya.comfyui_keys)
+
+
+def _original_layers(lora: LoraFile, family, layers: dict, stored_alphas: dict, layout: str) -> tuple[dict, dict]:
+    """A transformer LoRA on its original model's layers (`Kohya.layer`): each layer's alpha / rank multiplied into
+    its up; fused layers as the stacked downs and the block-diagonal ups of their parts (a missing part zero, a
+    smaller rank padded with zeros). Returns the tensors and {layer: its update up @ down} to check them against."""
+    import torch
+
+    component = family.denoiser_name
+    named, config = layers[component], adapter_config(lora.header, component)
+    originals, scaled, updates = {}, {}, {}
+    for name, pair in sorted(named.items()):
+        found = family.kohya.layer(name)
+        if found is None:
+            raise _fail(lora.path, f"layer {component}.{name} has no counterpart in {family.title}'s original model "
+                                   "as kohya's and ComfyUI's files name it; not exported")
+        if set(pair) != {"A", "B"}:
+            raise _fail(lora.path, f"layer {component}.{name} has only lora_{''.join(pair)}")
+        originals[found.original] = found
+        scale = _alpha(config, name, stored_alphas, component, int(pair["A"].shape[0])) / pair["A"].shape[0]
+        scaled[name] = (pair["A"], pair["B"] * scale if scale != 1 else pair["B"])
+        updates[name] = scaled[name][1].double() @ scaled[name][0].double()
+    down_name, up_name = _pair_names(family, layout)
+    prefix = family.kohya.prefixes[component] if layout == "kohya" else "diffusion_model."
+    tensors = {}
+    for original, spec in sorted(originals.items()):
+        down, up = _fused(spec, scaled) if len(spec.parts) > 1 else scaled[spec.parts[0]]
+        if spec.swap:  # the original's (shift, scale) rows are diffusers' (scale, shift): its reader swaps them back
+            up = torch.cat(up.chunk(2)[::-1])
+        key = prefix + (original.replace(".", "_") if layout == "kohya" else original)
+        tensors[f"{key}.{down_name}.weight"] = down.contiguous()
+        tensors[f"{key}.{up_name}.weight"] = up.contiguous()
+        if layout == "kohya" or family.kohya.comfyui_alphas:
+            tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]), dtype=down.dtype)  # scale 1: baked in
+    return tensors, updates
+
+
+def _fused(spec, scaled: dict) -> tuple:
+    """(down, up) of one fused original layer: its parts' downs stacked, their ups block-diagonal, so up @ down is
+    each part's update in its rows; parts not adapted are zero, parts of smaller rank padded with zeros."""
+    import torch
+
+    present = [name for name in spec.parts if name in scaled]
+    rank = max(int(scaled[name][0].shape[0]) for name in present)
+    first = scaled[present[0]]
+    width_in, dtype = int(first[0].shape[1]), first[0].dtype
+    unit = first[1].shape[0] / spec.widths[spec.parts.index(present[0])]  # output rows per width ratio
+    downs, ups = [], []
+    for name, ratio in zip(spec.parts, spec.widths):
+        down, up = scaled.get(name, (torch.zeros(0, width_in, dtype=dtype), torch.zeros(round(unit * ratio), 0,
+                                                                                          dtype=dtype)))
+        downs.append(torch.cat([down, torch.zeros(rank - down.shape[0], width_in, dtype=dtype)]))
+        ups.append(torch.cat([up, torch.zeros(up.shape[0], rank - up.shape[1], dtype=dtype)], dim=1))
+    return torch.cat(downs), torch.block_diag(*ups)
+
+
+def _check_updates(path: Path, family, tensors: dict, updates: dict) -> None:
+    """Read the file back through the family's diffusers loader: every layer's update up @ down must come back (a
+    fused layer's parts that were not adapted as zero)."""
+    import diffusers.loaders
+    import torch
+
+    reader = getattr(diffusers.loaders, family.kohya.reader)
+    try:
+        read = reader.lora_state_dict(dict(tensors))
+    except (ValueError, KeyError, RuntimeError, TypeError, AssertionError, IndexError) as exc:
+        why = first_line(exc) or type(exc).__name__
+        raise _fail(path, f"diffusers' {family.kohya.reader} cannot read the file back ({why}); not exported") from None
+    read = read[0] if isinstance(read, tuple) else read
+    pairs: dict[str, dict] = {}
+    for key, value in read.items():
+        # (diffusers' Flux converter names the top-level layers, img_in ... final_layer, without the prefix)
+        if match := re.match(r"^(?:transformer\.)?(.*)\.lora_([AB])\.weight$", key):
+            pairs.setdefault(match.group(1), {})[match.group(2)] = value.double()
+    for name, update in updates.items():
+        pair = pairs.pop(name, None)
+        if pair is None or set(pair) != {"A", "B"}:
+            raise _fail(path, f"layer transformer.{name} would not be read back by diffusers' {family.kohya.reader}; "
+                              "not exported")
+        back = pair["B"] @ pair["A"]
+        if back.shape != update.shape or not torch.allclose(back, update, rtol=1e-5, atol=1e-7 * update.abs().max()):
+            raise _fail(path, f"layer transformer.{name}: diffusers' {family.kohya.reader} reads back another update")
+    extra = next((name for name, pair in pairs.items() if (pair["B"] @ pair["A"]).abs().max() > 0), None)
+    if extra is not None:
+        raise _fail(path, f"diffusers' {family.kohya.reader} reads back a layer that was not written: {extra}")
 
 
 def _check_read_back(path: Path, kohya: dict, expected: dict) -> None:

@@ -32,6 +32,7 @@ with `pipe.load_lora_weights(OUT_DIR)`, and `genkit_lora.json`, the record of ho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from dataclasses import dataclass, replace
@@ -107,6 +108,9 @@ def _supported(pipeline, recipe: LoraRecipe) -> None:
         which = ", ".join(f.title for f in families.all_families() if f.text_encoder_lora)
         raise GenkitError(f"lora.text_encoder: text-encoder adapters are trained for {which} only, and "
                           f"{pipeline.name} is {pipeline.family.title}; set lora.text_encoder=false")
+    problem = objectives.unfit(pipeline.family.target(pipeline.pipe), objectives.Timesteps.of(recipe.train))
+    if problem:
+        raise GenkitError(f"{problem} ({pipeline.name} is {pipeline.family.title})")
 
 
 def _resolution(pipeline, resolution: int) -> int:
@@ -159,11 +163,32 @@ def _prior_items(out: Path, recipe: LoraRecipe, pipeline, items, triggers, progr
 # --- Writing --------------------------------------------------------------------------------
 
 
-def _save_checkpoint(out: Path, step: int, params: dict, optimizer, scaler, meta: dict, keep: int) -> None:
+def _save_checkpoint(out: Path, step: int, params: dict, optimizer, scaler, meta: dict, keep: int, ema=None) -> None:
     opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
     scaler_state = scaler.state_dict() if scaler is not None else None
-    checkpoint.save(out, step, {"lora": {k: p.detach() for k, p in params.items()}, "optimizer": opt_tensors},
-                    {**meta, "optimizer": opt_meta, "scaler": scaler_state}, keep=keep)
+    tensors = {"lora": {k: p.detach() for k, p in params.items()}, "optimizer": opt_tensors}
+    if ema is not None:  # the averaged weights beside the trained ones, and how many updates made them
+        tensors["ema"], meta = ema.tensors(), {**meta, "ema_updates": ema.updates}
+    checkpoint.save(out, step, tensors, {**meta, "optimizer": opt_meta, "scaler": scaler_state}, keep=keep)
+
+
+def _resume_ema(ema, ckpt: Path) -> None:
+    tensors, meta = checkpoint.load(ckpt)
+    if "ema" not in tensors:
+        raise GenkitError(f"finds {ckpt.name} made without train.ema, so it holds no averaged weights to continue "
+                          "(resume with train.ema=false, or start a new run)", param="resume")
+    ema.load(tensors["ema"], meta["ema_updates"])
+
+
+def _tracker_problem(name: str) -> str | None:
+    """Why accelerate cannot log to tracker `name` here (its package missing), or None."""
+    import importlib.util
+
+    packages = {"tensorboard": ("tensorboard", "tensorboardX")}.get(name, (name,))
+    if name == "none" or any(importlib.util.find_spec(p) for p in packages):
+        return None
+    return (f"train.log_with={name} needs the {packages[0]} package (pip install {packages[0]}), or set "
+            "train.log_with=none")
 
 
 def _load_checkpoint(ckpt: Path, params: dict, optimizer) -> dict:
@@ -415,6 +440,7 @@ class _Loop:
     recipe: LoraRecipe
     streams: Streams  # which item each sample of the run is
     instances: int  # items[:instances] are the concept's images, the rest prior images
+    ema: adapters.Ema | None = None  # updated after every optimizer step (train.ema)
 
     def step(self, step: int) -> float:
         """One optimizer step over `gradient_accumulation_steps` forward passes; returns their mean loss."""
@@ -422,7 +448,10 @@ class _Loop:
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, step, 1]).generate_state(1)[0]))  # adapter dropout
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(step, cfg)
-        return float(np.mean([self._pass(step, micro) for micro in range(cfg.gradient_accumulation_steps)]))
+        loss = float(np.mean([self._pass(step, micro) for micro in range(cfg.gradient_accumulation_steps)]))
+        if self.ema is not None:
+            self.ema.step(self.params)
+        return loss
 
     def _pass(self, step: int, micro: int) -> float:
         cfg, accelerator, denoiser = self.recipe.train, self.accelerator, self.models[0]
@@ -436,7 +465,8 @@ class _Loop:
         with accelerator.accumulate(*self.models):
             clean = self.encoders.clean(self.items, picked, gens)
             noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
-            noisy, t, target = objectives.noisy(family.target(pipe), self.scheduler, clean, noise, gens)
+            timesteps = objectives.Timesteps.of(cfg)
+            noisy, t, target = objectives.noisy(family.target(pipe), self.scheduler, clean, noise, gens, timesteps)
             blank = self._unconditional_rows(picked, gens)
             cond = self.encoders.text(["" if j in blank else self.items[i].caption for j, (i, _, _) in enumerate(picked)])
             dtype = family.denoiser(pipe).dtype
@@ -449,6 +479,8 @@ class _Loop:
             loss = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
             weights = torch.ones_like(loss)
             weights[prior_rows] = self.recipe.prior.weight
+            if (by_time := objectives.loss_weights(family.target(pipe), self.scheduler, t, timesteps)) is not None:
+                weights = weights * by_time.to(weights.device)  # min-SNR, or SD3's sigma_sqrt / cosmap weighting
             loss = (loss * weights).mean()
             if not torch.isfinite(loss):
                 raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the last "
@@ -506,12 +538,21 @@ def _placement(cfg: TrainConfig) -> tuple[torch.device, str, bool]:
     return device, _precision(cfg.mixed_precision, device), cpu
 
 
-def _accelerator(cfg: TrainConfig):
-    """accelerate's Accelerator for the run's final recipe (its gradient accumulation is the family's)."""
+def _accelerator(cfg: TrainConfig, out: Path | None = None):
+    """accelerate's Accelerator for the run's final recipe (its gradient accumulation is the family's), with the
+    loss-curve tracker train.log_with names writing into OUT/logs."""
     from accelerate import Accelerator
 
     _, mixed, cpu = _placement(cfg)
-    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu)
+    tracked = cfg.log_with != "none" and out is not None
+    return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu,
+                       log_with=cfg.log_with if tracked else None, project_dir=str(out / "logs") if tracked else None)
+
+
+def _tracker_config(recipe: LoraRecipe) -> dict:
+    """The recipe as one flat table of scalars (TensorBoard's hparams take no lists)."""
+    return {f"{section}.{key}": value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+            for section, values in json.loads(json.dumps(to_dict(recipe))).items() for key, value in values.items()}
 
 
 def train_lora(
@@ -549,6 +590,8 @@ def train_lora(
     if recipe.lora.text_encoder and (problem := text_encoder_problem()):
         raise GenkitError(f"lora.text_encoder: {problem} (upgrade peft, or set lora.text_encoder=false)")
     model_name = _model_id(model)
+    if problem := _tracker_problem(cfg.log_with):
+        raise GenkitError(problem)
 
     # 2. Device and precision from accelerate; the memory plan (from the model's configs, before the load); the base
     #    model, frozen, in the compute dtype, quantized if the plan says so
@@ -566,7 +609,9 @@ def train_lora(
     steps = plan.steps if applied and plan is not None else []
     recipe = resolve(config, overrides, instance_prompt, family=pipeline.family.name)
     cfg = recipe.train
-    accelerator = _accelerator(cfg)  # after the family's table: it sets gradient accumulation
+    accelerator = _accelerator(cfg, out)  # after the family's table: it sets gradient accumulation
+    if problem := _tracker_problem(cfg.log_with):  # a family's table may name one
+        raise GenkitError(problem)
     _supported(pipeline, recipe)
     pipe = pipeline.pipe
     recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
@@ -619,8 +664,11 @@ def train_lora(
     for module in models:
         module.train()
     scheduler = objectives.training_scheduler(pipeline.family.target(pipe), pipe)
+    ema = adapters.Ema(params, cfg.ema_decay) if cfg.ema else None  # on the device, where the weights now are
+    if ema is not None and ckpt is not None:
+        _resume_ema(ema, ckpt)
     loop = _Loop(accelerator, models, encoders, run_items, scheduler, params, optimizer,
-                 recipe, streams, len(items))
+                 recipe, streams, len(items), ema=ema)
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
     start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every
@@ -638,6 +686,8 @@ def train_lora(
               f"{cfg.gradient_accumulation_steps} accumulated x {accelerator.num_processes} processes",
               file=sys.stderr)
     loss = None
+    if cfg.log_with != "none":
+        accelerator.init_trackers("genkit-lora", config=_tracker_config(recipe))
     with shared.LossLog(out / "loss.jsonl", start, enabled=main) as log, progress_bar(
             range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train lora",
             progress=progress and main) as bar:
@@ -646,18 +696,24 @@ def train_lora(
             done = step + 1
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{learning_rate(step, cfg):.1e}")
             log.write(done, loss)
+            accelerator.log({"loss": loss, "learning_rate": learning_rate(step, cfg)}, step=done)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 adapters.check_finite(params, done)
                 accelerator.wait_for_everyone()
                 if main:
-                    _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints)
+                    _save_checkpoint(out, done, params, optimizer, accelerator.scaler, run_meta, cfg.keep_checkpoints,
+                                     ema)
             if main and every and (done % every == 0 or done == cfg.steps):
-                with _sampling(pipeline, recipe, steps, accelerator.device, cuda):
+                with _sampling(pipeline, recipe, steps, accelerator.device, cuda), \
+                        (ema.applied(params) if ema is not None else contextlib.nullcontext()):
                     _validate(pipeline, trained, prompts, recipe.validation,
                               out / "samples" / f"step-{done:07d}.png")
 
-    # 6. Export the adapter and the record of how it was made
+    # 6. Export the adapter (its moving average with train.ema) and the record of how it was made
     adapters.check_finite(params, cfg.steps)
+    accelerator.end_training()
+    if ema is not None:
+        ema.copy_to(params)
     weights, record = out / WEIGHTS_NAME, out / RECORD_NAME
     if main:
         weights, record = _export(out, pipeline, trained, {

@@ -25,6 +25,7 @@ from genkit.config import apply_overrides, build, check_ranges, number, read_tom
 
 PLACEMENT = {"device", "threads", "mixed_precision"}  # decided before the model (and so its family) is loaded
 SHIPPED = "lora"  # configs/lora.toml: the generic defaults and every family's table
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "aim", "mlflow", "clearml", "dvclive", "swanlab", "trackio")
 
 
 class Precision(enum.Enum):
@@ -50,6 +51,23 @@ class Schedule(enum.Enum):
     COSINE = "cosine"
 
 
+class TimestepSampling(enum.Enum):
+    """diffusers' `weighting_scheme` of its SD3/Flux scripts (genkit.train.objectives)."""
+
+    AUTO = "auto"  # the family's own: logit-normal sigmas for flow matching, uniform timesteps for noise prediction
+    UNIFORM = "uniform"
+    LOGIT_NORMAL = "logit_normal"  # sigmoid of a normal draw (train.logit_mean, train.logit_std): SD3's rf/lognorm
+    MODE = "mode"  # SD3's mode sampling with heavy tails (train.mode_scale)
+    COSMAP = "cosmap"  # uniform sigmas, the loss weighted as the cosine-map density would draw them
+    SIGMA_SQRT = "sigma_sqrt"  # uniform sigmas, the loss weighted by sigma^-2
+
+
+class AdapterKind(enum.Enum):
+    LORA = "lora"  # low-rank A, B (Hu et al. 2021); with lora.dora, DoRA
+    LOKR = "lokr"  # Kronecker-product factors (LyCORIS' LoKr, peft's LoKrConfig)
+    LOHA = "loha"  # Hadamard product of two low-rank pairs (LyCORIS' LoHa, peft's LoHaConfig)
+
+
 def _choice(enum_type, value, key: str):
     try:
         return enum_type(value)
@@ -66,10 +84,22 @@ class AdapterConfig:
     target_modules: tuple = ("to_q", "to_k", "to_v", "to_out.0")  # decoder layers that get adapters
     text_encoder: bool = False  # also train adapters on the text encoder (SD-family only; no caption cache then)
     text_encoder_target_modules: tuple = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention projections
+    adapter: str = "lora"  # lora, lokr or loha (peft's LoraConfig, LoKrConfig, LoHaConfig)
+    dora: bool = False  # DoRA (Liu et al. 2024): the update split into direction and magnitude (adapter = lora)
 
     def __post_init__(self):
         if not self.target_modules:
             raise ValueError("lora.target_modules must name at least one layer, e.g. [\"to_q\", \"to_v\"]")
+        kind = _choice(AdapterKind, self.adapter, "lora.adapter")
+        if self.dora and kind is not AdapterKind.LORA:
+            raise ValueError(f"lora.dora decomposes a LoRA's update, and lora.adapter is {kind.value}; set "
+                             "lora.dora=false or lora.adapter=lora")
+        if kind is not AdapterKind.LORA and self.dropout:
+            raise ValueError(f"lora.dropout is a LoRA's input dropout, which peft's {kind.value} has not; set "
+                             "lora.dropout=0")
+        if kind is not AdapterKind.LORA and self.text_encoder:
+            raise ValueError(f"lora.text_encoder trains LoRA adapters only; set lora.text_encoder=false or "
+                             "lora.adapter=lora")
 
 
 @dataclass
@@ -132,9 +162,22 @@ class TrainConfig:
     threads: int = number(0, 0)  # torch CPU threads; 0 keeps torch's default
     checkpoint_every: int = number(250, 1)  # steps between checkpoints (the last step always gets one)
     keep_checkpoints: int = number(2, 1)  # newest complete checkpoints kept
+    timestep_sampling: str = "auto"  # auto, uniform, logit_normal, mode, cosmap or sigma_sqrt (flow matching)
+    logit_mean: float = number(0.0, -10, 10)  # logit_normal: the normal's mean (SD3: 0)
+    logit_std: float = number(1.0, 0, 10, low_open=True)  # logit_normal: the normal's standard deviation (SD3: 1)
+    mode_scale: float = number(1.29, -1, 1.75)  # mode: SD3's scale s (1.29; a density from -1 to 2 / (pi - 2))
+    flow_shift: float = number(1.0, 0, 100, low_open=True)  # flow matching: sigma shifted as SD3's scheduler; 1: none
+    snr_gamma: float = number(0.0, 0, 100)  # min-SNR weighting's gamma for noise prediction (5 is usual); 0 off
+    ema: bool = False  # keep an exponential moving average of the adapter weights; it is what gets exported
+    ema_decay: float = number(0.999, 0, 1, high_open=True)  # its decay (diffusers' EMAModel warm-up below it)
+    log_with: str = "none"  # a loss-curve tracker accelerate drives: tensorboard, wandb, ... (OUT/logs); none
 
     def __post_init__(self):
         _choice(Schedule, self.lr_scheduler, "train.lr_scheduler")
+        _choice(TimestepSampling, self.timestep_sampling, "train.timestep_sampling")
+        if self.log_with not in ("none", *TRACKERS):
+            raise ValueError(f"train.log_with must be none or one of accelerate's trackers ({', '.join(TRACKERS)}), "
+                             f"got {self.log_with!r}")
         _choice(Precision, self.mixed_precision, "train.mixed_precision")
         if self.device not in ("auto", "cpu"):
             raise ValueError(f"train.device must be auto or cpu, got {self.device!r}")
