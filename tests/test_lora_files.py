@@ -360,12 +360,19 @@ def flux_lora(folder: Path, alpha: float = 8.0) -> Path:
 
 
 def updates(state: dict, scale: float = 1.0) -> dict:
-    """{layer: scale * B @ A} of a peft-named state dict (`transformer.` prefix optional)."""
+    """{layer: scale * B @ A @ probe} of a peft-named state dict (`transformer.` prefix optional): the update applied
+    to a fixed random probe of its inputs (the updates themselves are up to 21,504 x 3,072)."""
     pairs = {}
     for key, value in state.items():
         if match := re.match(r"^(?:transformer\.)?(.*)\.lora_([AB])\.weight$", key):
             pairs.setdefault(match.group(1), {})[match.group(2)] = value.double()
-    return {name: scale * (pair["B"] @ pair["A"]) for name, pair in pairs.items()}
+    probes = {}
+    for name, pair in pairs.items():
+        width = pair["A"].shape[1]
+        probe = probes.setdefault(width, torch.randn(width, 4, generator=torch.Generator().manual_seed(width),
+                                                     dtype=torch.float64))
+        pairs[name] = scale * (pair["B"] @ (pair["A"] @ probe))
+    return pairs
 
 
 @pytest.mark.parametrize("layout", ["kohya", "comfyui"])
