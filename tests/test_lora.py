@@ -121,14 +121,25 @@ def test_training_gives_finite_loss_changed_weights_and_a_record(sd_lora, datase
     assert [p.name for p in checkpoint.complete(out)] == ["checkpoint-0000002", "checkpoint-0000004"]
 
 
-def test_resumed_run_ends_with_the_same_weights(tiny_sd, dataset, tmp_path):
+@pytest.mark.parametrize("data_features", [False, True], ids=["plain", "buckets-masks-captions"])
+def test_resumed_run_ends_with_the_same_weights(tiny_sd, dataset, tmp_path, data_features):
+    """Also with the data features on: three aspect ratios in three buckets, loss masks, caption dropout and tag
+    shuffling (each a seeded choice per sample), the bucket schedule planned anew by the resumed run."""
     settings = ["train.steps=4", "train.batch_size=2", "train.gradient_accumulation_steps=2",
                 "train.checkpoint_every=2",
                 "train.lr_scheduler=cosine", "train.warmup_steps=1", "train.learning_rate=1e-2", "lora.dropout=0.1",
                 "data.flip=true", "validation.every=0"]
+    if data_features:
+        from tests.test_buckets import aspect_dataset
+
+        dataset = aspect_dataset(tmp_path / "aspects")
+        settings += ["data.caption_dropout=0.3", "data.shuffle_caption=true", "data.keep_tokens=1"]
     out = tmp_path / "run"
-    train(dataset, out, tiny_sd, *settings)
+    result = train(dataset, out, tiny_sd, *settings)
     unbroken = adapter_tensors(out)
+    if data_features:
+        record = json.loads(result.record.read_text())
+        assert record["buckets"] == {"64x64": 2, "48x80": 2, "80x48": 2} and record["masks"] == 2
     # Interrupt after step 2: only checkpoint-2 survives; the weights and later checkpoints are gone.
     shutil.rmtree(out / "checkpoint-0000004")
     (out / "pytorch_lora_weights.safetensors").unlink()

@@ -8,9 +8,13 @@ on a GPU, with the adapters kept in fp32), gradient accumulation and multi-proce
 Frozen parts are run once, not every step: each distinct caption is embedded once (unless the
 text encoder is being trained), and each image variant is encoded once, into the VAE's latent
 distribution (mean, std) for SD-family models and into pixels for genkit-mini. A variant is an
-image as training sees it: centre-cropped, and mirrored or not when `data.flip` is on (so at
-most two per image). Random crops give a new variant every step, so `data.random_crop` needs
-`data.cache_latents = false`, which encodes each batch as it comes (train/encoders.py).
+image as training sees it: in its aspect-ratio bucket (genkit.data.buckets: images keep their shape, every batch
+draws from one bucket; square images train exactly as without buckets), centre-cropped, and mirrored or not when
+`data.flip` is on (so at most two per image and bucket). Random crops give a new variant every step, so
+`data.random_crop` needs `data.cache_latents = false`, which encodes each batch as it comes (train/encoders.py).
+A sample's caption may be dropped (`data.caption_dropout`) or have its tags shuffled (`data.shuffle_caption`,
+genkit.data.captions), a seeded choice per sample; an image's loss mask (`NAME.mask.png`) weights its loss on the
+latent grid (white: trained, black: ignored), as kohya's masked loss does.
 
 A run is a pure function of (seed, step): the epoch's image order and flips, each step's
 latent sample, noise and timesteps come from generators seeded by them, the dropout RNG is
@@ -48,12 +52,13 @@ from genkit.errors import GenkitError, term
 from genkit.lora import WEIGHTS_NAME, text_encoder_problem
 from genkit.train import adapters, checkpoint, objectives, priors, shared
 from genkit.train.encoders import Encoders
-from genkit.train.sampling import Streams, batch_items, sample_index
+from genkit.train.sampling import RunData, Streams, batch_items, plan_data, sample_index  # noqa: F401
 from genkit.train.recipe import (  # noqa: F401  (the recipe's names, as callers of this module knew them)
     AdapterConfig, DataConfig, LoraRecipe, Precision, PriorConfig, PriorSource, PriorTarget, Schedule, TrainConfig,
     ValidationConfig, load_recipe, resolve)
 
 RECORD_NAME = "genkit_lora.json"
+UNSAVED = {("data", "buckets"): False}  # what a checkpoint older than a key did (no key: the key's value now)
 
 
 @dataclass
@@ -87,8 +92,9 @@ def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> N
     keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [("prior", k) for k in now["prior"]] + [
         ("train", k) for k in ("seed", "batch_size", "gradient_accumulation_steps")]
     for section, key in keys:
-        if saved[section][key] != now[section][key]:
-            raise GenkitError(f"finds {section}.{key} = {saved[section][key]!r} in the checkpoint and {now[section][key]!r} "
+        before = saved[section].get(key, UNSAVED.get((section, key), now[section][key]))
+        if before != now[section][key]:
+            raise GenkitError(f"finds {section}.{key} = {before!r} in the checkpoint and {now[section][key]!r} "
                               "now (it must stay the same to continue that run)", param="resume")
 
 
@@ -113,13 +119,17 @@ def _supported(pipeline, recipe: LoraRecipe) -> None:
         raise GenkitError(f"{problem} ({pipeline.name} is {pipeline.family.title})")
 
 
-def _resolution(pipeline, resolution: int) -> int:
-    factor = pipeline.size_factor
-    if resolution == 0:
-        return pipeline.family.default_size(pipeline.pipe)
+def _resolution(pipeline, data: DataConfig) -> DataConfig:
+    """`data` with its sizes checked against the model's multiple, and resolution 0 made the model's own (or, with
+    several sizes, the largest)."""
     from genkit.checks import check_multiple
 
-    return check_multiple("data.resolution", resolution, factor, f" for {pipeline.name}")
+    factor, where = pipeline.size_factor, f" for {pipeline.name}"
+    for size in data.resolutions:
+        check_multiple("data.resolutions", size, factor, where)
+    if data.resolution == 0:
+        return replace(data, resolution=max(data.resolutions, default=0) or pipeline.family.default_size(pipeline.pipe))
+    return replace(data, resolution=check_multiple("data.resolution", data.resolution, factor, where))
 
 
 def _precision(value: str, device: torch.device) -> str:
@@ -433,14 +443,21 @@ class _Loop:
     accelerator: object
     models: list  # as accelerate prepared them; the decoder first
     encoders: Encoders
-    items: list
+    data: RunData  # the items (the concept's images, then the prior images), their buckets, which each sample is
     scheduler: object  # the noise schedule to train on (DDPM from the base model's config; None for flow matching)
     params: dict[str, torch.nn.Parameter]
     optimizer: object
     recipe: LoraRecipe
-    streams: Streams  # which item each sample of the run is
-    instances: int  # items[:instances] are the concept's images, the rest prior images
     ema: adapters.Ema | None = None  # updated after every optimizer step (train.ema)
+
+    @property
+    def items(self) -> list:
+        return self.data.items
+
+    @property
+    def instances(self) -> int:
+        """items[:instances] are the concept's images, the rest prior images."""
+        return self.data.instances
 
     def step(self, step: int) -> float:
         """One optimizer step over `gradient_accumulation_steps` forward passes; returns their mean loss."""
@@ -457,18 +474,19 @@ class _Loop:
         cfg, accelerator, denoiser = self.recipe.train, self.accelerator, self.models[0]
         family, pipe = self.encoders.family, self.encoders.pipe
         rank = accelerator.process_index
-        picked = batch_items(step, micro, cfg, self.streams, self.recipe.data.flip, accelerator.num_processes, rank)
+        bucket, picked = self.data.rows(step, micro, cfg, self.recipe.data.flip, accelerator.num_processes, rank)
         # one generator per sample, keyed by its place in the whole run: one process with batch 2 and two
         # processes with batch 1 draw the same latents, noise and timesteps for the same samples
         first = sample_index(step, micro, cfg, accelerator.num_processes, rank)
         gens = [shared.step_generator(cfg.seed, first + j) for j in range(len(picked))]
         with accelerator.accumulate(*self.models):
-            clean = self.encoders.clean(self.items, picked, gens)
+            clean, masks = self.encoders.clean(self.items, picked, bucket, gens)
             noise = torch.stack([torch.randn(clean.shape[1:], generator=g) for g in gens]).to(clean.device)
             timesteps = objectives.Timesteps.of(cfg)
             noisy, t, target = objectives.noisy(family.target(pipe), self.scheduler, clean, noise, gens, timesteps)
             blank = self._unconditional_rows(picked, gens)
-            cond = self.encoders.text(["" if j in blank else self.items[i].caption for j, (i, _, _) in enumerate(picked)])
+            cond = self.encoders.text(["" if j in blank else self._caption(i, first + j)
+                                       for j, (i, _, _) in enumerate(picked)])
             dtype = family.denoiser(pipe).dtype
             cond = {k: v.to(dtype) if v.is_floating_point() else v for k, v in cond.items()}
             prior_rows = sorted(blank | {j for j, (i, _, _) in enumerate(picked) if i >= self.instances})
@@ -476,7 +494,10 @@ class _Loop:
                 target = self._base_target(target, prior_rows, noisy.to(dtype), t, cond)
             with accelerator.autocast():
                 output = family.forward(pipe, denoiser, noisy.to(dtype), t, cond)
-            loss = F.mse_loss(output.float(), target.float(), reduction="none").flatten(1).mean(1)
+            loss = F.mse_loss(output.float(), target.float(), reduction="none")
+            if masks is not None:  # kohya's masked loss: black latent pixels count for nothing, white in full
+                loss = loss * masks
+            loss = loss.flatten(1).mean(1)
             weights = torch.ones_like(loss)
             weights[prior_rows] = self.recipe.prior.weight
             if (by_time := objectives.loss_weights(family.target(pipe), self.scheduler, t, timesteps)) is not None:
@@ -491,6 +512,17 @@ class _Loop:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _caption(self, item: int, sample: int) -> str:
+        """What sample `sample` trains on for `item`: a concept image's caption dropped or its tags shuffled as
+        data.caption_dropout and data.shuffle_caption say (seeded by the sample alone); a prior image's as it is."""
+        caption, data = self.items[item].caption, self.recipe.data
+        if item >= self.instances:
+            return caption
+        from genkit.data.captions import caption_variant
+
+        return caption_variant(caption, sample, self.recipe.train.seed, dropout=data.caption_dropout,
+                               shuffle=data.shuffle_caption, keep_tokens=data.keep_tokens)
 
     def _unconditional_rows(self, picked, gens) -> set[int]:
         """The concept rows of this pass shown with an empty caption (prior.unconditional of them, drawn from each
@@ -614,9 +646,9 @@ def train_lora(
         raise GenkitError(problem)
     _supported(pipeline, recipe)
     pipe = pipeline.pipe
-    recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
+    recipe = replace(recipe, data=_resolution(pipeline, recipe.data))
     if accelerator.is_main_process:
-        warn_small_images(items, recipe.data.resolution)
+        warn_small_images(items, max(recipe.data.sizes))
     if ckpt is not None:
         _check_resume(checkpoint.load(ckpt)[1], recipe, model_name, dataset)
         _check_plan(checkpoint.load(ckpt)[1], plan if applied else None)
@@ -629,7 +661,8 @@ def train_lora(
         [item.caption for item in items], getattr(pipe, "tokenizer", None))
     with accelerator.main_process_first():
         prior_items = _prior_items(out, recipe, pipeline, items, triggers, progress and accelerator.is_main_process)
-    streams = Streams(len(items), len(prior_items), Fraction(recipe.prior.fraction).limit_denominator(1000))
+    data = plan_data(items, prior_items, recipe.data, pipeline.size_factor,
+                     Fraction(recipe.prior.fraction).limit_denominator(1000))
     torch.manual_seed(cfg.seed)
     trained = adapters.add(pipe, pipeline.family, recipe.lora)
     cast_training_params([module for _, module in trained], dtype=torch.float32)
@@ -646,16 +679,16 @@ def train_lora(
 
     # 4. Encode each caption and each image variant once (the encoders are frozen; on CUDA on the GPU as the plan
     #    says), then the trained models on the device (swapped blocks on the CPU) and prepared by accelerate
-    encoders = Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=trained[-1][1])
-    run_items = items + prior_items
+    encoders = Encoders(pipeline, recipe, recipe.data.resolution, accelerator.device, text_encoder=trained[-1][1],
+                        masks=data.masks)
+    run_items = data.items
     caching = _caching(pipeline, recipe, steps, accelerator.device, cuda)
-    if not recipe.lora.text_encoder:
+    if not recipe.lora.text_encoder and not recipe.data.caption_every_step:
         with caching.texts():
             encoders.text_cache.fill([item.caption for item in run_items])
     if recipe.data.cache_latents:
-        mirrored = (False, True) if recipe.data.flip else (False,)
         with caching.images():
-            encoders.fill_image_cache([(item.path, m) for item in run_items for m in mirrored])
+            encoders.fill_image_cache(data.variants(recipe.data.flip))
     models = _prepare(accelerator, pipeline, trained, plan if cuda else None)
     encoders.text_encoder = models[-1] if recipe.lora.text_encoder else encoders.text_encoder
     optimizer = accelerator.prepare(optimizer)
@@ -667,8 +700,7 @@ def train_lora(
     ema = adapters.Ema(params, cfg.ema_decay) if cfg.ema else None  # on the device, where the weights now are
     if ema is not None and ckpt is not None:
         _resume_ema(ema, ckpt)
-    loop = _Loop(accelerator, models, encoders, run_items, scheduler, params, optimizer,
-                 recipe, streams, len(items), ema=ema)
+    loop = _Loop(accelerator, models, encoders, data, scheduler, params, optimizer, recipe, ema=ema)
 
     # 5. The loop, then checkpoints (atomic, then rotated) and validation grids on schedule
     start, main, every = meta["step"], accelerator.is_main_process, recipe.validation.every
@@ -682,6 +714,8 @@ def train_lora(
         if prior_items:
             print(f"train lora: {len(prior_items)} prior images ({recipe.prior.source}) in {out / 'priors'}, "
                   f"{recipe.prior.fraction:.0%} of every batch", file=sys.stderr)
+        if len(data.plan.buckets) > 1 or data.masks:
+            print(f"train lora: buckets {data.describe()}; {len(data.masks)} images with a loss mask", file=sys.stderr)
         print(f"train lora: {len(items)} items, effective batch {effective} = {cfg.batch_size} per pass x "
               f"{cfg.gradient_accumulation_steps} accumulated x {accelerator.num_processes} processes",
               file=sys.stderr)
@@ -719,6 +753,8 @@ def train_lora(
         weights, record = _export(out, pipeline, trained, {
             "base_model": model_name, "kind": pipeline.family.file_format, "family": pipeline.family.name, "steps": cfg.steps, "dataset": dataset,
             "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
+            "buckets": {str(bucket): data.plan.counts()[b] for b, bucket in enumerate(data.plan.buckets)},
+            "masks": len(data.masks),
             "instance_prompt": recipe.data.instance_prompt or None, "trigger_words": list(triggers or _trigger_words(items)),
             "prior": {"source": recipe.prior.source, "images": len(prior_items), "fraction": recipe.prior.fraction,
                       "folder": "priors" if prior_items else None},
