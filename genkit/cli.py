@@ -135,9 +135,11 @@ def _models_dir(ctx, param, value):
 @click.option("--width", "-W", type=int, default=None)
 @click.option("--height", "-H", type=int, default=None)
 @click.option("--scheduler", default=None, help=SCHEDULER_HELP)
-@click.option("--image", "-i", default=None, type=click.Path(dir_okay=False), metavar="PATH",
+@click.option("--image", "-i", multiple=True, type=click.Path(dir_okay=False), metavar="PATH",
               help="Edit this image instead of starting from noise (img2img). It is resized (never cropped) to "
-                   "--width x --height, or without them to its own size rounded down to the model's size multiple.")
+                   "--width x --height, or without them to its own size rounded down to the model's size multiple. "
+                   "On a model that edits by instruction (Qwen-Image-Edit, Flux.2 [klein]) and without --strength, the "
+                   "prompt says what to change; repeatable there: several input images.")
 @click.option("--strength", type=float, default=None,
               help="How much of --image to redraw, in (0, 1]: small stays close to it, 1 redraws from noise "
                    "(default 0.8; 1.0 with --mask or --outpaint).")
@@ -160,6 +162,10 @@ def _models_dir(ctx, param, value):
 @click.option("--hires-upscaler", "hires_upscaler", default=None, metavar="latent|lanczos|FILE",
               help="latent (the default: the latents resized), lanczos (the pixels), or an upscaling model file "
                    "(ESRGAN & co., read by spandrel: pip install 'genkit[upscale]').")
+@click.option("--control", "control", multiple=True, metavar="model=PATH,image=PATH[,...]",
+              help="ControlNet: steer with a control image; keys model (a ControlNet folder or .safetensors file), "
+                   "image, preprocessor (canny: pip install 'genkit[controlnet]'; none: a ready map), weight (0-2, "
+                   "default 1), start and end (fractions of the steps); repeatable: several at once.")
 @model_options
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA folder or file; repeatable.")
 @click.option("--quantize", default=None, metavar="KIND|PART=KIND,...",
@@ -202,6 +208,11 @@ def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, proces
     specs = read_prompts_file(prompts_file) if prompts_file else from_strings(prompts)
     if not specs:
         raise GenkitError('no prompts given (try: genkit generate "a red circle on the left")')
+    from genkit.controlnet import units
+
+    options["control"] = units(options["control"]) or None  # each unit checked before the model loads
+    images = options["image"]  # several: an instruction edit's input images
+    options["image"] = images[0] if len(images) == 1 else tuple(images) or None
     request = GenerateRequest(prompts=specs, out=out, overwrite=overwrite, grid=grid, progress=not quiet, **options)
     check_request(request)  # a mistake that needs no model is reported before the libraries load
     _quiet_libraries()
@@ -215,8 +226,9 @@ def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, proces
 @click.option("--model", "-m", default=None, help="Use this model instead of the recorded one.")
 @click.option("--device", default=None)
 @click.option("--check/--no-check", default=True, show_default=True, help="Compare pixels with the original.")
-@click.option("--image", "input_image", default=None, type=click.Path(dir_okay=False), metavar="PATH",
-              help="An edited image's input, when it is no longer where the record says (its sha256 is checked).")
+@click.option("--image", "input_image", multiple=True, type=click.Path(dir_okay=False), metavar="PATH",
+              help="An edited image's input, when it is no longer where the record says (its sha256 is checked); "
+                   "repeatable, in the recorded order, for an instruction edit's several.")
 @click.option("--mask", "input_mask", default=None, type=click.Path(dir_okay=False), metavar="PATH",
               help="Likewise for an inpainted image's mask.")
 def replay(image, out, model, device, check, input_image, input_mask):
@@ -455,10 +467,19 @@ def data():
 @data.command("check")
 @click.argument("data_dir", type=click.Path())
 @click.option("--instance-prompt", default=None, help="Caption for images without one (DreamBooth style).")
-@click.option("--model", "-m", envvar="GENKIT_MODEL", default=None, help="Count tokens with this model's tokenizer.")
-def data_check(data_dir, instance_prompt, model):
-    """Print what LoRA training would see in DATA_DIR."""
+@click.option("--model", "-m", envvar="GENKIT_MODEL", default=None,
+              help="Count tokens with this model's tokenizer, and show the aspect-ratio buckets training on it uses "
+                   "(default: the buckets of the default model, genkit-mini). No weights are read.")
+@click.option("--config", "-c", default=None, help="The LoRA recipe whose [data] section places the images "
+                                                   "(as `train lora --config`).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a recipe key, e.g. data.resolution=768 or data.buckets=false.")
+def data_check(data_dir, instance_prompt, model, config, overrides):
+    """Print what LoRA training would see in DATA_DIR: captions, masks, sizes, buckets."""
+    from dataclasses import replace
+
     from genkit.data.imagefolder import check_dataset, format_report
+    from genkit.train.data_check import bucket_spec, model_sides
 
     _quiet_libraries()
     _one_line_warnings()
@@ -467,8 +488,16 @@ def data_check(data_dir, instance_prompt, model):
         from genkit.loader import load_tokenizer
 
         tokenizer, limit = load_tokenizer(model)  # the tokenizer alone: no weights are read
-    report = check_dataset(data_dir, instance_prompt=instance_prompt, tokenizer=tokenizer, max_tokens=limit)
-    click.echo(format_report(report))
+    spec, note = None, ""
+    try:
+        sides = model_sides(model)  # its configs alone (genkit's own small format: loaded on the CPU)
+    except GenkitError as exc:
+        note = f"the model's size and side multiple could not be read: {exc}"
+    else:
+        spec = bucket_spec(config=_recipe_path(config) if config else None, overrides=overrides, sides=sides)
+    report = check_dataset(data_dir, instance_prompt=instance_prompt, tokenizer=tokenizer, max_tokens=limit,
+                           buckets=spec)
+    click.echo(format_report(replace(report, bucket_note=note)))
     if not report.ok:
         sys.exit(2)
 
@@ -495,8 +524,9 @@ def lora_inspect(path, model, as_json):
 
 @lora_group.command("export")
 @click.argument("src", type=click.Path())
-@click.option("--format", "fmt", type=click.Choice(["kohya"]), default="kohya", show_default=True,
-              help="kohya: one .safetensors file, lora_unet_... keys and ss_* metadata (A1111, ComfyUI, kohya).")
+@click.option("--format", "fmt", type=click.Choice(["kohya", "comfyui"]), default="kohya", show_default=True,
+              help="kohya: one .safetensors file, lora_unet_... keys and ss_* metadata (A1111, ComfyUI, kohya); "
+                   "comfyui: diffusion_model.<original layer> keys (transformer families, Z-Image's only layout).")
 @click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), help="The file to write (.safetensors).")
 @click.option("--model", "-m", default=None, help="Check that it fits this model first (default: trust the record).")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -505,7 +535,7 @@ def lora_export(src, fmt, out, model, overwrite):
     from genkit.lora.files import export_kohya
 
     _quiet_libraries()
-    result = export_kohya(src, out, model=model, overwrite=overwrite)
+    result = export_kohya(src, out, model=model, overwrite=overwrite, layout=fmt)
     click.echo(str(result.path))
     click.echo(f"{result.layers} layers, rank {result.rank}, alpha {result.alpha:g}, ss_base_model_version "
                f"{result.base_version}, sshs_model_hash {result.sha256[:12]}", err=True)

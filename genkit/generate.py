@@ -5,8 +5,10 @@ A call expands prompts × images into jobs; image i gets its own CPU `torch.Gene
 or on which process makes it. Jobs run in batches; results are yielded batch by batch.
 
 A job may start from an input image (img2img), a mask (inpainting) or a padded canvas
-(outpainting): the same engine runs the family's editing pipeline (genkit.edit), and the
-record holds each input's path and sha256 so `genkit replay` can find and check it.
+(outpainting), or, on a model that edits by instruction, read one or more input images beside
+its prompt ("instruct": no strength): the same engine runs the family's editing pipeline
+(genkit.edit), and the record holds each input's path and sha256 so `genkit replay` can find
+and check it.
 
 Over 500 lines on purpose: planning (every check, before any work), batching (what may share a batch) and
 recording (what an image depends on) are one invariant, read together; what differs by model lives in
@@ -23,7 +25,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from genkit import checks, edit, hires, memory, schedulers
+from genkit import checks, controlnet, edit, hires, memory, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
@@ -50,6 +52,8 @@ class GenerationConfig:
     hires_strength: float | None = None  # how much the second pass redraws; default 0.7 (A1111's)
     hires_steps: int | None = None  # the second pass's steps; 0 or None: the first pass's
     hires_upscaler: str | None = None  # "latent" (the default), "lanczos" or an upscaling model's file (spandrel)
+    # ControlNet units (genkit.controlnet): a Control, "model=PATH,image=PATH,..." or a dict, or a list of them
+    control: object = None
     # editing (genkit.edit): an input image for every prompt (path, PIL image or array), a mask (white repaints),
     # the strength (0-1], or outpaint sides ("left=16,right=16"); a PromptSpec's own values win
     image: object = None
@@ -77,23 +81,27 @@ class Job:
     hires_strength: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str | None = None
-    image: edit.Picture | None = None  # the input of an edit
+    control: tuple | None = None  # ControlNet units (genkit.controlnet.Control, images read); None: none
+    image: edit.Picture | edit.Pictures | None = None  # the input of an edit (several: an instruction edit's)
     mask: edit.Picture | None = None  # white repaints (inpainting)
     strength: float | None = None
     outpaint: str | None = None  # "left=16,right=16": the input padded, the new border repainted
 
     @property
     def task(self) -> str | None:
-        """None (text-to-image), "img2img" or "inpaint"."""
+        """None (text-to-image), "img2img", "inpaint" or "instruct" (an instruction edit: input images and no
+        strength, the whole image drawn anew by the prompt; genkit.families' edit models)."""
         if self.image is None:
             return None
-        return "inpaint" if self.mask is not None or self.outpaint else "img2img"
+        if self.mask is not None or self.outpaint:
+            return "inpaint"
+        return "img2img" if self.strength is not None else "instruct"
 
     def batch_key(self) -> tuple:
         """What jobs of one batch share, whatever the model (`Pipeline.batch_key` adds what the model needs)."""
         return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler, self.task,
                 self.strength, self.prompt_syntax, self.hires_scale, self.hires_strength, self.hires_steps,
-                self.hires_upscaler)
+                self.hires_upscaler, controlnet.batch_key(self.control))
 
 
 @dataclass
@@ -141,6 +149,7 @@ class Pipeline:
         self.defaults = {**family.defaults(pipe), **defaults}
         self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
         self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
+        self.controlnets: dict = {}  # path -> genkit.controlnet.Loaded, loaded when a job first asks for it
         self.compiled = False
         self._cut: dict[str, dict | None] = {}  # prompt -> what its text encoder drops of it (prompt_cut)
         self._chunks: dict[tuple, int] = {}  # (prompt, weighted) -> the pieces it is read in (chunks_of)
@@ -181,7 +190,9 @@ class Pipeline:
         """What the jobs of one batch must share: settings, text pieces, and (where the family passes an empty negative
         as none) whether the negative is empty."""
         empty = not job.negative_prompt if self.family.empty_negative_is_zeros else None
-        return (*job.batch_key(), self.chunks_of(job), empty)
+        # an instruction edit's pipeline reads one set of input images for its whole batch
+        inputs = tuple(p.sha256 for p in edit.references(job.image)) if job.task == "instruct" else None
+        return (*job.batch_key(), self.chunks_of(job), empty, inputs)
 
     @property
     def denoiser(self):
@@ -261,6 +272,8 @@ class Pipeline:
             negative = spec.negative_prompt if spec.negative_prompt is not None else base["negative_prompt"]
             edits.update(self._prompt_syntax(spec, config, negative),
                          **self._hires(spec, config, steps, width, height, bool(edits)))
+            own = getattr(spec, "control", None)
+            edits.update(controlnet.plan(self, own if own is not None else config.control, edits, read))
             first = spec.seed if spec.seed is not None else seed + len(jobs)
             checks.check_seed(first)
             checks.check_seed(first + n - 1)  # the prompt's seeds run from first to first + n - 1
@@ -335,7 +348,7 @@ class Pipeline:
     def _edit(self, spec: PromptSpec, config: GenerationConfig, steps: int, read: dict) -> dict:
         """The job fields of a prompt's edit (input, mask, strength, outpaint, and the size they give), checked
         before any work; {} for text-to-image. `read` holds each input once per plan."""
-        from genkit import images
+        from genkit import families, images
 
         def own(key):
             value = getattr(spec, key, None)
@@ -353,11 +366,22 @@ class Pipeline:
         if mask_source is not None and outpaint is not None:
             raise GenkitError(f"makes its own mask (the new border); pass {term('mask')} or {term('outpaint')}, not both",
                               param="outpaint")
-        task = "inpaint" if mask_source is not None or outpaint is not None else "img2img"
+        if mask_source is not None or outpaint is not None:
+            task = "inpaint"
+        else:  # no strength: the model's instruction edit where it has one
+            task = "instruct" if strength is None and "instruct" in self.family.edit_tasks else "img2img"
         self.family.check_edit(task)
+        image = edit.picture(source, "image", read)
+        if task == "instruct":  # the output has the (first) input's size unless told
+            width, height = images.target_size(edit.references(image)[0].pixels.size, spec.width or config.width,
+                                               spec.height or config.height, self.size_factor)
+            return {"image": image, "width": width, "height": height}
+        if isinstance(image, edit.Pictures):
+            have = [f.name for f in families.all_families() if "instruct" in f.edit_tasks]
+            raise GenkitError(f"{len(image.items)} input images: {task} edits one; several are read by models that "
+                              f"edit by instruction (families: {', '.join(have)})", param="image")
         strength = edit.check_strength(edit.default_strength(task == "inpaint") if strength is None else strength)
         edit.check_kept_steps(steps, strength)
-        image = edit.picture(source, "image", read)
         size, mask = image.pixels.size, None
         if outpaint is not None:
             pads = edit.parse_outpaint(outpaint)
@@ -482,11 +506,11 @@ class Pipeline:
         import torch
 
         first = batch[0]
-        pipe = self._pipe_for(first.task)
+        pipe = controlnet.pipe_for(self, first) if first.control else self._pipe_for(first.task)
         pipe.scheduler = self._scheduler(first.scheduler)  # fresh: schedulers keep per-call state
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
 
-        steps = first.num_inference_steps if first.task is None else \
+        steps = first.num_inference_steps if first.task in (None, "instruct") else \
             edit.kept_steps(first.num_inference_steps, first.strength)  # an edit runs the last steps only
         if first.hires_scale is not None:  # and the hires fix's second pass runs after it
             steps += edit.kept_steps(hires.second_steps(first), first.hires_strength)
@@ -501,16 +525,22 @@ class Pipeline:
             return tensors
 
         made, inputs = batch, None  # the jobs as the last pass made them (the hires fix: at the output size)
-        with (BatchInvariant() if self.exact else contextlib.nullcontext()), \
-                rows_apart(*(self.family.text_encoders(self.pipe) if self.exact else ()), memo=encoded), \
+        # an instruction edit's text encoder may read its images too (Qwen2.5-VL), which rows_apart cannot split by
+        # prompt: the families' edit pipelines encode each prompt alone instead
+        apart = self.family.text_encoders(self.pipe) if self.exact and first.task != "instruct" else ()
+        with (BatchInvariant() if self.exact else contextlib.nullcontext()), rows_apart(*apart, memo=encoded), \
                 self.family.attention_context(self.attention):
             extra = {}
-            if first.task is not None:
+            if first.task == "instruct":  # the input images as read: the pipeline sizes them as its model wants
+                extra["image"] = [picture.pixels for picture in edit.references(first.image)]
+            elif first.task is not None:
                 inputs = [edit.inputs_for(job.image, job.mask, job.outpaint, job.width, job.height, self.size_factor)
                           for job in batch]
                 extra.update(image=[image for image, _ in inputs], strength=first.strength)
                 if first.task == "inpaint":
                     extra["mask_image"] = [mask for _, mask in inputs]
+            if first.control:  # each row's control images, the weights and bounds (genkit.controlnet)
+                extra.update(controlnet.call_args(self, pipe, batch, generators))
             if first.hires_scale is None:
                 output = self._call(pipe, batch, generators, on_step, extra, last, steps)
             else:
@@ -622,6 +652,8 @@ def _settings_record(job: Job, of_edit: bool) -> dict:
             continue
         if setting.digest:
             out.update({setting.name: value.source, digest_key(setting.name): value.sha256})
+        elif isinstance(value, tuple) and value and hasattr(value[0], "record"):  # ControlNet units
+            out[setting.name] = [unit.record() for unit in value]
         else:
             out[setting.name] = value
     return out

@@ -26,7 +26,7 @@ from genkit.outputs import RECORD_ONLY
 # a .jsonl line's keys and the JSON types of each: every setting a prompt may set, by its short word (steps, guidance,
 # n: genkit.settings' aliases), and the sha256 of each input file
 JSONL_KEYS = {**{s.word: s.json for s in settings.SETTINGS if s.per_prompt},
-              **{settings.digest_key(s.name): (str,) for s in settings.SETTINGS if s.digest}}
+              **{settings.digest_key(s.name): s.json for s in settings.SETTINGS if s.digest}}  # a list for a list
 # image / mask paths in a .jsonl: relative to the file's own folder, else to the working folder
 JSONL_WORDS = {s.alias: s.name for s in settings.SETTINGS if s.alias}  # a line's short words -> the library's
 
@@ -57,6 +57,7 @@ class PromptSpec:
     hires_strength: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str | None = None
+    control: object = None  # ControlNet units (genkit.controlnet): "model=PATH,image=PATH,..." strings or dicts
     image: object = None  # an input to edit (path, PIL image or array; genkit.edit), with its mask and strength
     mask: object = None
     strength: float | None = None
@@ -157,11 +158,21 @@ def _library_words(entry: dict, where: str) -> dict:
     return out
 
 
-def _input(path: Path, entry: dict, key: str, where: str) -> str | None:
-    """An input image's path: beside the prompts file, else from the working folder; its sha256 checked if given."""
+def _input(path: Path, entry: dict, key: str, where: str) -> str | list[str] | None:
+    """An input image's path: beside the prompts file, else from the working folder; its sha256 checked if given. A
+    list (an instruction edit's input images) is a list of such paths, its sha256s a list in the same order."""
     if key not in entry:
         return None
+    if isinstance(entry[key], list):
+        given, want = entry[key], entry.get(settings.digest_key(key))
+        if not given or not all(isinstance(one, str) for one in given) or \
+                (want is not None and (not isinstance(want, list) or len(want) != len(given))):
+            raise GenkitError(f"{where}: {key} must be a path or a non-empty list of paths (with as many sha256s)")
+        return [_input(path, {key: one, **({} if want is None else {f"{key}_sha256": sha})}, key, where)
+                for one, sha in zip(given, want or given)]
     given = entry[key]
+    if not isinstance(given, str):
+        raise GenkitError(f"{where}: {key} has the wrong type ({given!r})")
     if given.startswith("<"):
         raise GenkitError(f"{where}: the {key} was given in memory ({given}), not as a file; write it to a file and "
                           f"put its path in {key!r}")

@@ -38,6 +38,7 @@ class GenerateRequest:
     hires_strength: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str | None = None
+    control: object = None  # ControlNet units (genkit.controlnet): Controls, "model=PATH,image=PATH,..." or dicts
     image: object = None  # editing (genkit.edit): the input image, its mask, strength, outpaint sides
     mask: object = None
     strength: float | None = None
@@ -183,8 +184,8 @@ def _check_edit_inputs(request: GenerateRequest) -> None:
         edit.parse_outpaint(request.outpaint)
     if request.image is None:
         return
-    image = edit.picture(request.image, "image")
-    if request.mask is not None and request.outpaint is None:
+    image = edit.picture(request.image, "image")  # several: an instruction edit's (the plan says if the model reads them)
+    if request.mask is not None and request.outpaint is None and isinstance(image, edit.Picture):
         edit.check_mask(edit.picture(request.mask, "mask"), image.pixels.size)
 
 
@@ -283,6 +284,10 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
     pipeline = load_for(request)
     # the recorded settings are the image's Job (its inputs read again); the rest is what to load and how
     recorded = {key: record[key] for key in RECORD_SETTINGS if key in record and key not in inputs}
+    if recorded.get("control"):  # each control image read again and checked, as the inputs (genkit.controlnet)
+        from genkit import controlnet
+
+        recorded["control"] = controlnet.from_record(recorded["control"], Path(image).parent)
     job = Job(index=record["index"], **recorded, **inputs)
     result = pipeline.generate([record["prompt"]], jobs=[job])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -313,9 +318,22 @@ def _long_prompts(record: dict) -> str | None:
 
 
 def _find_input(record: dict, key: str, given, beside: Path):
-    """The recorded input `key` ("image" or "mask") as a genkit.edit.Picture, checked against its sha256."""
+    """The recorded input `key` ("image" or "mask") as a genkit.edit.Picture, checked against its sha256; a recorded
+    list (an instruction edit's input images) as genkit.edit.Pictures, `given` then a list of paths in its order."""
     from genkit import edit
 
+    if isinstance(record[key], list):
+        given = list(given) if isinstance(given, (list, tuple)) else [given] * (given is not None)
+        if given and len(given) != len(record[key]):
+            raise GenkitError(f"this image was made from {len(record[key])} input images; pass each with --image PATH, "
+                              "in the recorded order")
+        return edit.Pictures(tuple(_find_input({key: one, f"{key}_sha256": want}, key, given[n] if given else None,
+                                               beside)
+                                   for n, (one, want) in enumerate(zip(record[key], record[f"{key}_sha256"]))))
+    if isinstance(given, (list, tuple)):  # replay's --image, repeatable for a list
+        given = given[0] if len(given) == 1 else None if not given else given
+        if isinstance(given, (list, tuple)):
+            raise GenkitError(f"this image was made from one input image; pass one --image PATH, not {len(given)}")
     recorded, want = record[key], record.get(f"{key}_sha256")
     flag = "--image" if key == "image" else "--mask"
     if given is not None:

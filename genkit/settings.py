@@ -56,7 +56,10 @@ SETTINGS = (
     Setting("hires_strength", (int, float), optional=True),
     Setting("hires_steps", (int,), optional=True),
     Setting("hires_upscaler", (str,), optional=True),  # "latent", "lanczos" or an upscaling model's file
-    Setting("image", (str,), edit=True, digest=True),  # a path (in Python also a PIL image or an array)
+    # ControlNet units (genkit.controlnet): a model, a control image (path and sha256), preprocessor, weight, bounds
+    Setting("control", (list,), optional=True),
+    # a path (in Python also a PIL image or an array); a list of several: an instruction edit's input images
+    Setting("image", (str, list), edit=True, digest=True),
     Setting("strength", (int, float), edit=True),
     Setting("mask", (str,), edit=True, digest=True),
     Setting("outpaint", (str, dict), edit=True),  # "left=16,right=16"

@@ -45,6 +45,9 @@ ALLOWED = {
     ("genkit/testing.py", "_qwen_image_edit", "components['tokenizer'].save_pretrained"): "as _saved: its processor",
     ("genkit/testing.py", "_qwen_image_edit",
      "Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained"): "as _saved: its processor",
+    ("genkit/testing.py", "build_tiny_controlnet", "controlnet.save_pretrained"): "as _saved: a tiny ControlNet",
+    ("genkit/families/base.py", "UNetFamily.load_controlnet_file", "(Path(folder) / 'config.json').write_text"):
+        "a config for diffusers' from_single_file in a private TemporaryDirectory, gone when it returns",
     ("genkit/serve/store.py", "ImageStore.input_picture", "picture.pixels.save"): "PNG bytes into memory (BytesIO), "
     "hashed, then written by keep_input through atomic_write",
     ("genkit/serve/service.py", "Service.deliver", "self.store.save"): "ImageStore.save: OutputWriter.write, which "

@@ -64,7 +64,9 @@ def test_counts_on_the_meta_device_are_the_loaded_models_counts(tmp_path):
         if families.get(family).file_format != "diffusers":
             continue
         folder = testing.build_tiny(family, tmp_path / family)
-        pipe = DiffusionPipeline.from_pretrained(folder)
+        # an editing model's processor (no weights) needs torchvision to load, which cannot sit beside a CPU torch
+        pipe = DiffusionPipeline.from_pretrained(folder, **({"processor": None} if (folder / "processor").is_dir()
+                                                            else {}))
         loaded = {name: sum(p.numel() for p in module.parameters()) for name, module in pipe.components.items()
                   if isinstance(module, torch.nn.Module)}
         assert {c.name: c.parameters for c in memory.meta_model(str(folder)).components} == loaded, family

@@ -42,8 +42,8 @@ def test_each_name_is_declared_once_and_aliases_are_not_names():
 def test_a_jsonl_lines_keys_come_from_the_table():
     assert list(prompts.JSONL_KEYS) == ["prompt", "negative_prompt", "seed", "n", "steps", "guidance", "width", "height",
                                         "scheduler", "prompt_syntax", "hires_scale", "hires_strength", "hires_steps",
-                                        "hires_upscaler", "image", "strength", "mask", "outpaint", "image_sha256",
-                                        "mask_sha256"]
+                                        "hires_upscaler", "control", "image", "strength", "mask", "outpaint",
+                                        "image_sha256", "mask_sha256"]
     assert prompts.JSONL_KEYS["guidance"] == (int, float) and prompts.JSONL_KEYS["outpaint"] == (str, dict)
 
 

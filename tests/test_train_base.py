@@ -88,15 +88,15 @@ def test_second_stage_starts_from_the_first(tmp_path):
 def test_both_trainers_use_one_vocabulary():
     """The base and LoRA recipes name what they share alike: [train] steps, batch_size, learning_rate,
     warmup_steps, weight_decay, seed, mixed_precision, threads, checkpoint_every, keep_checkpoints; [validation]
-    every, prompts, seed, num_inference_steps. What only the base trainer has is its own (EMA, cosine floor,
-    second-stage start)."""
+    every, prompts, seed, num_inference_steps; ema_decay (the LoRA trainer's EMA is optional: train.ema). What only
+    the base trainer has is its own (cosine floor, second-stage start)."""
     import dataclasses
 
     from genkit.train import base, recipe
 
     base_train = {f.name for f in dataclasses.fields(base.TrainConfig)}
     lora_train = {f.name for f in dataclasses.fields(recipe.TrainConfig)}
-    assert base_train - lora_train == {"min_learning_rate", "ema_decay", "init_from"}
+    assert base_train - lora_train == {"min_learning_rate", "init_from"}
     assert {f.name for f in dataclasses.fields(base.ValidationConfig)} == \
         {f.name for f in dataclasses.fields(recipe.ValidationConfig)}
     assert {f.name for f in dataclasses.fields(base.BaseRecipe)} >= {"train", "data", "validation"}

@@ -344,16 +344,20 @@ class Family(abc.ABC):
     controlnet_several = True  # its ControlNet pipeline takes several ControlNets at once (their residuals summed)
     controlnet_bounds = True  # ... and each one's start and end (control_guidance_start/_end)
     control_image_arg = "control_image"  # the call's word for the control images (SD's and SDXL's: "image")
+    controlnet_pipeline: str | None = None  # diffusers' text-to-image ControlNet pipeline class for the family
     # (controlnet config key, denoiser config key) that must be equal for a ControlNet to fit the denoiser
     controlnet_fit: tuple[tuple[str, str], ...] = ()
 
     def control_pipe(self, pipe, controlnets: list):
-        """The family's text-to-image ControlNet pipeline holding `controlnets` (one, or several as diffusers'
-        MultiControlNet), made with `from_pipe`, so it shares `pipe`'s loaded components."""
-        from diffusers import AutoPipelineForText2Image
+        """The family's text-to-image ControlNet pipeline (`controlnet_pipeline`) holding `controlnets` (one, or several
+        as diffusers' MultiControlNet), made of `pipe`'s loaded components (genkit.families.shared.sharing: no copy,
+        no dtype cast)."""
+        import diffusers
 
-        return AutoPipelineForText2Image.from_pipe(pipe, controlnet=controlnets[0] if len(controlnets) == 1
-                                                   else list(controlnets))
+        from genkit.families.shared import sharing
+
+        held = controlnets[0] if len(controlnets) == 1 else list(controlnets)
+        return sharing(getattr(diffusers, self.controlnet_pipeline), pipe, controlnet=held)
 
     def control_args(self, pipe, batch, generators, units: list, images: list[list]) -> dict:
         """The call's ControlNet arguments: `images[k]` holds unit k's control image for each row of the batch. One
@@ -531,6 +535,7 @@ class UNetFamily(Family):
     # ControlNet (Zhang et al. 2023, https://arxiv.org/abs/2302.05543): a trainable copy of the UNet's encoder whose
     # conditioning embedding brings the control image down to the latents' size (SD's: 512 -> 64, four levels)
     controlnet_classes = ("ControlNetModel",)
+    controlnet_pipeline = "StableDiffusionControlNetPipeline"
     controlnet_fit = (("in_channels", "in_channels"), ("cross_attention_dim", "cross_attention_dim"),
                       ("block_out_channels", "block_out_channels"), ("addition_embed_type", "addition_embed_type"))
     CONDITIONING_CHANNELS = (16, 32, 96, 256)  # diffusers' ControlNetModel default: each level after the first halves

@@ -148,6 +148,7 @@ class Flux(FlowFamily):
 
     # -- ControlNet: diffusers' FluxControlNetModel (InstantX's and XLabs' layouts) in FluxControlNetPipeline ---------
     controlnet_classes = ("FluxControlNetModel",)
+    controlnet_pipeline = "FluxControlNetPipeline"
     controlnet_fit = tuple((key, key) for key in ("in_channels", "joint_attention_dim", "pooled_projection_dim",
                                                   "num_attention_heads", "attention_head_dim", "axes_dims_rope"))
 

@@ -48,7 +48,7 @@ def kohya_layer(layer: str) -> KohyaLayer | None:
 
 class Flux2Klein(FlowFamily):
     name = "flux2-klein"
-    title = "Flux.2 [klein]"
+    title = "Flux.2 klein"  # Black Forest Labs writes FLUX.2 [klein]
     pipeline_classes = ("Flux2KleinPipeline",)
     max_sequence_length = 512  # every prompt is padded (and cut) to this, its chat template included
     negative_prompt = False  # its guidance steers from the empty prompt

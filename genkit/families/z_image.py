@@ -76,6 +76,7 @@ class ZImage(FlowFamily):
 
     # -- ControlNet: diffusers' ZImageControlNetModel (VideoX-Fun's Z-Image ControlNets), one at a time, every step
     controlnet_classes = ("ZImageControlNetModel",)
+    controlnet_pipeline = "ZImageControlNetPipeline"
     controlnet_several = False  # ZImageControlNetPipeline holds one ControlNet
     controlnet_bounds = False  # ... which acts in every step (no control_guidance_start/_end)
     controlnet_fit = (("dim", "dim"), ("n_heads", "n_heads"), ("n_kv_heads", "n_kv_heads"),

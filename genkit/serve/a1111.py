@@ -11,6 +11,7 @@ LoRAs: `<lora:name:weight>` in the prompt, or `"loras": [{"name", "weight"}]`, f
 0.75), answering as txt2img. Without width/height the output has the input's size (rounded down
 to the model's multiple). txt2img's hires fix (`enable_hr`, `hr_scale` or `hr_resize_x/y`, `hr_upscaler` "Latent"
 or "Lanczos", `hr_second_pass_steps`, `denoising_strength`, A1111's 0.75 when absent) is genkit.hires'.
+ControlNet: sd-webui-controlnet's units in `alwayson_scripts` and its /controlnet routes (genkit.serve.controlnet).
 A1111 options genkit does not do (mask blur, "only masked", other
 fills and resize modes, face restoration, tiling, variation seeds) are refused with
 422 naming them when their value would change the image; absent, or genkit's own value, they pass
@@ -27,8 +28,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from genkit import schedulers
+from genkit.controlnet import infotext_fields
 from genkit.errors import GenkitError
 from genkit.outputs import infotext
+from genkit.serve import controlnet
 from genkit.serve.bodies import Body, LoraRef, read_model
 from genkit.serve.errors import ApiError
 from genkit.serve.service import Order
@@ -39,7 +42,8 @@ router = APIRouter(prefix="/sdapi/v1")
 FIELDS = {"num_images_per_prompt": "batch_size", "num_inference_steps": "steps", "guidance_scale": "cfg_scale",
           "scheduler": "sampler_name", "image": "init_images", "strength": "denoising_strength", "lora": "loras",
           "model": "override_settings.sd_model_checkpoint", "hires_scale": "hr_scale",
-          "hires_strength": "denoising_strength", "hires_steps": "hr_second_pass_steps", "hires_upscaler": "hr_upscaler"}
+          "hires_strength": "denoising_strength", "hires_steps": "hr_second_pass_steps",
+          "hires_upscaler": "hr_upscaler", "control": "alwayson_scripts.controlnet.args"}
 HIRES_STRENGTH = 0.75  # A1111's API's denoising_strength for txt2img's hires fix (its UI's slider says 0.7)
 HIRES_UPSCALERS = {"latent": "latent", "lanczos": "lanczos"}  # A1111's names (any case) -> genkit.hires'
 SCHEDULES = ("Automatic", "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal",
@@ -68,6 +72,7 @@ class Txt2Img(Body):
     hr_upscaler: str | None = None  # "Latent" (the default) or "Lanczos"
     hr_second_pass_steps: int = 0  # 0: as many as steps
     denoising_strength: float | None = None  # the hires pass's (None: A1111's 0.75)
+    alwayson_scripts: dict = {}  # sd-webui-controlnet's units under "controlnet" (genkit.serve.controlnet)
     restore_faces: bool = False
     tiling: bool = False
     subseed_strength: float = 0.0
@@ -173,7 +178,9 @@ def _order(request: Request, body: Txt2Img, edit: str | None = None) -> Order:
                  num_images_per_prompt=body.batch_size * body.n_iter, seed=None if body.seed == -1 else body.seed,
                  num_inference_steps=body.steps, guidance_scale=body.cfg_scale, width=body.width, height=body.height,
                  scheduler=_sampler(body), model=model, lora=[(ref.name, ref.value) for ref in body.loras],
-                 fields=FIELDS, **_hires(body, edit, server(request).limits.max_side))
+                 fields=FIELDS, **_hires(body, edit, server(request).limits.max_side),
+                 control=controlnet.units(request, body.alwayson_scripts, body.width, body.height,
+                                          server(request).limits.max_input_side))
 
 
 def _hires(body: Txt2Img, edit: str | None, max_side: int) -> dict:
@@ -280,8 +287,8 @@ def _info(body: Txt2Img, records: list, delivery) -> dict:
         "sd_model_name": delivery.model, "sd_model_hash": None, "sd_vae_name": None, "sd_vae_hash": None,
         "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": first.get("strength", first.get("hires_strength")),
-        "extra_generation_params": {"Lora": ", ".join(f"{lo['name']}: {lo['scale']}" for lo in first["lora"])}
-        if first.get("lora") else {},
+        "extra_generation_params": {**({"Lora": ", ".join(f"{lo['name']}: {lo['scale']}" for lo in first["lora"])}
+                                       if first.get("lora") else {}), **infotext_fields(first)},
         "index_of_first_image": 0, "infotexts": [infotext(r) for r in records], "styles": [],
         "job_timestamp": time.strftime("%Y%m%d%H%M%S"), "clip_skip": 1, "is_using_inpainting_conditioning": False,
         "version": f"genkit {first.get('versions', {}).get('genkit', '')}".strip(),

@@ -19,6 +19,9 @@ import click
               help="Keep images here, named and recorded as genkit generate does (default: a temporary folder).")
 @click.option("--lora-dir", "lora_dirs", multiple=True, type=click.Path(file_okay=False),
               help="Folder of LoRAs that requests may name (<lora:name:weight>); repeatable.")
+@click.option("--controlnet-dir", "controlnet_dirs", multiple=True, type=click.Path(file_okay=False),
+              help="Folder of ControlNets (diffusers folders or .safetensors files) that A1111 requests may name "
+                   "(alwayson_scripts.controlnet; GET /controlnet/model_list); repeatable.")
 @click.option("--max-batch", default=8, show_default=True, help="Images per engine batch, across requests.")
 @click.option("--max-queue", default=64, show_default=True, help="Images that may wait; past it 429 + Retry-After.")
 @click.option("--max-images", default=16, show_default=True, help="Images one request may ask for.")
@@ -41,8 +44,8 @@ import click
               help="With --ray: replicas (default one per GPU of the cluster, else one; CPUs divided among them).")
 @click.option("--ray-address", default=None, metavar="ADDRESS",
               help="With --ray: the cluster to join, like auto or HEAD:6379 (default: start one here).")
-def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max_images, max_steps, max_size, cors,
-          device, dtype, attention, memory, devices, workers, use_ray, replicas, ray_address):
+def serve(models, host, port, api_key, out, lora_dirs, controlnet_dirs, max_batch, max_queue, max_images, max_steps,
+          max_size, cors, device, dtype, attention, memory, devices, workers, use_ray, replicas, ray_address):
     """Serve models over HTTP: AUTOMATIC1111's /sdapi/v1 and OpenAI's /v1/images, and a gallery at /."""
     from genkit.errors import GenkitError
     from genkit.serve.security import check_bind
@@ -79,6 +82,8 @@ def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max
 
         if places or workers > 1:
             raise GenkitError("--ray places the replicas itself: pass --replicas N, not --devices or --workers")
+        if controlnet_dirs:
+            raise GenkitError("--controlnet-dir is not offered with --ray yet (serve ControlNets without --ray)")
         return on_ray.run(list(models) or None, host=host, port=port, replicas=replicas, address=ray_address,
                           out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors, device=device,
                           dtype=dtype, attention=attention, memory=memory)
@@ -86,6 +91,9 @@ def serve(models, host, port, api_key, out, lora_dirs, max_batch, max_queue, max
         raise GenkitError("--replicas and --ray-address go with --ray")
     app = create_app(list(models) or None, out=out, api_key=api_key, lora_dirs=lora_dirs, limits=limits, cors=cors,
                      device=device, dtype=dtype, attention=attention, memory=memory, devices=places, workers=workers)
+    from genkit.serve import controlnet
+
+    controlnet.install(app, controlnet_dirs)  # the /controlnet routes and the folders' ControlNets
     from genkit.serve.metrics import log_access_to_stderr
 
     log_access_to_stderr()  # one JSON line per request

@@ -47,6 +47,7 @@ class Order:
     hires_strength: float | None = None
     hires_steps: int | None = None
     hires_upscaler: str | None = None
+    control: object = None  # ControlNet units (genkit.controlnet.Control: a --controlnet-dir model, a PIL image)
     image: object = None  # image editing: the input (a PIL image), a mask (white repaints), strength, outpaint
     mask: object = None
     strength: float | None = None
@@ -91,6 +92,7 @@ class Service:
         files = {}
         if jobs[0].image is not None:
             self._check_edit_size(jobs[0], order)
+        if jobs[0].image is not None or jobs[0].control:
             jobs, files = self._kept_inputs(jobs)
         return Ticket(key=(model, loras, pipeline.batch_key(jobs[0])), jobs=jobs, files=files)
 
@@ -105,8 +107,10 @@ class Service:
                                param=field, code="limit")
 
     def _kept_inputs(self, jobs: list) -> tuple[list, dict]:
-        """With an output folder: the jobs' inputs as the PNG files the records will name (same pixels), and those
-        files' bytes by name, written with the first image delivered (store.keep_input)."""
+        """With an output folder: the jobs' inputs (and ControlNet images) as the PNG files the records will name (same
+        pixels), and those files' bytes by name, written with the first image delivered (store.keep_input)."""
+        from genkit.edit import Pictures
+
         if not self.store.keeps_inputs:
             return jobs, {}
         files, kept = {}, {}
@@ -114,12 +118,18 @@ class Service:
         def keep(picture, kind):
             if picture is None:
                 return None
+            if isinstance(picture, Pictures):  # an instruction edit's several input images, each kept
+                return Pictures(tuple(keep(item, kind) for item in picture.items))
             if id(picture) not in kept:
                 kept[id(picture)], name, data = self.store.input_picture(picture, kind)
                 files[name] = data
             return kept[id(picture)]
 
-        jobs = [replace(job, image=keep(job.image, "input"), mask=keep(job.mask, "mask")) for job in jobs]
+        def kept_controls(units):  # ControlNet images, kept as the inputs are (genkit.controlnet)
+            return tuple(replace(unit, image=keep(unit.image, "input")) for unit in units) if units else units
+
+        jobs = [replace(job, image=keep(job.image, "input"), mask=keep(job.mask, "mask"),
+                        control=kept_controls(job.control)) for job in jobs]
         return jobs, files
 
     @staticmethod

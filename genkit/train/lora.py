@@ -745,7 +745,6 @@ def train_lora(
 
     # 6. Export the adapter (its moving average with train.ema) and the record of how it was made
     adapters.check_finite(params, cfg.steps)
-    accelerator.end_training()
     if ema is not None:
         ema.copy_to(params)
     weights, record = out / WEIGHTS_NAME, out / RECORD_NAME
@@ -763,4 +762,5 @@ def train_lora(
             "recipe": to_dict(recipe), "versions": versions(),
         })
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # the trackers' last write; it also ends the process group, so after the last barrier
     return LoraTrainResult(out=out, weights=weights, record=record, steps=cfg.steps, loss=loss)
