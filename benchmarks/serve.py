@@ -98,35 +98,36 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def throughput(url: str, requests: list[dict], path: str = "/sdapi/v1/txt2img") -> dict:
+def client_for(url: str, requests: list):
     import httpx
 
-    limits = httpx.Limits(max_connections=len(requests) + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    return httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(requests) + 8))
+
+
+def answered(seconds: float, answers: list) -> tuple:
+    """(wall seconds, latencies, answers' JSON), every answer a 200."""
+    for _, response in answers:
+        assert response.status_code == 200, response.text
+    return seconds, [s for s, _ in answers], [r.json() for _, r in answers]
+
+
+async def throughput(url: str, requests: list[dict], path: str = "/sdapi/v1/txt2img") -> dict:
+    async with client_for(url, requests) as client:
         start = time.perf_counter()
         together = await asyncio.gather(*(timed_post(client, path, body) for body in requests))
         together_s = time.perf_counter() - start
         start = time.perf_counter()
         alone = [await timed_post(client, path, body) for body in requests]
         alone_s = time.perf_counter() - start
-    for _, response in together + alone:
-        assert response.status_code == 200, response.text
-    return {"together": (together_s, [s for s, _ in together], [r.json() for _, r in together]),
-            "alone": (alone_s, [s for s, _ in alone], [r.json() for _, r in alone])}
+    return {"together": answered(together_s, together), "alone": answered(alone_s, alone)}
 
 
 async def together(url: str, requests: list[dict], path: str = "/sdapi/v1/txt2img") -> tuple:
     """All `requests` at once: (wall seconds, latencies, answers)."""
-    import httpx
-
-    limits = httpx.Limits(max_connections=len(requests) + 8)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+    async with client_for(url, requests) as client:
         start = time.perf_counter()
         answers = await asyncio.gather(*(timed_post(client, path, body) for body in requests))
-        seconds = time.perf_counter() - start
-    for _, response in answers:
-        assert response.status_code == 200, response.text
-    return seconds, [s for s, _ in answers], [r.json() for _, r in answers]
+        return answered(time.perf_counter() - start, answers)
 
 
 def compare_workers(args, requests: list[dict]) -> bool:

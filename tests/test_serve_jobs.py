@@ -238,7 +238,8 @@ def test_cancel_a_queued_job_unknown_ids_404_finished_409_full_queue_429(server,
     assert client.get("/genkit/v1/jobs", params={"state": "lost"}).status_code == 422
 
 
-def test_cancel_a_running_job_stops_it_and_it_stays_cancelled(server, client, mini, monkeypatch):
+def held_unet(mini, monkeypatch) -> threading.Event:
+    """The model's UNet waits at each call until the returned event is set (a batch that stays running)."""
     gate, unet = threading.Event(), mini.pipe.unet
     original = unet.forward
 
@@ -247,6 +248,11 @@ def test_cancel_a_running_job_stops_it_and_it_stays_cancelled(server, client, mi
         return original(*args, **kwargs)
 
     monkeypatch.setitem(unet.__dict__, "forward", slow)
+    return gate
+
+
+def test_cancel_a_running_job_stops_it_and_it_stays_cancelled(server, client, mini, monkeypatch):
+    gate = held_unet(mini, monkeypatch)
     try:
         job = submit(client, {"prompt": "a red circle", "steps": STEPS, "seed": 1})
         until(lambda: client.get(job["url"]).json()["state"] == "running", what="running")
@@ -262,14 +268,7 @@ def test_cancel_a_running_job_stops_it_and_it_stays_cancelled(server, client, mi
 
 
 def test_an_interrupt_ends_a_running_job_cancelled_and_interrupted(server, client, mini, monkeypatch):
-    gate, unet = threading.Event(), mini.pipe.unet
-    original = unet.forward
-
-    def slow(*args, **kwargs):
-        gate.wait(60)
-        return original(*args, **kwargs)
-
-    monkeypatch.setitem(unet.__dict__, "forward", slow)
+    gate = held_unet(mini, monkeypatch)
     try:
         job = submit(client, {"prompt": "a red circle", "steps": STEPS, "seed": 1})
         until(lambda: client.get(job["url"]).json()["state"] == "running", what="running")

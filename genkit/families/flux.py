@@ -70,18 +70,23 @@ def flux_to_diffusers(state: dict) -> dict:
     return out
 
 
+def double_block_layer(match, layer: str, names: dict) -> KohyaLayer | None:
+    """A double block's layer (`match` of `transformer_blocks.N.rest`) under its original name: q, k and v (and the
+    text stream's) fused into one qkv layer, the others by `names` (diffusers' name -> the original's)."""
+    old, new, rest = f"double_blocks.{match[1]}.", f"transformer_blocks.{match[1]}.", match[2]
+    if rest in ("attn.to_q", "attn.to_k", "attn.to_v"):
+        return KohyaLayer(old + "img_attn.qkv", tuple(f"{new}attn.to_{x}" for x in "qkv"), (1, 1, 1))
+    if rest in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
+        return KohyaLayer(old + "txt_attn.qkv", tuple(f"{new}attn.add_{x}_proj" for x in "qkv"), (1, 1, 1))
+    return KohyaLayer(old + names[rest], (layer,)) if rest in names else None
+
+
 def kohya_layer(layer: str) -> KohyaLayer | None:
     """A diffusers Flux transformer layer as Black Forest Labs' model names it, which kohya's sd-scripts
     (`lora_unet_double_blocks_0_img_attn_qkv`) and ComfyUI (`diffusion_model.double_blocks.0.img_attn.qkv`) write:
     the inverse of `flux_to_diffusers`, so q, k and v (with a single block's MLP input, 4x as wide) are one layer."""
     if match := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", layer):
-        old, new, rest = f"double_blocks.{match[1]}.", f"transformer_blocks.{match[1]}.", match[2]
-        if rest in ("attn.to_q", "attn.to_k", "attn.to_v"):
-            return KohyaLayer(old + "img_attn.qkv", tuple(f"{new}attn.to_{x}" for x in "qkv"), (1, 1, 1))
-        if rest in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
-            return KohyaLayer(old + "txt_attn.qkv", tuple(f"{new}attn.add_{x}_proj" for x in "qkv"), (1, 1, 1))
-        names = {b: a for a, b in DOUBLE.items() if not a.endswith(".scale")}
-        return KohyaLayer(old + names[rest], (layer,)) if rest in names else None
+        return double_block_layer(match, layer, {b: a for a, b in DOUBLE.items() if not a.endswith(".scale")})
     if match := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", layer):
         old, new, rest = f"single_blocks.{match[1]}.", f"single_transformer_blocks.{match[1]}.", match[2]
         if rest in ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"):

@@ -18,6 +18,7 @@ import torch
 
 from genkit.errors import GenkitError, term
 from genkit.families.base import FlowFamily, Kohya, KohyaLayer
+from genkit.families.flux import double_block_layer
 from genkit.families.shared import sharing
 
 MIN_SIDE, MAX_ASPECT = 64, 8  # the pipeline's own limits on an input image (Flux2ImageProcessor.check_image_input)
@@ -34,12 +35,7 @@ def kohya_layer(layer: str) -> KohyaLayer | None:
     single block's fused input and output as they are. The layers diffusers' kohya converter does not read back (the
     shared modulations, the final norm) have none here."""
     if match := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", layer):
-        old, new, rest = f"double_blocks.{match[1]}.", f"transformer_blocks.{match[1]}.", match[2]
-        if rest in ("attn.to_q", "attn.to_k", "attn.to_v"):
-            return KohyaLayer(old + "img_attn.qkv", tuple(f"{new}attn.to_{x}" for x in "qkv"), (1, 1, 1))
-        if rest in ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"):
-            return KohyaLayer(old + "txt_attn.qkv", tuple(f"{new}attn.add_{x}_proj" for x in "qkv"), (1, 1, 1))
-        return KohyaLayer(old + KOHYA_DOUBLE[rest], (layer,)) if rest in KOHYA_DOUBLE else None
+        return double_block_layer(match, layer, KOHYA_DOUBLE)
     if match := re.fullmatch(r"single_transformer_blocks\.(\d+)\.attn\.(to_qkv_mlp_proj|to_out)", layer):
         return KohyaLayer(f"single_blocks.{match[1]}.{'linear1' if match[2] == 'to_qkv_mlp_proj' else 'linear2'}",
                           (layer,))
