@@ -46,7 +46,7 @@ FLAGS = {"num_inference_steps": "--steps", "guidance_scale": "--guidance", "num_
          "exact": "--exact", "quantize": "--quantize", "base": "--base",
          "models_dir": "--models-dir", "prompt_syntax": "--prompt-syntax", "hires_scale": "--hires",
          "hires_strength": "--hires-strength", "hires_steps": "--hires-steps", "hires_upscaler": "--hires-upscaler",
-         "control": "--control"}
+         "control": "--control", "ip_adapter": "--ip-adapter", "ip_image": "--ip-image"}
 _COMMAND_LINE: ContextVar[bool] = ContextVar("genkit_command_line", default=False)
 
 

@@ -25,7 +25,7 @@ import sys
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
-from genkit import checks, controlnet, edit, hires, memory, schedulers
+from genkit import checks, controlnet, edit, hires, ipadapter, memory, schedulers
 from genkit.errors import GenkitError, term
 from genkit.invariance import BatchInvariant, rows_apart
 from genkit.prompts import PromptSpec, from_strings
@@ -54,6 +54,8 @@ class GenerationConfig:
     hires_upscaler: str | None = None  # "latent" (the default), "lanczos" or an upscaling model's file (spandrel)
     # ControlNet units (genkit.controlnet): a Control, "model=PATH,image=PATH,..." or a dict, or a list of them
     control: object = None
+    # an IP-Adapter and its reference image (genkit.ipadapter): an IPAdapter or a dict of model, image, scale
+    ip_adapter: object = None
     # editing (genkit.edit): an input image for every prompt (path, PIL image or array), a mask (white repaints),
     # the strength (0-1], or outpaint sides ("left=16,right=16"); a PromptSpec's own values win
     image: object = None
@@ -82,6 +84,7 @@ class Job:
     hires_steps: int | None = None
     hires_upscaler: str | None = None
     control: tuple | None = None  # ControlNet units (genkit.controlnet.Control, images read); None: none
+    ip_adapter: object = None  # an IP-Adapter (genkit.ipadapter.IPAdapter, its image read); None: none
     image: edit.Picture | edit.Pictures | None = None  # the input of an edit (several: an instruction edit's)
     mask: edit.Picture | None = None  # white repaints (inpainting)
     strength: float | None = None
@@ -101,7 +104,7 @@ class Job:
         """What jobs of one batch share, whatever the model (`Pipeline.batch_key` adds what the model needs)."""
         return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.scheduler, self.task,
                 self.strength, self.prompt_syntax, self.hires_scale, self.hires_strength, self.hires_steps,
-                self.hires_upscaler, controlnet.batch_key(self.control))
+                self.hires_upscaler, controlnet.batch_key(self.control), ipadapter.batch_key(self.ip_adapter))
 
 
 @dataclass
@@ -150,6 +153,7 @@ class Pipeline:
         self.loras: list[dict] = []  # filled by genkit.lora when adapters are loaded
         self._edit_pipes: dict = {}  # task -> the family's editing pipeline, sharing this one's components
         self.controlnets: dict = {}  # path -> genkit.controlnet.Loaded, loaded when a job first asks for it
+        self.ip_adapters: dict = {}  # weights file -> genkit.ipadapter.Loaded, likewise
         self.compiled = False
         self._cut: dict[str, dict | None] = {}  # prompt -> what its text encoder drops of it (prompt_cut)
         self._chunks: dict[tuple, int] = {}  # (prompt, weighted) -> the pieces it is read in (chunks_of)
@@ -274,6 +278,7 @@ class Pipeline:
                          **self._hires(spec, config, steps, width, height, bool(edits)))
             own = getattr(spec, "control", None)
             edits.update(controlnet.plan(self, own if own is not None else config.control, edits, read))
+            edits.update(ipadapter.plan(self, config.ip_adapter, edits, read))
             first = spec.seed if spec.seed is not None else seed + len(jobs)
             checks.check_seed(first)
             checks.check_seed(first + n - 1)  # the prompt's seeds run from first to first + n - 1
@@ -506,7 +511,8 @@ class Pipeline:
         import torch
 
         first = batch[0]
-        pipe = controlnet.pipe_for(self, first) if first.control else self._pipe_for(first.task)
+        pipe = controlnet.pipe_for(self, first) if first.control else ipadapter.pipe_for(self, first) \
+            if first.ip_adapter else self._pipe_for(first.task)
         pipe.scheduler = self._scheduler(first.scheduler)  # fresh: schedulers keep per-call state
         generators = [torch.Generator("cpu").manual_seed(job.seed) for job in batch]
 
@@ -529,7 +535,7 @@ class Pipeline:
         # prompt: the families' edit pipelines encode each prompt alone instead
         apart = self.family.text_encoders(self.pipe) if self.exact and first.task != "instruct" else ()
         with (BatchInvariant() if self.exact else contextlib.nullcontext()), rows_apart(*apart, memo=encoded), \
-                self.family.attention_context(self.attention):
+                self.family.attention_context(self.attention), ipadapter.installed(self, first):
             extra = {}
             if first.task == "instruct":  # the input images as read: the pipeline sizes them as its model wants
                 extra["image"] = [picture.pixels for picture in edit.references(first.image)]
@@ -541,6 +547,8 @@ class Pipeline:
                     extra["mask_image"] = [mask for _, mask in inputs]
             if first.control:  # each row's control images, the weights and bounds (genkit.controlnet)
                 extra.update(controlnet.call_args(self, pipe, batch, generators))
+            if first.ip_adapter:  # the reference image (genkit.ipadapter), the scale set by `installed`
+                extra.update(ipadapter.call_args(self, pipe, batch))
             if first.hires_scale is None:
                 output = self._call(pipe, batch, generators, on_step, extra, last, steps)
             else:
@@ -654,6 +662,8 @@ def _settings_record(job: Job, of_edit: bool) -> dict:
             out.update({setting.name: value.source, digest_key(setting.name): value.sha256})
         elif isinstance(value, tuple) and value and hasattr(value[0], "record"):  # ControlNet units
             out[setting.name] = [unit.record() for unit in value]
+        elif hasattr(value, "record"):  # an IP-Adapter
+            out[setting.name] = value.record()
         else:
             out[setting.name] = value
     return out

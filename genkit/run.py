@@ -39,6 +39,7 @@ class GenerateRequest:
     hires_steps: int | None = None
     hires_upscaler: str | None = None
     control: object = None  # ControlNet units (genkit.controlnet): Controls, "model=PATH,image=PATH,..." or dicts
+    ip_adapter: object = None  # an IP-Adapter and its reference image (genkit.ipadapter): an IPAdapter or a dict
     image: object = None  # editing (genkit.edit): the input image, its mask, strength, outpaint sides
     mask: object = None
     strength: float | None = None
@@ -139,6 +140,10 @@ def check_request(request: GenerateRequest) -> None:
     check_out_dir(request.out)
     _check_numbers(request)
     _check_edit_inputs(request)
+    if request.ip_adapter is not None:  # its files found and its image read (genkit.ipadapter)
+        from genkit import ipadapter
+
+        ipadapter.parse(request.ip_adapter)
 
 
 def _check_numbers(request: GenerateRequest) -> None:
@@ -288,6 +293,10 @@ def replay_image(image: str | Path, *, out=None, model=None, device=None, input_
         from genkit import controlnet
 
         recorded["control"] = controlnet.from_record(recorded["control"], Path(image).parent)
+    if recorded.get("ip_adapter"):  # its reference image read again and checked, and the adapter's digests
+        from genkit import ipadapter
+
+        recorded["ip_adapter"] = ipadapter.from_record(recorded["ip_adapter"], Path(image).parent)
     job = Job(index=record["index"], **recorded, **inputs)
     result = pipeline.generate([record["prompt"]], jobs=[job])
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -58,6 +58,8 @@ SETTINGS = (
     Setting("hires_upscaler", (str,), optional=True),  # "latent", "lanczos" or an upscaling model's file
     # ControlNet units (genkit.controlnet): a model, a control image (path and sha256), preprocessor, weight, bounds
     Setting("control", (list,), optional=True),
+    # an IP-Adapter (genkit.ipadapter): the adapter (path, digests), its reference image (path and sha256), its scale
+    Setting("ip_adapter", (dict,), per_prompt=False, optional=True),
     # a path (in Python also a PIL image or an array); a list of several: an instruction edit's input images
     Setting("image", (str, list), edit=True, digest=True),
     Setting("strength", (int, float), edit=True),

@@ -1291,15 +1291,20 @@ def build_tiny_upscaler(path: str | Path, scale: int = 2, seed: int = 0) -> Path
 __all__ += ["build_tiny_controlnet", "ldm_controlnet"]
 
 
-def build_tiny_controlnet(model: str | Path, folder: str | Path, *, seed: int = 0, std: float = 0.1) -> Path:
-    """A random-weight ControlNet for the tiny model saved in `model` (build_tiny's folder), saved in `folder`."""
+def _tiny_pipe(model: str | Path):
+    """(family, diffusers pipeline) of the tiny model saved in `model` (build_tiny's folder), in float32."""
     import json
 
     from genkit import families
 
     index = json.loads((Path(model) / "model_index.json").read_text(encoding="utf-8"))
     family = families.detect(index["_class_name"], str(model))
-    pipe = family.load(str(model), dtype=torch.float32, use_safetensors=True, local=True)
+    return family, family.load(str(model), dtype=torch.float32, use_safetensors=True, local=True)
+
+
+def build_tiny_controlnet(model: str | Path, folder: str | Path, *, seed: int = 0, std: float = 0.1) -> Path:
+    """A random-weight ControlNet for the tiny model saved in `model` (build_tiny's folder), saved in `folder`."""
+    family, pipe = _tiny_pipe(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         controlnet = family.new_controlnet(pipe)
@@ -1334,3 +1339,37 @@ def ldm_controlnet(state: dict, config) -> dict:
                                                                               "controlnet_down_blocks.",
                                                                               "controlnet_mid_block."))}
     return {**_ldm_unet(rest, config), **own}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny IP-Adapters (genkit.ipadapter): random weights in each family's own file layout (`Family.ip_adapter_shapes`:
+# h94/IP-Adapter's for SD 1.x and SDXL, XLabs' for Flux.1) saved as users have them, the weights file beside an
+# image_encoder/ folder holding a tiny CLIPVisionModelWithProjection: genkit reads them as it reads a user's.
+
+__all__ += ["build_tiny_ip_adapter", "IP_ADAPTER_FILES"]
+
+IP_ADAPTER_FILES = {"sd": "ip-adapter_sd15.safetensors", "sdxl": "ip-adapter_sdxl.safetensors",
+                    "flux": "ip_adapter.safetensors"}  # the published files' names (h94's, XLabs')
+
+
+def build_tiny_ip_adapter(model: str | Path, folder: str | Path, *, seed: int = 0, std: float = 0.5,
+                          image_embed_dim: int = 16) -> Path:
+    """A random-weight IP-Adapter for the tiny model saved in `model`, written to `folder` (the weights file and its
+    image_encoder/); returns the weights file."""
+    from safetensors.torch import save_file
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    family, pipe = _tiny_pipe(model)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+            patch_size=8, projection_dim=image_embed_dim))
+        state = {key: torch.randn(shape) * std + (1.0 if key.endswith("norm.weight") else 0.0)  # LayerNorm scales
+                 for key, shape in family.ip_adapter_shapes(pipe, image_embed_dim).items()}
+    encoder.save_pretrained(folder / "image_encoder", safe_serialization=True)
+    file = folder / IP_ADAPTER_FILES.get(family.name, "ip-adapter.safetensors")
+    save_file(state, str(file))
+    return file

@@ -393,6 +393,43 @@ class Family(abc.ABC):
         raise GenkitError(f"model={file}: {self.title} ControlNets are read from diffusers folders (config.json beside "
                           "the weights); diffusers reads no single file of them", param="control")
 
+    # -- inference: IP-Adapter (genkit.ipadapter) -----------------------------------------------
+    ip_adapter_pipelines: tuple[str, ...] = ()  # the family's diffusers pipelines that load an IP-Adapter
+    ip_adapter_layout: tuple[str, ...] = ()  # the key prefixes of an IP-Adapter file made for the family
+
+    @property
+    def ip_adapter(self) -> bool:
+        """Whether the family's pipeline loads an IP-Adapter (a family on another pipeline than its parent's does not,
+        unless it names its own)."""
+        return bool(set(self.ip_adapter_pipelines) & set(self.pipeline_classes))
+
+    def load_ip_adapter(self, pipe, file) -> None:
+        """Load the IP-Adapter weights `file` into `pipe` (its image encoder already in place) by diffusers' loader."""
+        raise NotImplementedError(f"{self.title} takes no IP-Adapter in diffusers")
+
+    def ip_adapter_shapes(self, pipe, image_embed_dim: int) -> dict[str, tuple[int, ...]]:
+        """The tensors (names, shapes) of an IP-Adapter file for `pipe`'s denoiser reading image embeddings
+        `image_embed_dim` wide, in the family's layout: genkit.testing's tiny ones, what `ip_adapter_misfit` checks."""
+        raise NotImplementedError(f"{self.title} takes no IP-Adapter in diffusers")
+
+    def ip_adapter_misfit(self, pipe, shapes: dict) -> str | None:
+        """Why an IP-Adapter with tensors `shapes` cannot steer `pipe`'s denoiser (its layers or sizes differ), or
+        None: the adapter's cross-attention tensors against `ip_adapter_shapes`' (its image projection is checked
+        against the image encoder)."""
+        projection = self.ip_adapter_layout[0]  # the image projection's prefix, then the attention layers'
+
+        def attention(tensors):
+            return {key: shape for key, shape in tensors.items() if not key.startswith(projection)}
+
+        own, theirs = attention(self.ip_adapter_shapes(pipe, 1)), attention(shapes)
+        layers = [len({key.rsplit(".", 2)[0] for key in tensors}) for tensors in (theirs, own)]
+        if layers[0] != layers[1] or set(theirs) != set(own):
+            return f"it adapts {layers[0]} attention layers and the model has {layers[1]}"
+        for key, shape in own.items():
+            if theirs[key] != shape:
+                return f"its {key} is {'x'.join(map(str, theirs[key]))}, the model's {'x'.join(map(str, shape))}"
+        return None
+
     # -- inference: attention ----------------------------------------------------------------
     # genkit.attention probes each backend in the dtypes and head sizes of the layers it would reach
     # (`attention_modules`), through the route the model takes (`dispatcher`), then the family applies the choice

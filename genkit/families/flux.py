@@ -178,6 +178,28 @@ class Flux(FlowFamily):
                                                first.width, dtype, pipe._execution_device, generators)[0]
         return args
 
+    # -- IP-Adapter (genkit.ipadapter): XLabs' layout, ip_adapter_proj_model. (the image projection) and
+    # double_blocks.N.processor. (the key and value projections of each double block), read by FluxIPAdapterMixin
+    ip_adapter_pipelines = ("FluxPipeline",)
+    ip_adapter_layout = ("ip_adapter_proj_model.", "double_blocks.")
+
+    def load_ip_adapter(self, pipe, file) -> None:
+        pipe.load_ip_adapter(str(file.parent), weight_name=file.name, image_encoder_pretrained_model_name_or_path=None,
+                             local_files_only=True)
+
+    def ip_adapter_shapes(self, pipe, image_embed_dim: int) -> dict[str, tuple[int, ...]]:
+        """XLabs' (4 image tokens): the projection to T5's width, each double block's key and value from it."""
+        config = pipe.transformer.config
+        width, inner = config.joint_attention_dim, pipe.transformer.inner_dim
+        shapes = {"ip_adapter_proj_model.proj.weight": (4 * width, image_embed_dim),
+                  "ip_adapter_proj_model.proj.bias": (4 * width,), "ip_adapter_proj_model.norm.weight": (width,),
+                  "ip_adapter_proj_model.norm.bias": (width,)}
+        for block in range(config.num_layers):
+            for projection in ("k", "v"):
+                name = f"double_blocks.{block}.processor.ip_adapter_double_stream_{projection}_proj"
+                shapes.update({f"{name}.weight": (inner, width), f"{name}.bias": (inner,)})
+        return shapes
+
     def encode_captions(self, pipe, captions, device) -> dict:
         hidden, pooled, _ = pipe.encode_prompt(captions, None, device=device, num_images_per_prompt=1)
         return {"encoder_hidden_states": hidden, "pooled_projections": pooled}

@@ -25,6 +25,28 @@ class StableDiffusion(UNetFamily):
     dtypes = ("fp16", "bf16", "fp32")
     gpu_dtypes = ("fp16",)  # its weights are published in fp16 and run in it (A1111, ComfyUI, diffusers' docs)
     control_image_arg = "image"  # StableDiffusion(XL)ControlNetPipeline's word for the control images
+    # IP-Adapter (genkit.ipadapter): h94/IP-Adapter's files, image_proj. (the image projection) and ip_adapter.N. (the
+    # key and value projections of each cross-attention layer, N = 1, 3, 5, ...), read by diffusers' IPAdapterMixin
+    ip_adapter_pipelines = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+    ip_adapter_layout = ("image_proj.", "ip_adapter.")
+
+    def load_ip_adapter(self, pipe, file) -> None:
+        pipe.load_ip_adapter(str(file.parent), subfolder="", weight_name=file.name, image_encoder_folder=None,
+                             local_files_only=True)
+
+    def ip_adapter_shapes(self, pipe, image_embed_dim: int) -> dict[str, tuple[int, ...]]:
+        """The base IP-Adapter's (4 image tokens): each cross-attention layer in the UNet's order, numbered as
+        diffusers' loader reads them, its key and value projections from the text width to the layer's."""
+        unet = pipe.unet
+        width = unet.config.cross_attention_dim
+        shapes = {"image_proj.proj.weight": (4 * width, image_embed_dim), "image_proj.proj.bias": (4 * width,),
+                  "image_proj.norm.weight": (width,), "image_proj.norm.bias": (width,)}
+        crossing = [name for name in unet.attn_processors if not name.endswith("attn1.processor")]
+        for number, name in enumerate(crossing):
+            inner = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+            for projection in ("to_k_ip", "to_v_ip"):
+                shapes[f"ip_adapter.{2 * number + 1}.{projection}.weight"] = (inner, width)
+        return shapes
 
     def single_file_kind(self, keys) -> str | None:
         """An LDM checkpoint (CompVis' layout: model.diffusion_model., first_stage_model., cond_stage_model.) with
