@@ -166,6 +166,11 @@ def _models_dir(ctx, param, value):
               help="ControlNet: steer with a control image; keys model (a ControlNet folder or .safetensors file), "
                    "image, preprocessor (canny: pip install 'genkit[controlnet]'; none: a ready map), weight (0-2, "
                    "default 1), start and end (fractions of the steps); repeatable: several at once.")
+@click.option("--ip-adapter", "ip_adapter", default=None, metavar="PATH",
+              help="IP-Adapter (SD 1.x/2.x, SDXL, Flux.1): its .safetensors file (or a folder holding one), with the "
+                   "CLIP image encoder in image_encoder/ beside it; steers with --ip-image.")
+@click.option("--ip-image", "ip_image", default=None, metavar="IMAGE[:SCALE]",
+              help="The IP-Adapter's reference image, and its scale (0-2, default 1; 0 is no adapter).")
 @model_options
 @click.option("--lora", "loras", multiple=True, metavar="PATH[:SCALE]", help="LoRA folder or file; repeatable.")
 @click.option("--quantize", default=None, metavar="KIND|PART=KIND,...",
@@ -211,6 +216,9 @@ def generate(prompts, prompts_file, out, grid, overwrite, quiet, as_json, proces
     from genkit.controlnet import units
 
     options["control"] = units(options["control"]) or None  # each unit checked before the model loads
+    from genkit.ipadapter import from_cli
+
+    options["ip_adapter"] = from_cli(options["ip_adapter"], options.pop("ip_image"))  # checked, likewise
     images = options["image"]  # several: an instruction edit's input images
     options["image"] = images[0] if len(images) == 1 else tuple(images) or None
     request = GenerateRequest(prompts=specs, out=out, overwrite=overwrite, grid=grid, progress=not quiet, **options)
