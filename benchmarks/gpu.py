@@ -56,8 +56,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SECTIONS = ("throughput", "serve", "pixels", "memory", "overhead", "lora", "families", "placements", "workers",
-            "compile")
+SECTIONS = ("throughput", "serve", "pixels", "memory", "overhead", "lora", "controlnet", "families", "placements",
+            "workers", "compile")
 WORDS = ("red", "blue", "green", "yellow", "purple", "orange", "black", "white")
 THINGS = ("cat", "dog", "house", "tree", "car", "bird", "flower", "mountain")
 
@@ -833,6 +833,57 @@ def section_lora(ctx: Context) -> None:
           f"last loss {log[-1].get('loss', float('nan')):.4f}")
 
 
+
+def section_controlnet(ctx: Context) -> None:
+    """ControlNet training steps on the SD 1.5-size model (its random weights), then images with the ControlNet
+    against the same images without it (the time the ControlNet's encoder copy adds per image)."""
+    import importlib.util
+    import json
+
+    import genkit
+    from genkit.controlnet import Control
+
+    built = ctx.model("sd15")
+    steps = 4 if ctx.tiny else ctx.args.lora_steps
+    data = make_dataset(ctx.work / "controlnet-data", built.size)
+    out = ctx.work / "controlnet"
+    maps = "canny" if importlib.util.find_spec("cv2") else "none"  # no OpenCV on the device: ready edge maps
+    if maps == "none":
+        import numpy as np
+        from PIL import Image
+
+        for image in list(data.glob("*.png")):
+            grey = np.asarray(Image.open(image).convert("L"), dtype=np.int16)
+            edges = (np.abs(np.diff(grey, axis=0, prepend=0)) + np.abs(np.diff(grey, axis=1, prepend=0))) > 40
+            Image.fromarray((edges * 255).astype(np.uint8)).convert("RGB").save(image.with_suffix(".control.png"))
+    with PeakMemory(ctx.device) as peak:
+        started = time.perf_counter()
+        genkit.train_controlnet(data, out, model=str(built.folder), progress=False, overrides=[
+            f"train.steps={steps}", "train.batch_size=1", f"data.resolution={built.size}", "validation.every=0",
+            f"train.checkpoint_every={steps}", f"data.preprocessor={maps}"])
+        total = time.perf_counter() - started
+    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    times = [entry["time"] for entry in log]
+    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1]
+    print(f"  sd15 ControlNet ({maps} maps), {len(list(data.glob('[0-9].png')))} images at {built.size}px, {steps} steps, "
+          f"batch 1: {per_step:.3f} s/step after the first ({1 / per_step:.2f} steps/s), {total:.1f} s in all, "
+          f"peak {peak.mib:.0f} MiB above before; last loss {log[-1].get('loss', float('nan')):.4f}")
+    pipeline, batch = built.pipeline, 1 if ctx.tiny else 4
+    first = data / "0.png" if maps == "canny" else data / "0.control.png"
+    control = [Control(model=str(out), image=str(first), preprocessor=maps)]
+    settings = dict(num_inference_steps=built.steps, width=built.size, height=built.size, batch_size=batch)
+    texts = prompts(batch)
+    rates = {}
+    for name, extra in (("without", {}), ("with ControlNet", {"control": control}), ("without", {}),
+                        ("with ControlNet", {"control": control})):  # warm, then measured
+        sync(ctx.device)
+        started = time.perf_counter()
+        pipeline.generate(texts, seed=0, **settings, **extra)
+        sync(ctx.device)
+        rates[name] = batch / (time.perf_counter() - started)
+    print(f"  images/s at batch {batch}: without {rates['without']:.2f}, with the ControlNet "
+          f"{rates['with ControlNet']:.2f} ({rates['with ControlNet'] / rates['without']:.2f}x)")
+
 # -- families ---------------------------------------------------------------------------------------
 
 def section_families(ctx: Context) -> None:
@@ -909,7 +960,8 @@ def section_placements(ctx: Context) -> None:
 # -- the run ----------------------------------------------------------------------------------------
 
 RUNNERS = {"throughput": section_throughput, "serve": section_serve, "pixels": section_pixels, "workers": section_workers,
-           "memory": section_memory, "overhead": section_overhead, "lora": section_lora, "families": section_families,
+           "memory": section_memory, "overhead": section_overhead, "lora": section_lora,
+           "controlnet": section_controlnet, "families": section_families,
            "placements": section_placements, "compile": section_compile}
 
 
