@@ -808,9 +808,17 @@ def make_dataset(folder: Path, size: int, count: int = 4) -> Path:
     return folder
 
 
-def section_lora(ctx: Context) -> None:
+def training_pace(out: Path) -> tuple[float, float]:
+    """(seconds per step after the first, the last loss) of a training run's OUT/loss.jsonl."""
     import json
 
+    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
+    times = [entry["time"] for entry in log]
+    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1]
+    return per_step, log[-1].get("loss", float("nan"))
+
+
+def section_lora(ctx: Context) -> None:
     import genkit
 
     built = ctx.model("sd15")
@@ -824,13 +832,11 @@ def section_lora(ctx: Context) -> None:
             f"data.resolution={built.size}", "validation.every=0", f"train.checkpoint_every={steps}",
             "prior.source=none"])
         total = time.perf_counter() - started
-    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
-    times = [entry["time"] for entry in log]
-    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1]
+    per_step, last = training_pace(out)
     print(f"  sd15 LoRA (rank 8, attention), {len(list(data.glob('*.png')))} images at {built.size}px, {steps} steps, "
           f"batch 1, prior images off: {per_step:.3f} s/step after the first ({1 / per_step:.2f} steps/s), "
           f"{total:.1f} s in all (loading, caching, saving included), peak {peak.mib:.0f} MiB above before; "
-          f"last loss {log[-1].get('loss', float('nan')):.4f}")
+          f"last loss {last:.4f}")
 
 
 
@@ -838,7 +844,6 @@ def section_controlnet(ctx: Context) -> None:
     """ControlNet training steps on the SD 1.5-size model (its random weights), then images with the ControlNet
     against the same images without it (the time the ControlNet's encoder copy adds per image)."""
     import importlib.util
-    import json
 
     import genkit
     from genkit.controlnet import Control
@@ -862,12 +867,10 @@ def section_controlnet(ctx: Context) -> None:
             f"train.steps={steps}", "train.batch_size=1", f"data.resolution={built.size}", "validation.every=0",
             f"train.checkpoint_every={steps}", f"data.preprocessor={maps}"])
         total = time.perf_counter() - started
-    log = [json.loads(line) for line in (out / "loss.jsonl").read_text().splitlines()]
-    times = [entry["time"] for entry in log]
-    per_step = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else times[-1]
+    per_step, last = training_pace(out)
     print(f"  sd15 ControlNet ({maps} maps), {len(list(data.glob('[0-9].png')))} images at {built.size}px, {steps} steps, "
           f"batch 1: {per_step:.3f} s/step after the first ({1 / per_step:.2f} steps/s), {total:.1f} s in all, "
-          f"peak {peak.mib:.0f} MiB above before; last loss {log[-1].get('loss', float('nan')):.4f}")
+          f"peak {peak.mib:.0f} MiB above before; last loss {last:.4f}")
     pipeline, batch = built.pipeline, 1 if ctx.tiny else 4
     first = data / "0.png" if maps == "canny" else data / "0.control.png"
     control = [Control(model=str(out), image=str(first), preprocessor=maps)]
