@@ -31,7 +31,7 @@ class _ImportNoise(_logging.Filter):
 for _name in ("torchao", "torch.utils._pytree"):
     _logging.getLogger(_name).addFilter(_ImportNoise())
 __all__ = ["GenkitError", "GenerationConfig", "GenerationResult", "Pipeline", "PromptSpec", "load", "train_lora",
-           "__version__"]
+           "train_controlnet", "__version__"]
 
 _LAZY = {
     "load": ("genkit.loader", "load"),
@@ -40,6 +40,7 @@ _LAZY = {
     "GenerationResult": ("genkit.generate", "GenerationResult"),
     "PromptSpec": ("genkit.prompts", "PromptSpec"),
     "train_lora": ("genkit.train.lora", "train_lora"),
+    "train_controlnet": ("genkit.train.controlnet", "train_controlnet"),
 }
 
 

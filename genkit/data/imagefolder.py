@@ -37,7 +37,8 @@ An image may have a loss mask beside it: `photo.mask.png` for `photo.jpg` (any i
 RGB, white where the loss counts, black where it is ignored, grey in between; it must have its image's shape (any
 size: it is scaled onto the image). The trainer crops it with the image and applies it to the loss in latent
 space (genkit.train.lora). A mask file is never an image of its own; one beside no image is listed as unused.
-An image whose mask is unreadable or of another shape is skipped, with the reason.
+An image whose mask is unreadable or of another shape is skipped, with the reason. `photo.control.png` is a ready
+control map for `genkit train controlnet` (genkit.train.controlnet), never an image of its own either.
 
 `genkit.data.decode.load_image` turns an item into the upright training image (a square, or an aspect-ratio
 bucket's size: genkit.data.buckets); `fingerprint` names the dataset's content for recording beside the weights;
@@ -68,6 +69,7 @@ UNSUPPORTED_EXTENSIONS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".d
 CAPTION_EXTENSIONS = (".txt", ".caption")  # in order of precedence
 METADATA_NAMES = ("metadata.jsonl", "metadata.csv")
 MASK_SUFFIX = ".mask.png"  # photo.mask.png beside photo.jpg: its loss mask (white: trained, black: ignored)
+CONTROL_SUFFIX = ".control.png"  # photo.control.png beside photo.jpg: its control map (genkit train controlnet)
 KOHYA_FOLDER = re.compile(r"^([0-9]+)_(.+)$")  # "10_sks dog" -> repeats 10, trigger words "sks dog"
 LIST_LIMIT = 20  # files listed per section of format_report
 
@@ -249,7 +251,8 @@ def _discover(data_dir: Path, instance_prompt: str | None) -> tuple[list[_Found]
     """Every image with its caption (or None) and mask, skipped entries, and caption and mask files with no image."""
     files = _walk(data_dir)
     masks = _masks(files)
-    images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask(f)]
+    images = [f for f in files if f.suffix.lower() in IMAGE_EXTENSIONS and not _is_mask(f)
+              and not f.name.lower().endswith(CONTROL_SUFFIX)]
     skipped = [
         Skipped(f, SkipKind.UNSUPPORTED, f"{f.suffix} files are not supported; convert to PNG or JPEG")
         for f in files

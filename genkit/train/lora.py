@@ -83,12 +83,7 @@ def _check_resume(meta: dict, recipe: LoraRecipe, model: str, dataset: str) -> N
     """A checkpoint continues only the run that made it: same base, data and data order, same adapters."""
     saved = meta["recipe"]
     now = json.loads(json.dumps(to_dict(recipe)))  # tuples as the JSON lists they were saved as
-    if meta["model"] != model:
-        raise GenkitError(f"finds a checkpoint trained on {meta['model']}, not {model} (pass that {term('model')})",
-                          param="resume")
-    if meta["dataset"] != dataset:
-        raise GenkitError(f"finds DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
-                          f"{dataset}); restore it, or start a new run in another {term('out')}", param="resume")
+    shared.check_same_run(meta, model, dataset)
     keys = [("lora", k) for k in now["lora"]] + [("data", k) for k in now["data"]] + [("prior", k) for k in now["prior"]] + [
         ("train", k) for k in ("seed", "batch_size", "gradient_accumulation_steps")]
     for section, key in keys:

@@ -237,7 +237,7 @@ def _layers(raw: dict, family: str | None) -> dict:
     if not isinstance(tables, dict):
         from genkit.errors import GenkitError
 
-        raise GenkitError("families in a LoRA recipe must be a table of [families.<family>.<section>] tables")
+        raise GenkitError("families in a recipe must be a table of [families.<family>.<section>] tables")
     sections = {k: v for k, v in raw.items() if k != "families"}
     table = tables.get(family, {}) if family else {}
     placed = sorted(set(table.get("train", {})) & PLACEMENT)
@@ -254,17 +254,23 @@ def shipped_path() -> Path:
     return Path(str(packaged_dir("_configs", "configs").joinpath(f"{SHIPPED}.toml")))
 
 
+def layered(cls, shipped: Path, config, overrides=(), family: str | None = None):
+    """A recipe of dataclass `cls`: the `shipped` file's sections with `family`'s table, then `config`'s file (or
+    `config` itself, a `cls` object), then `section.key=value` overrides."""
+    if isinstance(config, cls):
+        recipe = build(cls, apply_overrides(to_dict(config), overrides)) if overrides else config
+        check_ranges(recipe)  # a caller's own object: its numbers checked as a file's are
+        return recipe
+    raw = _layers(read_toml(shipped), family)
+    if config is not None and Path(config).resolve() != shipped.resolve():
+        raw = _merge(raw, _layers(read_toml(config), family))
+    return build(cls, apply_overrides(raw, overrides))
+
+
 def resolve(config: LoraRecipe | str | Path | None = None, overrides=(), instance_prompt: str | None = None,
             family: str | None = None) -> LoraRecipe:
     """The run's recipe: shipped defaults (with `family`'s table), then `config`'s file, then `overrides`."""
-    if isinstance(config, LoraRecipe):
-        recipe = build(LoraRecipe, apply_overrides(to_dict(config), overrides)) if overrides else config
-        check_ranges(recipe)  # a caller's own object: its numbers checked as a file's are
-    else:
-        raw = _layers(read_toml(shipped_path()), family)
-        if config is not None and Path(config).resolve() != shipped_path().resolve():
-            raw = _merge(raw, _layers(read_toml(config), family))
-        recipe = build(LoraRecipe, apply_overrides(raw, overrides))
+    recipe = layered(LoraRecipe, shipped_path(), config, overrides, family)
     if instance_prompt is not None:
         recipe = replace(recipe, data=replace(recipe.data, instance_prompt=instance_prompt))
     return recipe

@@ -57,6 +57,16 @@ def resume_point(out: Path, resume: bool, finished: Path) -> Path | None:
     return ckpt
 
 
+def check_same_run(meta: dict, model: str, dataset: str) -> None:
+    """A checkpoint (its saved `meta`) continues only the run that made it: the same base model and data."""
+    if meta["model"] != model:
+        raise GenkitError(f"finds a checkpoint trained on {meta['model']}, not {model} (pass that {term('model')})",
+                          param="resume")
+    if meta["dataset"] != dataset:
+        raise GenkitError(f"finds DATA_DIR changed since the checkpoint (fingerprint {meta['dataset']}, now "
+                          f"{dataset}); restore it, or start a new run in another {term('out')}", param="resume")
+
+
 class LossLog:
     """OUT/loss.jsonl: one line per optimizer step, {"step", "loss", "time"} (seconds since this call's loop
     started). Opened at the step a run starts (or resumes) from: lines past it, written after the checkpoint a
