@@ -46,6 +46,9 @@ ALLOWED = {
     ("genkit/testing.py", "_qwen_image_edit",
      "Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56).save_pretrained"): "as _saved: its processor",
     ("genkit/testing.py", "build_tiny_controlnet", "controlnet.save_pretrained"): "as _saved: a tiny ControlNet",
+    ("genkit/testing.py", "build_tiny_ip_adapter", "encoder.save_pretrained"): "as _saved: a tiny IP-Adapter's "
+    "image encoder",
+    ("genkit/testing.py", "build_tiny_ip_adapter", "save_file"): "as _saved: a tiny IP-Adapter's weights",
     ("genkit/families/base.py", "UNetFamily.load_controlnet_file", "(Path(folder) / 'config.json').write_text"):
         "a config for diffusers' from_single_file in a private TemporaryDirectory, gone when it returns",
     ("genkit/serve/store.py", "ImageStore.input_picture", "picture.pixels.save"): "PNG bytes into memory (BytesIO), "

@@ -128,17 +128,13 @@ def _fingerprint(items, preprocessor: str) -> str:
 
 def _control_pixels(path: Path, preprocessor: str, size: int) -> torch.Tensor:
     """(3, size, size) in [0, 1]: the image's control map as the ControlNet reads it at generation."""
-    from PIL import Image
-
     from genkit.controlnet import canny, fit
-    from genkit.data.decode import load_training_pair
+    from genkit.data.decode import load_training_pair, open_rgb
 
     if preprocessor == "canny":
-        image = load_training_pair(path, size)[0]  # the training image exactly as trained
-        picture = canny(image)
+        picture = canny(load_training_pair(path, size)[0])  # of the training image exactly as trained
     else:
-        with Image.open(control_file(path)) as opened:
-            picture = fit(opened.convert("RGB"), size, size)
+        picture = fit(open_rgb(control_file(path)), size, size)
     pixels = np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(pixels).permute(2, 0, 1).contiguous()
 
@@ -265,8 +261,7 @@ def _validate(pipeline, controlnet, samples: Samples, recipe: ControlNetRecipe, 
         if len(shown) == 4:
             break
     prompts = list(cfg.prompts) or [caption for caption, _ in shown]
-    maps = path.parent / "control"
-    maps.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     key, images, labels = str(path.parent), [], []  # an existing path (units are checked); never loaded from
     if next(controlnet.parameters()).dtype != pipeline.dtype:  # trained in fp32 beside a half-precision base
         import copy
@@ -275,13 +270,12 @@ def _validate(pipeline, controlnet, samples: Samples, recipe: ControlNetRecipe, 
     pipeline.controlnets[key] = control.Loaded(controlnet, "training", key, "training")
     try:
         for k, prompt in enumerate(prompts):
-            file = maps / f"{k}.png"
             pixels = samples.controls[(shown[k % len(shown)][1], False)]
-            Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)).save(file)
-            unit = control.Control(model=key, image=str(file), preprocessor="none")
+            picture = Image.fromarray((pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            unit = control.Control(model=key, image=picture, preprocessor="none")
             result = pipeline.generate(prompt, seed=cfg.seed + k, num_inference_steps=cfg.num_inference_steps,
                                        control=[unit], width=recipe.data.resolution, height=recipe.data.resolution)
-            images += [Image.open(file).convert("RGB"), result.images[0]]
+            images += [picture, result.images[0]]
             labels += ["control", prompt]
     finally:
         del pipeline.controlnets[key]
@@ -325,9 +319,6 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
     recipe = resolve(config, overrides, instance_prompt, family=pipeline.family.name)
     recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
     cfg = recipe.train
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state()  # the precision is this run's, not an earlier run's in this process (a notebook)
     accelerator = _accelerator(cfg, out)
     if accelerator.num_processes > 1:
         raise GenkitError("genkit trains a ControlNet in one process for now; run it without accelerate launch's "

@@ -569,8 +569,10 @@ def _accelerator(cfg: TrainConfig, out: Path | None = None):
     """accelerate's Accelerator for the run's final recipe (its gradient accumulation is the family's), with the
     loss-curve tracker train.log_with names writing into OUT/logs."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
     _, mixed, cpu = _placement(cfg)
+    AcceleratorState._reset_state()  # this run's precision, not an earlier run's in this process (a notebook's)
     tracked = cfg.log_with != "none" and out is not None
     return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=cpu,
                        log_with=cfg.log_with if tracked else None, project_dir=str(out / "logs") if tracked else None)
