@@ -455,8 +455,9 @@ def train_controlnet_command(data_dir, model, out, config, overrides, instance_p
     _one_line_warnings()
     result = train_controlnet(data_dir, out, model=model, config=_recipe_path(config) if config else None,
                               overrides=overrides, resume=resume, instance_prompt=instance_prompt, progress=not quiet)
-    click.echo(str(result.weights))
-    click.echo(str(result.record))
+    if os.environ.get("RANK", "0") == "0":  # one process of a launch reports what was written
+        click.echo(str(result.weights))
+        click.echo(str(result.record))
 
 def _recipe_path(config: str) -> Path:
     """A path as given, else a recipe shipped in the package (configs/<name>.toml)."""

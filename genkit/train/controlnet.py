@@ -16,7 +16,9 @@ From the LoRA trainer: the folder scan and captions (genkit.data.imagefolder: si
 kohya folders, --instance-prompt), the image and caption caches (genkit.train.encoders: VAE latents for SD-family
 models, pixels for genkit-mini), the per-sample generators (a run is a function of its seed and step, so a resumed
 run ends bitwise equal to an unbroken one), atomic rotated checkpoints and `--resume`, the loss log, accelerate's
-device and precision. Images are trained square at `data.resolution` (centre-cropped; no buckets yet).
+device and precision, and its several processes (`accelerate launch`: each takes its share of every batch; the
+gradients are averaged before each step). Images are trained square at `data.resolution` (centre-cropped; no
+buckets yet).
 
 Output, in OUT: a diffusers ControlNet folder (`config.json`, `diffusion_pytorch_model.safetensors`), which
 `--control model=OUT,image=...` and plain diffusers' `ControlNetModel.from_pretrained(OUT)` load, and
@@ -171,10 +173,11 @@ class Samples:
         flips = rng.random(len(rows)) < 0.5 if self.recipe.data.flip else [False] * len(rows)
         return [(i, bool(f)) for i, f in zip(rows, flips)]
 
-    def rows(self, step: int, micro: int) -> list[tuple[int, bool, int]]:
-        """(item, mirrored, sample index) of a forward pass: the run's samples in epoch order."""
+    def rows(self, step: int, micro: int, processes: int = 1, rank: int = 0) -> list[tuple[int, bool, int]]:
+        """(item, mirrored, sample index) of one process's forward pass: the run's samples in epoch order, each pass
+        of all processes taking the next `processes` x batch_size of them (rank r the r-th batch_size)."""
         cfg = self.recipe.train
-        first = (step * cfg.gradient_accumulation_steps + micro) * cfg.batch_size
+        first = ((step * cfg.gradient_accumulation_steps + micro) * processes + rank) * cfg.batch_size
         picked = []
         for sample in range(first, first + cfg.batch_size):
             epoch, place = divmod(sample, len(self.items))
@@ -320,9 +323,7 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
     recipe = replace(recipe, data=replace(recipe.data, resolution=_resolution(pipeline, recipe.data.resolution)))
     cfg = recipe.train
     accelerator = _accelerator(cfg, out)
-    if accelerator.num_processes > 1:
-        raise GenkitError("genkit trains a ControlNet in one process for now; run it without accelerate launch's "
-                          "several processes")
+    processes, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     pipe, family = pipeline.pipe, pipeline.family
     warn_small_images(items, recipe.data.resolution)
     if ckpt is not None:
@@ -345,21 +346,25 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
         checkpoint.load_optimizer(optimizer, tensors["optimizer"], meta["optimizer"])
         start = meta["step"]
     samples = Samples(pipeline, items, recipe, accelerator.device)
-    optimizer = accelerator.prepare(optimizer)  # the model is not wrapped: one process, autocast around its call
+    # the model is not wrapped (accelerate's wrapper would hand fp32 residuals to a half-precision base): autocast
+    # goes around its call, and with several processes the gradients are averaged here before each optimizer step
+    optimizer = accelerator.prepare(optimizer)
     steered = Steered(pipeline.denoiser, controlnet)
     target = family.target(pipe)
     scheduler = objectives.training_scheduler(target, pipe)
     timesteps = objectives.Timesteps.of(cfg)
     run_meta = {"model": model_name, "dataset": dataset, "recipe": to_dict(recipe)}
-    out.mkdir(parents=True, exist_ok=True)
-    if progress:
+    effective = cfg.batch_size * cfg.gradient_accumulation_steps * processes
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    if progress and main:
         print(f"train controlnet: {len(items)} items ({scan.images} images), {recipe.data.preprocessor} control "
-              f"maps, {recipe.data.resolution} px, batch {cfg.batch_size} x {cfg.gradient_accumulation_steps} "
-              f"accumulated", file=sys.stderr)
+              f"maps, {recipe.data.resolution} px, effective batch {effective} = {cfg.batch_size} per pass x "
+              f"{cfg.gradient_accumulation_steps} accumulated x {processes} processes", file=sys.stderr)
 
     # 4. The loop: each pass's rows, noise and timesteps from its samples' generators; checkpoints and grids
     def one_pass(step: int, micro: int) -> float:
-        picked = samples.rows(step, micro)
+        picked = samples.rows(step, micro, processes, rank)
         gens = [shared.step_generator(cfg.seed, sample) for _, _, sample in picked]
         with accelerator.accumulate(controlnet):
             clean, controls, cond = samples.batch(picked, gens)
@@ -378,6 +383,10 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
                 raise GenkitError(f"loss became {loss.item()} at step {step + 1}; no weights were written and the last "
                                   f"checkpoint is untouched (lower train.learning_rate and {term('resume')})")
             accelerator.backward(loss)
+            if accelerator.sync_gradients and processes > 1:  # DDP's average, without DDP's wrapper
+                for p in params:
+                    p.grad = accelerator.reduce(p.grad, "mean")
+                loss = accelerator.reduce(loss.detach(), "mean")
             if accelerator.sync_gradients and cfg.max_grad_norm:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -385,9 +394,9 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
         return loss.item()
 
     loss, every = None, recipe.validation.every
-    with shared.LossLog(out / "loss.jsonl", start) as log, progress_bar(
+    with shared.LossLog(out / "loss.jsonl", start, enabled=main) as log, progress_bar(
             range(start, cfg.steps), initial=start, total=cfg.steps, unit="step", desc="train controlnet",
-            progress=progress) as bar:
+            progress=progress and main) as bar:
         for step in bar:
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)
@@ -397,17 +406,24 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
             log.write(done, loss)
             if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                 _check_finite(params, done)
-                opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
-                checkpoint.save(out, done, {"controlnet": controlnet.state_dict(),
-                                            "optimizer": opt_tensors}, {**run_meta, "optimizer": opt_meta},
-                                keep=cfg.keep_checkpoints)
-            if every and (done % every == 0 or done == cfg.steps):
+                accelerator.wait_for_everyone()
+                if main:
+                    opt_tensors, opt_meta = checkpoint.optimizer_tensors(optimizer)
+                    checkpoint.save(out, done, {"controlnet": controlnet.state_dict(), "optimizer": opt_tensors},
+                                    {**run_meta, "optimizer": opt_meta}, keep=cfg.keep_checkpoints)
+            if main and every and (done % every == 0 or done == cfg.steps):
                 controlnet.eval()
                 _validate(pipeline, controlnet, samples, recipe,
                           out / "samples" / f"step-{done:07d}.png")
                 controlnet.train()
 
-    # 5. Export: the diffusers folder's files (each by an atomic rename) and the record of how it was made
+    # 5. Export (the main process): the diffusers folder's files (each by an atomic rename) and the record
+    accelerator.wait_for_everyone()
+    result = ControlNetTrainResult(out=out, weights=out / WEIGHTS_NAME, record=out / RECORD_NAME, steps=cfg.steps,
+                                   loss=loss)
+    if not main:
+        return result
+
     def write(tmp: Path) -> None:
         controlnet.save_pretrained(str(tmp), safe_serialization=True)
 
@@ -416,14 +432,14 @@ def train_controlnet(data_dir: str | Path, out: str | Path, *, model: str | None
     (staged / "config.json").replace(out / "config.json")
     (staged / WEIGHTS_NAME).replace(out / WEIGHTS_NAME)
     staged.rmdir()
-    record = out / RECORD_NAME
-    save_text(record, json.dumps({
+    save_text(result.record, json.dumps({
         "kind": "controlnet", "base_model": model_name, "family": family.name, "steps": cfg.steps,
         "dataset": dataset, "data_dir": str(scan.data_dir), "images": scan.images, "items": len(items),
         "preprocessor": recipe.data.preprocessor, "resolution": recipe.data.resolution,
+        "effective_batch_size": effective, "processes": processes,
         "recipe": to_dict(recipe), "loss": loss, "versions": versions(),
     }, indent=1))
-    return ControlNetTrainResult(out=out, weights=out / WEIGHTS_NAME, record=record, steps=cfg.steps, loss=loss)
+    return result
 
 
 def _resolution(pipeline, size: int) -> int:
