@@ -30,6 +30,7 @@ from genkit.images import sha256_of
 from genkit.outputs import read_record
 from genkit.prompts import PromptSpec
 from genkit.run import replay_image
+from tests.tiny_models import per_name
 
 STEPS = 2
 # the families whose tiny model genkit.testing builds and that have a ControlNet in diffusers
@@ -59,17 +60,14 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_mini, tiny_sd):
     """family -> (model folder, ControlNet folder), built once per module."""
-    cache = {}
 
-    def get(name):
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            own = {"genkit-mini": tiny_mini, "sd": tiny_sd}
-            model = own[name] if name in own else testing.build_tiny(name, folder / "model")
-            cache[name] = (model, testing.build_tiny_controlnet(model, folder / "controlnet"))
-        return cache[name]
+    def make(name):
+        folder = tmp_path_factory.mktemp(name)
+        own = {"genkit-mini": tiny_mini, "sd": tiny_sd}
+        model = own[name] if name in own else testing.build_tiny(name, folder / "model")
+        return model, testing.build_tiny_controlnet(model, folder / "controlnet")
 
-    return get
+    return per_name(make)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ from genkit.ipadapter import IPAdapter
 from genkit.outputs import read_record
 from genkit.prompts import PromptSpec
 from tests.test_controlnet import config, images, noise_image, pixels, run  # noqa: F401  (images, run: fixtures)
+from tests.tiny_models import per_name
 
 # the families whose tiny model genkit.testing builds and whose diffusers pipeline loads an IP-Adapter
 FAMILIES = [name for name in testing.FAMILIES if families.get(name).ip_adapter]
@@ -35,16 +36,12 @@ FAMILIES = [name for name in testing.FAMILIES if families.get(name).ip_adapter]
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_sd):
     """family -> (model folder, IP-Adapter weights file), built once per module."""
-    cache = {}
+    def make(name):
+        folder = tmp_path_factory.mktemp(name)
+        model = tiny_sd if name == "sd" else testing.build_tiny(name, folder / "model")
+        return model, testing.build_tiny_ip_adapter(model, folder / "ip-adapter")
 
-    def get(name):
-        if name not in cache:
-            folder = tmp_path_factory.mktemp(name)
-            model = tiny_sd if name == "sd" else testing.build_tiny(name, folder / "model")
-            cache[name] = (model, testing.build_tiny_ip_adapter(model, folder / "ip-adapter"))
-        return cache[name]
-
-    return get
+    return per_name(make)
 
 
 @pytest.fixture(scope="module")
